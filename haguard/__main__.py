@@ -1,0 +1,3 @@
+from haguard.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""QMP adapter: qemu.qmp with deadlines and haguard's errors.
+
+qemu.qmp has no timeouts of its own and a monitor serves one client at a time
+(a second client waits silently), so every connect and command here has a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+
+from haguard.errors import QmpCommandError, QmpError, QmpTimeout
+
+# qemu.qmp logs every message at DEBUG and connection drops at ERROR; we report those ourselves.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class Qmp:
+    def __init__(self, path: str | Path, *, timeout_s: float = 5.0, name: str = "haguard") -> None:
+        self.path = str(path)
+        self.timeout_s = timeout_s
+        self._client = QMPClient(name)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def session(cls, path: str | Path, *, timeout_s: float = 5.0) -> AsyncIterator[Qmp]:
+        qmp = cls(path, timeout_s=timeout_s)
+        await qmp.connect()
+        try:
+            yield qmp
+        finally:
+            await qmp.close()
+
+    async def connect(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._client.connect(self.path)
+        except TimeoutError:
+            await self.close()
+            raise QmpTimeout(f"QMP monitor {self.path} did not answer within {self.timeout_s:g} s "
+                             "(QEMU hung, or another client holds the monitor)") from None
+        except ConnectError as exc:
+            cause = exc.exc
+            why = getattr(cause, "strerror", None) or str(cause)
+            raise QmpError(f"cannot connect to QMP monitor {self.path}: {why}") from None
+
+    @property
+    def has_oob(self) -> bool:
+        greeting = self._client.greeting
+        return bool(greeting and "oob" in greeting.QMP.capabilities)
+
+    async def cmd(self, command: str, args: dict[str, Any] | None = None, *,
+                  oob: bool = False, timeout_s: float | None = None) -> Any:
+        deadline = timeout_s if timeout_s is not None else self.timeout_s
+        try:
+            async with asyncio.timeout(deadline):
+                return await self._client.execute(command, args, oob=oob and self.has_oob)
+        except TimeoutError:
+            raise QmpTimeout(f"{command} on {self.path}: no reply within {deadline:g} s") from None
+        except ExecuteError as exc:
+            raise QmpCommandError(command, exc.error_class, exc.error.desc) from None
+        except QMPError as exc:
+            raise QmpError(f"{command} on {self.path}: monitor connection lost ({exc})") from None
+        except (OSError, EOFError) as exc:
+            raise QmpError(f"{command} on {self.path}: monitor connection lost ({exc})") from None
+
+    def listener(self, names: Iterable[str] = ()) -> contextlib.AbstractContextManager[EventListener]:
+        return self._client.listener(list(names))
+
+    @property
+    def connected(self) -> bool:
+        return str(self._client.runstate.name) == "RUNNING"
+
+    async def close(self) -> None:
+        # disconnect() re-raises whatever broke the connection; closing is best effort.
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self._client.disconnect()

@@ -1,0 +1,84 @@
+"""Load YAML so that validation errors can name the file, line and field.
+
+PyYAML's composed nodes keep each value's start mark; we walk the node tree in
+parallel with pydantic's error location to find the line of the offending value.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from haguard.errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _node_at(node: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | None:
+    """The deepest node along `loc` (pydantic error location) that exists."""
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+            if nxt is None:
+                return node
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part >= len(node.value):
+                return node
+            node = node.value[part]
+        else:
+            return node
+    return node
+
+
+def _field_name(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
+    """Parse YAML text into plain data plus the node tree (for line numbers)."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError(f"invalid YAML: {exc.problem or exc}", file=source, line=line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file=source) from None
+    return data, node
+
+
+def validate(model: type[M], data: Any, node: yaml.Node | None, source: str,
+             prefix: tuple[int | str, ...] = ()) -> M:
+    """Validate `data` against `model`, raising ConfigError at the first problem."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        target = _node_at(node, loc)
+        line = target.start_mark.line + 1 if target is not None else None
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        raise ConfigError(msg, file=source, line=line, field=_field_name(prefix + loc) or None) from None
+
+
+def load_model(model: type[M], path: Path) -> M:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
+    data, node = parse_yaml(text, str(path))
+    if data is None:
+        raise ConfigError("file is empty", file=str(path))
+    return validate(model, data, node, str(path))

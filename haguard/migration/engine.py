@@ -1,0 +1,541 @@
+"""Run one live migration between two QEMU monitors.
+
+    preflight -> configure both sides -> (mirror local disks) -> migrate-incoming
+    -> migrate -> watch and converge by policy -> verify -> quit the source
+
+Every failure before switchover leaves the source running and the destination
+cleaned up.  Once postcopy has started neither side is ever stopped by haguard:
+the guest's memory is split between them until the move completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from haguard.adapters.qmp import Qmp
+from haguard.core.strategy import (
+    FINAL_STATES,
+    Abort,
+    Action,
+    ConvergencePolicy,
+    ConvergenceStrategy,
+    GiveUpRecovery,
+    MigrationSample,
+    PausePostcopy,
+    RaiseAlert,
+    RecoverPostcopy,
+    SetDowntimeLimit,
+    StartPostcopy,
+    StartThrottling,
+)
+from haguard.errors import HaguardError, MigrationError, PreflightError, QmpCommandError, QmpError
+from haguard.migration import preflight
+from haguard.migration.features import QemuFeatures, detect
+from haguard.migration.result import MigrationResult, Progress
+from haguard.migration.storage import DiskMirror
+from haguard.migration.uri import MigrationUri
+
+log = logging.getLogger("haguard.migration")
+
+UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU treats any huge value as no cap
+# Capabilities haguard sets explicitly on every run, so a previous attempt's leftovers never apply.
+MANAGED_CAPS = ("events", "postcopy-ram", "multifd", "xbzrle", "auto-converge", "return-path",
+                "pause-before-switchover")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationOptions:
+    uri: MigrationUri
+    policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
+    multifd: Literal["auto", "on", "off"] = "auto"
+    multifd_channels: int = 2
+    compression: Literal["none", "zstd", "zlib"] = "none"
+    xbzrle: bool = False
+    extra_capabilities: tuple[str, ...] = ()
+    local_disks: tuple[str, ...] = ()          # block node names to copy to the destination
+    nbd_uri: MigrationUri | None = None        # where the destination exports them
+    quit_source: bool = True
+    poll_interval_s: float = 0.1
+    vm_name: str = ""
+
+
+@dataclass
+class _Plan:
+    source_caps: dict[str, bool] = field(default_factory=dict)
+    dest_caps: dict[str, bool] = field(default_factory=dict)
+    policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
+    notes: list[str] = field(default_factory=list)
+
+
+ProgressFn = Callable[[Progress], None]
+AlertFn = Callable[[str, str], None]
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+class Migration:
+    def __init__(self, source: Qmp, dest: Qmp | None, opts: MigrationOptions, *,
+                 on_progress: ProgressFn | None = None, on_alert: AlertFn | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.source, self.dest, self.opts = source, dest, opts
+        self.on_progress = on_progress or (lambda p: None)
+        self.on_alert = on_alert or (lambda kind, msg: log.warning("%s: %s", kind, msg))
+        self.clock = clock
+        self._t0 = 0.0
+        self._result = MigrationResult(status="failed", vm=opts.vm_name, uri=str(opts.uri))
+        self._strategy: ConvergenceStrategy | None = None
+        self._mirror: DiskMirror | None = None
+        self._source_was: str = "running"
+        self._step = "preflight"
+        self._recover_uri: MigrationUri | None = None
+        self._recover_port_offset = 0
+        self._migrate_started = False
+        self._last_moving: MigrationSample | None = None  # last sample before the final state
+
+    # ---- public ---------------------------------------------------------------------
+
+    async def run(self, cancel: asyncio.Event | None = None) -> MigrationResult:
+        cancel = cancel or asyncio.Event()
+        self._t0 = self.clock()
+        res = self._result
+        try:
+            plan = await self._preflight()
+            await self._configure(plan)
+            if self.opts.local_disks:
+                await self._start_storage(cancel)
+            await self._start(plan)
+            await self._watch(plan, cancel)
+        except PreflightError as exc:
+            res.status, res.error = "failed", str(exc)
+        except (MigrationError, QmpError) as exc:
+            res.status = "failed"
+            res.error = res.error or str(exc)
+            await self._after_failure()
+        except asyncio.CancelledError:
+            # Our caller gave up: never leave a half-started pre-copy behind.
+            res.status, res.error = "cancelled", "interrupted"
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._cancel_and_clean())
+            raise
+        finally:
+            res.total_time_ms = _ms(self.clock() - self._t0)
+            if self._strategy:
+                res.steps = [{"at_ms": s.at_ms, "action": type(s.action).__name__,
+                              **{k: v for k, v in vars(s.action).items()}}
+                             for s in self._strategy.steps]
+        return res
+
+    # ---- phases ---------------------------------------------------------------------
+
+    async def _preflight(self) -> _Plan:
+        self._step = "preflight"
+        self._source_was = await preflight.check_source(self.source)
+        src_feats = await detect(self.source)
+        dst_feats: QemuFeatures | None = None
+        ram_bytes = 0
+        src_id = await preflight.vm_identity(self.source)
+        ram_bytes = int(src_id["ram_bytes"])
+        if self.dest:
+            await preflight.check_destination(self.dest)
+            dst_feats = await detect(self.dest)
+            preflight.compare_identity(src_id, await preflight.vm_identity(self.dest))
+        plan = self._plan(src_feats, dst_feats)
+        self._strategy = ConvergenceStrategy(plan.policy, ram_bytes, _ms(self.clock() - self._t0))
+        return plan
+
+    def _plan(self, src: QemuFeatures, dst: QemuFeatures | None) -> _Plan:
+        o, plan = self.opts, _Plan(policy=self.opts.policy)
+        both = src.capabilities & (dst.capabilities if dst else src.capabilities)
+        wanted: set[str] = {"events", *o.extra_capabilities}
+        if plan.policy.postcopy != "never":
+            if "postcopy-ram" in both:
+                wanted |= {"postcopy-ram", "return-path"}
+            elif plan.policy.postcopy == "always":
+                wanted.add("postcopy-ram")  # reported as unsupported below
+            else:
+                plan.notes.append("postcopy unsupported on one side: falling back to pre-copy only")
+                plan.policy = replace(plan.policy, postcopy="never")
+            if dst is not None and not dst.oob and plan.policy.postcopy != "never":
+                plan.notes.append("destination monitor lacks out-of-band support: a paused "
+                                  "postcopy could not be recovered")
+        if o.local_disks:
+            wanted |= {"pause-before-switchover", "return-path"}
+        if o.xbzrle:
+            wanted.add("xbzrle")
+        # multifd and postcopy together break QEMUs before 10.1 (some accept both and then
+        # lose the destination at switchover), and no capability tells them apart: keep
+        # them apart.
+        postcopy_on = plan.policy.postcopy != "never"
+        if o.compression != "none" or o.multifd == "on":
+            if postcopy_on:
+                raise PreflightError("multifd (and its compression) cannot be combined with "
+                                     "postcopy: use --postcopy never, or --multifd off")
+            wanted.add("multifd")
+        elif o.multifd == "auto" and not o.xbzrle and not postcopy_on and "multifd" in both:
+            wanted.add("multifd")
+        if plan.policy.postcopy == "never" and plan.policy.auto_converge and "auto-converge" in both:
+            wanted.add("auto-converge")
+        preflight.check_capabilities(wanted, src, dst)
+        preflight.check_compression(o.compression, src, dst)
+        dest_side = {"postcopy-ram", "multifd", *o.extra_capabilities}
+        for cap in (*MANAGED_CAPS, *o.extra_capabilities):
+            if cap in src.capabilities:
+                plan.source_caps[cap] = cap in wanted
+            if dst and cap in dst.capabilities and cap in dest_side:
+                plan.dest_caps[cap] = cap in wanted
+        return plan
+
+    async def _set_caps(self, qmp: Qmp, caps: dict[str, bool]) -> None:
+        await qmp.cmd("migrate-set-capabilities", {"capabilities": [
+            {"capability": c, "state": s} for c, s in caps.items()]})
+
+    async def _configure(self, plan: _Plan) -> None:
+        self._step = "configure"
+        o, res = self.opts, self._result
+        if self.dest and plan.dest_caps:
+            try:
+                await self._set_caps(self.dest, plan.dest_caps)
+            except QmpCommandError as exc:
+                raise PreflightError(f"destination refused the migration capabilities: "
+                                     f"{exc.desc}") from None
+        try:
+            await self._set_caps(self.source, plan.source_caps)
+        except QmpCommandError as exc:
+            raise PreflightError(f"source refused the migration capabilities: {exc.desc}") from None
+        multifd = plan.source_caps.get("multifd", False)
+        bw = plan.policy.max_bandwidth_bps or UNLIMITED_BANDWIDTH
+        src_params: dict[str, Any] = {"max-bandwidth": bw,
+                                      "downtime-limit": plan.policy.initial_downtime_ms}
+        if plan.source_caps.get("auto-converge"):
+            # Armed but gentle: the strategy raises it when the ladder reaches throttling.
+            src_params |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
+                           "max-cpu-throttle": 1}
+        common: dict[str, Any] = {}
+        if multifd:
+            common["multifd-channels"] = o.multifd_channels
+            common["multifd-compression"] = o.compression
+        await self.source.cmd("migrate-set-parameters", src_params | common)
+        if self.dest and common:
+            await self.dest.cmd("migrate-set-parameters", common)
+        res.capabilities = sorted(c for c, on in plan.source_caps.items() if on)
+        for note in plan.notes:
+            log.warning("%s", note)
+
+    async def _start_storage(self, cancel: asyncio.Event) -> None:
+        if not self.dest or not self.opts.nbd_uri:
+            raise PreflightError("local disks need a destination monitor and an NBD address")
+        self._step = "copy disks"
+        self._mirror = DiskMirror(self.source, self.dest, self.opts.local_disks, self.opts.nbd_uri)
+        await self._mirror.start()
+
+        def progress(done: int, total: int) -> None:
+            self.on_progress(Progress(status="mirror", elapsed_ms=self._elapsed_ms(),
+                                      transferred_bytes=done, total_bytes=total,
+                                      remaining_bytes=total - done, step="copy disks"))
+
+        deadline_s = self.opts.policy.completion_deadline_ms(1 << 30) / 1000 * 4
+        waiter = asyncio.create_task(self._mirror.wait_ready(deadline_s, progress))
+        stopper = asyncio.create_task(cancel.wait())
+        try:
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopper.cancel()
+        if waiter not in done:
+            waiter.cancel()
+            self._result.status = "cancelled"
+            raise MigrationError("cancelled while copying disks")
+        try:
+            waiter.result()
+        except TimeoutError:
+            raise MigrationError("disk copy did not become ready in time") from None
+
+    async def _start(self, plan: _Plan) -> None:
+        self._step = "start"
+        uri = self.opts.uri
+        if self.dest:
+            mig = await self.dest.cmd("query-migrate")
+            if not mig.get("status") or mig.get("status") == "none":
+                await preflight.probe_path_before_listen(uri)
+                await self.dest.cmd("migrate-incoming", {"uri": str(uri)})
+        try:
+            await self.source.cmd("migrate", {"uri": str(uri)})
+        except QmpCommandError as exc:
+            why = await preflight.diagnose_connect_failure(uri)
+            raise MigrationError(why or f"migrate refused: {exc.desc}") from None
+        self._migrate_started = True
+        self._step = "pre-copy"
+
+    async def _sample(self) -> tuple[MigrationSample, dict[str, Any]]:
+        info = await self.source.cmd("query-migrate")
+        ram = info.get("ram", {})
+        page = int(ram.get("page-size", 4096) or 4096)
+        sample = MigrationSample(
+            now_ms=self._elapsed_ms(),
+            status=str(info.get("status", "none")),
+            passes=int(ram.get("dirty-sync-count", 0)),
+            transferred_bytes=int(ram.get("transferred", 0)),
+            remaining_bytes=int(ram.get("remaining", 0)),
+            total_bytes=int(ram.get("total", 0)),
+            dirty_rate_bps=int(ram.get("dirty-pages-rate", 0)) * page,
+            throughput_bps=int(float(ram.get("mbps", 0.0)) * 1e6 / 8),
+            expected_downtime_ms=info.get("expected-downtime"),
+        )
+        return sample, info
+
+    async def _watch(self, plan: _Plan, cancel: asyncio.Event) -> None:
+        assert self._strategy is not None
+        strategy, res = self._strategy, self._result
+        cancel_requested = False
+        with self.source.listener(["MIGRATION", "MIGRATION_PASS"]) as events:
+            while True:
+                try:
+                    sample, info = await self._sample()
+                except QmpError as exc:
+                    raise MigrationError(self._source_lost_message(exc)) from None
+                for action in strategy.observe(sample):
+                    await self._apply(action, sample)
+                if strategy.postcopy_started:
+                    res.postcopy = True
+                if sample.status not in FINAL_STATES:
+                    self._last_moving = sample
+                self._report(sample)
+                if sample.status == "pre-switchover" and self._mirror:
+                    await self._mirror.complete_at_switchover()
+                    await self.source.cmd("migrate-continue", {"state": "pre-switchover"})
+                if sample.status in FINAL_STATES:
+                    await self._finish(sample, info)
+                    return
+                if res.status == "postcopy-paused":  # recovery given up: both sides kept
+                    return
+                if cancel.is_set() and not cancel_requested:
+                    cancel_requested = True
+                    if strategy.postcopy_started:
+                        self.on_alert("migration-cancel-refused",
+                                      "cannot cancel: postcopy has started, the guest lives on "
+                                      "both hosts until it completes")
+                    else:
+                        res.status, res.error = "cancelled", "cancelled by operator"
+                        await self._cancel_qemu()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.opts.poll_interval_s):
+                        await events.get()
+                events.clear()
+
+    async def _apply(self, action: Action, s: MigrationSample) -> None:
+        log.info("migration step: %s", action)
+        res = self._result
+        match action:
+            case SetDowntimeLimit(downtime_ms=ms):
+                self._step = f"downtime limit {ms} ms"
+                await self.source.cmd("migrate-set-parameters", {"downtime-limit": ms})
+            case StartThrottling():
+                self._step = "throttling guest"
+                await self.source.cmd("migrate-set-parameters", {
+                    "cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+                    "max-cpu-throttle": 99})
+            case StartPostcopy():
+                self._step = "postcopy"
+                try:
+                    await self.source.cmd("migrate-start-postcopy")
+                except QmpCommandError as exc:
+                    # The migration may have just completed on its own; that is fine.
+                    log.info("migrate-start-postcopy refused: %s", exc.desc)
+            case Abort(reason=reason):
+                self._step = "aborting"
+                res.status, res.error = "aborted", reason
+                await self._cancel_qemu()
+            case PausePostcopy():
+                self._step = "postcopy stalled: pausing"
+                for side in (self.source, self.dest):
+                    if side is not None:
+                        with contextlib.suppress(HaguardError):
+                            await side.cmd("migrate-pause", oob=True, timeout_s=5)
+            case RecoverPostcopy():
+                self._step = "postcopy paused: recovering"
+                await self._recover()
+            case RaiseAlert(kind=kind, reason=reason):
+                self.on_alert(kind, reason)
+            case GiveUpRecovery(reason=reason):
+                res.status, res.error = "postcopy-paused", reason
+                self.on_alert("migration-postcopy-stuck", reason)
+
+    async def _recover(self) -> None:
+        """One recovery attempt: destination listens again (OOB), source resumes."""
+        if self.dest is None:
+            return
+        try:
+            dst = (await self.dest.cmd("query-migrate", oob=False, timeout_s=3)).get("status")
+        except HaguardError:
+            dst = None
+        if dst == "postcopy-paused" or self._recover_uri is None:
+            uri = self._next_recover_uri()
+            try:
+                await self.dest.cmd("migrate-recover", {"uri": str(uri)}, oob=True, timeout_s=5)
+                self._recover_uri = uri
+            except QmpCommandError as exc:
+                log.info("migrate-recover refused (%s); next attempt on another port", exc.desc)
+                self._recover_port_offset += 1
+                return
+            except HaguardError as exc:
+                log.info("migrate-recover failed: %s", exc)
+                return
+        if self._recover_uri is None:
+            return
+        try:
+            await self.source.cmd("migrate", {"uri": str(self._recover_uri), "resume": True},
+                                  timeout_s=5)
+            self._result.postcopy_recoveries += 1
+        except HaguardError as exc:
+            log.info("migrate resume not accepted yet: %s", exc)
+
+    def _next_recover_uri(self) -> MigrationUri:
+        uri, n = self.opts.uri, self._recover_port_offset
+        if uri.scheme == "unix":
+            return uri.with_path(f"{uri.path}.recover{n}")
+        return uri.with_port(uri.port + n) if n else uri
+
+    # ---- endings --------------------------------------------------------------------
+
+    async def _finish(self, s: MigrationSample, info: dict[str, Any]) -> None:
+        res = self._result
+        # A cancelled or failed migration reports no RAM figures: keep the last ones seen.
+        figures = s if s.transferred_bytes or self._last_moving is None else self._last_moving
+        res.transferred_bytes = figures.transferred_bytes
+        res.passes = figures.passes
+        res.setup_time_ms = info.get("setup-time")
+        if s.status == "completed":
+            res.downtime_ms = info.get("downtime")
+            await self._verify_and_release()
+            return
+        if res.status not in ("aborted", "cancelled"):
+            res.status = "failed"
+            if res.error is None:
+                res.error = await self._failure_reason(s)
+        await self._after_failure()
+
+    async def _failure_reason(self, s: MigrationSample) -> str:
+        if self._strategy and self._strategy.postcopy_started:
+            return "migration failed during postcopy: the VM's state is split and may be lost"
+        if s.transferred_bytes == 0:
+            why = await preflight.diagnose_connect_failure(self.opts.uri)
+            if why:
+                return why
+        if self.dest is not None:
+            try:
+                await self.dest.cmd("query-status", timeout_s=2)
+            except HaguardError:
+                return "destination QEMU died during pre-copy; the VM keeps running on the source"
+        return "migration failed during pre-copy (network or destination error); " \
+               "the VM keeps running on the source"
+
+    async def _verify_and_release(self) -> None:
+        res = self._result
+        want = "running" if self._source_was == "running" else "paused"
+        if self.dest is not None:
+            status = ""
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    while True:
+                        status = (await self.dest.cmd("query-status"))["status"]
+                        if status == want:
+                            break
+                        await asyncio.sleep(0.05)
+            if status != want:
+                res.status = "failed"
+                res.error = f"migration completed but the destination is {status!r}, not {want!r}"
+                return  # the source stays in postmigrate for the operator: never run twice
+            if self._mirror:
+                await self._mirror.release_destination()
+        src = (await self.source.cmd("query-status"))["status"]
+        if src != "postmigrate":
+            res.status = "failed"
+            res.error = f"migration completed but the source is {src!r}, not 'postmigrate'"
+            return
+        res.status = "completed"
+        if self.opts.quit_source:
+            with contextlib.suppress(HaguardError):
+                await self.source.cmd("quit")
+
+    async def _cancel_qemu(self) -> None:
+        with contextlib.suppress(HaguardError):
+            await self.source.cmd("migrate_cancel")
+
+    async def _cancel_and_clean(self) -> None:
+        if self._strategy and self._strategy.postcopy_started:
+            return
+        if self._migrate_started:
+            await self._cancel_qemu()
+            with contextlib.suppress(HaguardError, TimeoutError):
+                async with asyncio.timeout(10):
+                    while (await self.source.cmd("query-migrate")).get("status") not in FINAL_STATES:
+                        await asyncio.sleep(0.05)
+        await self._after_failure()
+
+    async def _after_failure(self) -> None:
+        """Pre-copy failed or was cancelled: source running, destination gone."""
+        if self._strategy and self._strategy.postcopy_started:
+            return  # never touch either side once postcopy started
+        if self._mirror:
+            await self._mirror.abort()
+        with contextlib.suppress(HaguardError):
+            status = (await self.source.cmd("query-status"))["status"]
+            if status in ("paused", "postmigrate") and self._source_was == "running":
+                await self.source.cmd("cont")
+        if self.dest is not None:
+            with contextlib.suppress(HaguardError):
+                await self.dest.cmd("quit", timeout_s=3)
+
+    def _source_lost_message(self, exc: Exception) -> str:
+        if self._strategy and self._strategy.postcopy_started:
+            return f"source QEMU lost during postcopy ({exc}): the VM's state is incomplete"
+        return f"source QEMU lost during migration ({exc})"
+
+    # ---- progress -------------------------------------------------------------------
+
+    def _elapsed_ms(self) -> int:
+        return _ms(self.clock() - self._t0)
+
+    def _report(self, s: MigrationSample) -> None:
+        strategy = self._strategy
+        self.on_progress(Progress(
+            status=s.status, elapsed_ms=s.now_ms, passes=s.passes,
+            transferred_bytes=s.transferred_bytes, remaining_bytes=s.remaining_bytes,
+            total_bytes=s.total_bytes, dirty_rate_bps=s.dirty_rate_bps,
+            throughput_bps=s.throughput_bps,
+            downtime_limit_ms=strategy.downtime_ms if strategy else 0, step=self._step))
+
+
+async def run_migration(source_qmp: str, dest_qmp: str | None, opts: MigrationOptions, *,
+                        on_progress: ProgressFn | None = None, on_alert: AlertFn | None = None,
+                        cancel: asyncio.Event | None = None,
+                        qmp_timeout_s: float = 10.0) -> MigrationResult:
+    """Connect to both monitors and run one migration; the one entry point used everywhere."""
+    try:
+        source = Qmp(source_qmp, timeout_s=qmp_timeout_s, name="haguard-migrate-src")
+        await source.connect()
+    except QmpError as exc:
+        return MigrationResult(status="failed", vm=opts.vm_name, uri=str(opts.uri),
+                               error=f"source: {exc}")
+    dest: Qmp | None = None
+    try:
+        if dest_qmp:
+            dest = Qmp(dest_qmp, timeout_s=qmp_timeout_s, name="haguard-migrate-dst")
+            try:
+                await dest.connect()
+            except QmpError as exc:
+                return MigrationResult(status="failed", vm=opts.vm_name, uri=str(opts.uri),
+                                       error=f"destination: {exc}")
+        return await Migration(source, dest, opts, on_progress=on_progress,
+                               on_alert=on_alert).run(cancel)
+    finally:
+        await source.close()
+        if dest is not None:
+            await dest.close()

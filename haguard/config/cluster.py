@@ -1,0 +1,149 @@
+"""The cluster configuration: who the hosts are, how they talk, how fast they judge.
+
+One YAML file (default /etc/haguard/cluster.yaml), validated on load; an error names
+the file, line and field.  Secrets (the cluster key, the MQTT password) live in
+their own files, referenced by path, so the main file can be world-readable.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from haguard.config.yamlsrc import load_model
+from haguard.vm.definition import NAME_RE
+
+DEFAULT_CLUSTER_CONFIG = Path("/etc/haguard/cluster.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FenceDevice(_Strict):
+    """How to power a host off.  `agent`: a standard fence agent (fence_ipmilan, fence_redfish,
+    ...) given its options as key=value lines on stdin; `command`: any program, same protocol."""
+
+    kind: Literal["agent", "command"] = "agent"
+    agent: str                              # program name or path
+    options: dict[str, str] = {}            # e.g. ip, username, lanplus
+    password_file: Path | None = None       # read at fence time, passed on stdin only
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+class HostConfig(_Strict):
+    name: str = Field(pattern=NAME_RE)
+    address: str                            # for ping and migration traffic
+    fence: FenceDevice | None = None
+    memory_mib: int | None = Field(default=None, gt=0)   # capacity override
+    vcpus: int | None = Field(default=None, gt=0)
+    group: str | None = None
+    priority: int = 0
+
+
+class TlsConfig(_Strict):
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure_skip_verify: bool = False
+
+
+class MqttConfig(_Strict):
+    # Several URLs: a clustered broker's nodes, or a pair; the agent fails over between them.
+    urls: tuple[str, ...] = Field(min_length=1)
+    topic_prefix: str = "haguard"
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=5, ge=1, le=600)
+
+    @field_validator("urls")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("mqtt", "mqtts") or not rest:
+                raise ValueError(f"{url!r}: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT]")
+        return v
+
+
+class TimingConfig(_Strict):
+    heartbeat_interval_ms: int = Field(default=500, ge=50)
+    suspect_timeout_ms: int = Field(default=1200, ge=100)
+    dead_timeout_ms: int = Field(default=2000, ge=100)
+    ping_interval_ms: int = Field(default=250, ge=50)
+    ping_timeout_ms: int = Field(default=200, ge=10)
+    isolation_timeout_ms: int = Field(default=5000, ge=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TimingConfig:
+        if not self.heartbeat_interval_ms < self.suspect_timeout_ms <= self.dead_timeout_ms:
+            raise ValueError("need heartbeat_interval_ms < suspect_timeout_ms <= dead_timeout_ms")
+        return self
+
+
+class HostProbe(_Strict):
+    """A local health probe: a command's exit code, or a number read from a file."""
+
+    name: str
+    command: tuple[str, ...] | None = None
+    file: Path | None = None
+    max_value: float | None = None          # for `file`: degraded above this
+    interval_s: float = Field(default=10.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HostProbe:
+        if (self.command is None) == (self.file is None):
+            raise ValueError("a probe needs exactly one of command or file")
+        if self.file is not None and self.max_value is None:
+            raise ValueError("a file probe needs max_value")
+        return self
+
+
+class VmRestartPolicy(_Strict):
+    max_restarts: int = Field(default=3, ge=0)
+    window_s: float = Field(default=600.0, gt=0)
+    hung_timeout_ms: int = Field(default=3000, ge=100)
+
+
+class ClusterConfig(_Strict):
+    cluster: str = Field(pattern=NAME_RE)
+    host: str | None = None                 # this host's name; default: the hostname
+    hosts: tuple[HostConfig, ...] = Field(min_length=1)
+    key_file: Path                          # per-cluster HMAC key for every message
+    mqtt: MqttConfig
+    timing: TimingConfig = TimingConfig()
+    vm_dir: Path = Path("/etc/haguard/vms")
+    run_dir: Path = Path("/run/haguard/vms")
+    state_dir: Path = Path("/var/lib/haguard")
+    probes: tuple[HostProbe, ...] = ()
+    vm_restart: VmRestartPolicy = VmRestartPolicy()
+
+    @model_validator(mode="after")
+    def _unique_hosts(self) -> ClusterConfig:
+        seen: set[str] = set()
+        for h in self.hosts:
+            if h.name in seen:
+                raise ValueError(f"host {h.name!r} is listed twice")
+            seen.add(h.name)
+        if self.host is not None and self.host not in seen:
+            raise ValueError(f"host {self.host!r} is not in hosts")
+        return self
+
+    def this_host(self) -> HostConfig:
+        name = self.host or socket.gethostname()
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise ValueError(f"this host ({name}) is not in the cluster's hosts: set `host:`")
+
+    def peer(self, name: str) -> HostConfig | None:
+        return next((h for h in self.hosts if h.name == name), None)
+
+
+def load_cluster_config(path: Path) -> ClusterConfig:
+    return load_model(ClusterConfig, path)

@@ -416,9 +416,11 @@ class Migration:
             await self._verify_and_release()
             return
         if res.status not in ("aborted", "cancelled"):
-            res.status = "failed"
-            if res.error is None:
-                res.error = await self._failure_reason(s)
+            if s.status == "cancelled":  # `haguard migrate --cancel` or another monitor client
+                res.status, res.error = "cancelled", "cancelled by operator"
+            else:
+                res.status = "failed"
+                res.error = res.error or await self._failure_reason(s)
         await self._after_failure()
 
     async def _failure_reason(self, s: MigrationSample) -> str:

@@ -97,8 +97,9 @@ def encode_entry(fields: Mapping[str, str | bytes]) -> bytes:
 class NativeJournal:
     """Sends entries over journald's native socket without libsystemd."""
 
-    def __init__(self, path: str = DEFAULT_SOCKET) -> None:
+    def __init__(self, path: str = DEFAULT_SOCKET, *, sndbuf_bytes: int = 8 << 20) -> None:
         self.path = path
+        self.sndbuf_bytes = sndbuf_bytes
         self._sock: socket.socket | None = None
 
     def _socket(self) -> socket.socket:
@@ -107,7 +108,7 @@ class NativeJournal:
             # Like libsystemd: a large send buffer so big entries still fit one datagram.
             for opt in (getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, opt, 8 << 20)
+                    sock.setsockopt(socket.SOL_SOCKET, opt, self.sndbuf_bytes)
                     break
             sock.settimeout(1.0)  # a stuck journald must not hang the agent for long
             self._sock = sock

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from haguard.adapters.qmp import Qmp
-from haguard.adapters.vmwatch import VmWatcher, live_pid, monotonic_ms, restart_in_place
+from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, monotonic_ms, restart_in_place
+from haguard.config.cluster import VmRestartPolicy
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
     RestartVmInPlace,
@@ -193,7 +194,7 @@ async def test_kill9_is_restarted_in_place_and_boots(vm: VmDefinition, base: Pat
     inst = launcher.start(vm, base)
     async with agent_for(vm, base, max_restarts=1) as agent:
         await agent.wait_state(VmState.RUNNING, 3)
-        launcher.kill(inst.paths)
+        os.kill(inst.pid, signal.SIGKILL)  # no waiting: the executor may meet an unreaped zombie
         await agent.wait_state(VmState.CRASHED, 3)
         await agent.wait_state(VmState.RUNNING, 10)
         assert [r.attempt for r in agent.restarts()] == [1]
@@ -243,3 +244,9 @@ async def test_restart_in_place_never_doubles_a_live_vm(vm: VmDefinition, base: 
     new = launcher.current_paths(vm.name, base)
     assert new != inst.paths and live_pid(inst.paths) is None
     assert await guest_alive(new)
+
+
+@pytest.mark.timeout(5)
+def test_health_policy_from_the_cluster_config() -> None:
+    p = health_policy(VmRestartPolicy(max_restarts=2, window_s=90.5, hung_timeout_ms=1500))
+    assert (p.max_restarts, p.window_ms, p.hung_timeout_ms, p.restart_on_panic) == (2, 90_500, 1500, True)

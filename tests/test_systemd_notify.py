@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from haguard.adapters.systemd import Notifier, ProgressWatchdog, one_line
+from haguard.adapters.systemd import Notifier, ProgressWatchdog, one_line, summary
 
 AGENT = textwrap.dedent("""
     import asyncio, os, sys, time
@@ -216,3 +216,5 @@ def test_progress_watchdog_in_process() -> None:
 def test_status_is_one_line() -> None:
     assert one_line("3 hosts up,\n 1 suspect\t ") == "3 hosts up, 1 suspect"
     assert len(one_line("x" * 500)) == 200
+    assert summary(role="leader", hosts="3/3 up", vms=5, migrating=None, suspect_hosts=["h2"]) == (
+        "role leader, hosts 3/3 up, vms 5, suspect hosts ['h2']")

@@ -37,6 +37,14 @@ def one_line(text: str, limit: int = STATUS_MAX_CHARS) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
+def summary(**facts: object) -> str:
+    """A STATUS= line from facts, in the order given; None values are left out.
+
+    summary(role="leader", hosts="3/3 up", vms=5) -> "role leader, hosts 3/3 up, vms 5"
+    """
+    return one_line(", ".join(f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if v is not None))
+
+
 def send_datagram(address: str, payload: bytes) -> None:
     """Send one notify datagram; '@name' is an abstract socket (leading NUL on the wire)."""
     target = "\0" + address[1:] if address.startswith("@") else address

@@ -139,7 +139,7 @@ def check_common(got: list[Received], mode: str) -> tuple[int, int]:
     before = pings(got, 0, begin)
     assert len(before) >= 6, before          # ~10 expected in 1 s at a 100 ms interval
     gaps = [b.at - a.at for a, b in itertools.pairwise(before)]
-    assert max(gaps) < 0.4, gaps             # regular, at half of WATCHDOG_USEC
+    assert max(gaps) < 0.6, gaps             # regular, at half of WATCHDOG_USEC (0.1 s)
     after = pings(got, resume)
     assert len(after) >= 4, after            # pings come back once every loop beats again
     return begin, resume
@@ -165,7 +165,7 @@ def test_stalled_loop_withholds_pings(kind: str, library: bool) -> None:
     # gossip's last beat is at most 50 ms before the stall: stale 300 ms later, so at most
     # a few pings slip through, all early; for the rest of the 2 s there are none.
     assert len(during) <= 5, during
-    assert all(r.at - got[begin].at < 0.7 for r in during), [r.at - got[begin].at for r in during]
+    assert all(r.at - got[begin].at < 1.0 for r in during), [r.at - got[begin].at for r in during]
     held = [r for r in got[begin:resume] if any(x.startswith("STATUS=watchdog held: loop gossip")
                                                    for x in r.lines)]
     assert len(held) == 1, got[begin:resume]

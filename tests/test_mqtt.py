@@ -438,7 +438,8 @@ async def test_cancel_while_connecting_and_stop_while_backing_off_end_promptly(
     try:
         p = Peer(cfg, "h1").start()
         await eventually(lambda: p.connections, 3, "a first attempt timing out")
-        await asyncio.sleep(0.3)              # into the second attempt
+        await eventually(lambda: p.transport._attempts == 2, 2, "a second attempt")
+        await asyncio.sleep(0.2)              # in its CONNACK wait
         t0 = time.monotonic()
         await p.close()
         assert p.task is not None and p.task.cancelled()
@@ -452,7 +453,7 @@ async def test_cancel_while_connecting_and_stop_while_backing_off_end_promptly(
         await eventually(lambda: c.transport.connected, 3, "h3 connected")
         await asyncio.sleep(0.5)
         assert not c.heard("h1", "offline")
-    assert broker.log_text().count("Received DISCONNECT from haguard-c1-h1-1-") == 2
+    assert broker.log_text().count("Received DISCONNECT from haguard-c1-h1-1-") == 2, broker.log_text()
     broker.kill()
     q = Peer(cfg, "h2").start()
     await eventually(lambda: len(q.connections) >= 2, 5, "failed attempts")

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import socket
 import sys
@@ -304,3 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(Exception):
             print("haguard: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug: one line for the operator, the traceback on request
+        if os.environ.get("HAGUARD_DEBUG"):
+            raise
+        print(f"haguard: internal error: {type(exc).__name__}: {exc} "
+              "(set HAGUARD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return EXIT_FAILED

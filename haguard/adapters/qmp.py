@@ -50,6 +50,12 @@ class Qmp:
             why = getattr(cause, "strerror", None) or str(cause)
             raise QmpError(f"cannot connect to QMP monitor {self.path}: {why}") from None
 
+    async def reconnect(self) -> None:
+        """A fresh session on the same socket (qemu.qmp clients are not reusable after a drop)."""
+        await self.close()
+        self._client = QMPClient(self._client.name)
+        await self.connect()
+
     @property
     def has_oob(self) -> bool:
         greeting = self._client.greeting
@@ -64,7 +70,7 @@ class Qmp:
         except TimeoutError:
             raise QmpTimeout(f"{command} on {self.path}: no reply within {deadline:g} s") from None
         except ExecuteError as exc:
-            raise QmpCommandError(command, exc.error_class, exc.error.desc) from None
+            raise QmpCommandError(command, exc.error_class, exc.error.error.desc) from None
         except QMPError as exc:
             raise QmpError(f"{command} on {self.path}: monitor connection lost ({exc})") from None
         except (OSError, EOFError) as exc:

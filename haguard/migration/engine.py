@@ -43,6 +43,9 @@ from haguard.migration.uri import MigrationUri
 
 log = logging.getLogger("haguard.migration")
 
+# A resume whose connection never came up is sent again only after TCP's own connect
+# attempts would have given up.
+RESUME_RETRY_MS = 130_000
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU treats any huge value as no cap
 # Capabilities haguard sets explicitly on every run, so a previous attempt's leftovers never apply.
 MANAGED_CAPS = ("events", "postcopy-ram", "multifd", "xbzrle", "auto-converge", "return-path",
@@ -70,6 +73,7 @@ class _Plan:
     source_caps: dict[str, bool] = field(default_factory=dict)
     dest_caps: dict[str, bool] = field(default_factory=dict)
     policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
+    source_params: frozenset[str] = frozenset()
     notes: list[str] = field(default_factory=list)
 
 
@@ -97,7 +101,9 @@ class Migration:
         self._step = "preflight"
         self._recover_uri: MigrationUri | None = None
         self._recover_port_offset = 0
+        self._resume_sent_ms: int | None = None
         self._migrate_started = False
+        self._src_commands: frozenset[str] = frozenset()
         self._last_moving: MigrationSample | None = None  # last sample before the final state
 
     # ---- public ---------------------------------------------------------------------
@@ -139,6 +145,7 @@ class Migration:
         self._step = "preflight"
         self._source_was = await preflight.check_source(self.source)
         src_feats = await detect(self.source)
+        self._src_commands = src_feats.commands
         dst_feats: QemuFeatures | None = None
         ram_bytes = 0
         src_id = await preflight.vm_identity(self.source)
@@ -152,7 +159,7 @@ class Migration:
         return plan
 
     def _plan(self, src: QemuFeatures, dst: QemuFeatures | None) -> _Plan:
-        o, plan = self.opts, _Plan(policy=self.opts.policy)
+        o, plan = self.opts, _Plan(policy=self.opts.policy, source_params=src.parameters)
         both = src.capabilities & (dst.capabilities if dst else src.capabilities)
         wanted: set[str] = {"events", *o.extra_capabilities}
         if plan.policy.postcopy != "never":
@@ -214,6 +221,9 @@ class Migration:
         bw = plan.policy.max_bandwidth_bps or UNLIMITED_BANDWIDTH
         src_params: dict[str, Any] = {"max-bandwidth": bw,
                                       "downtime-limit": plan.policy.initial_downtime_ms}
+        if plan.source_caps.get("postcopy-ram") and "max-postcopy-bandwidth" in plan.source_params:
+            # The cap is about the link, which postcopy shares: 0 means no cap for QEMU here.
+            src_params["max-postcopy-bandwidth"] = plan.policy.max_bandwidth_bps
         if plan.source_caps.get("auto-converge"):
             # Armed but gentle: the strategy raises it when the ladder reaches throttling.
             src_params |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
@@ -304,6 +314,13 @@ class Migration:
                     await self._apply(action, sample)
                 if strategy.postcopy_started:
                     res.postcopy = True
+                if sample.status == "postcopy-active":
+                    self._recover_uri = None  # a later pause needs a new migrate-recover
+                if strategy.postcopy_started and not await self._dest_alive():
+                    msg = ("destination QEMU died during postcopy: the VM is lost (its memory "
+                           "was split between the hosts); the source is kept for inspection")
+                    self.on_alert("vm-lost", msg)
+                    raise MigrationError(msg)
                 if sample.status not in FINAL_STATES:
                     self._last_moving = sample
                 self._report(sample)
@@ -353,11 +370,12 @@ class Migration:
                 res.status, res.error = "aborted", reason
                 await self._cancel_qemu()
             case PausePostcopy():
+                # Pause the source only: it closes its end, and the destination sees the
+                # error as soon as the path carries its next page request.  Pausing the
+                # destination too crashes QEMU 7.2's postcopy listen thread after recovery.
                 self._step = "postcopy stalled: pausing"
-                for side in (self.source, self.dest):
-                    if side is not None:
-                        with contextlib.suppress(HaguardError):
-                            await side.cmd("migrate-pause", oob=True, timeout_s=5)
+                with contextlib.suppress(HaguardError):
+                    await self.source.cmd("migrate-pause", oob=True, timeout_s=5)
             case RecoverPostcopy():
                 self._step = "postcopy paused: recovering"
                 await self._recover()
@@ -368,33 +386,58 @@ class Migration:
                 self.on_alert("migration-postcopy-stuck", reason)
 
     async def _recover(self) -> None:
-        """One recovery attempt: destination listens again (OOB), source resumes."""
+        """One recovery attempt: the destination listens again (OOB), the source resumes.
+
+        migrate-recover is accepted once per pause, and only once the destination has
+        itself noticed the broken stream (postcopy-paused).  The source's resume is sent
+        once per listener: a second one while the first still tries to connect would
+        reach the destination as a second stream (QEMU 7.2's listen thread crashes on
+        that), so the path is probed first, while nothing listens on the port.
+        """
         if self.dest is None:
             return
-        try:
-            dst = (await self.dest.cmd("query-migrate", oob=False, timeout_s=3)).get("status")
-        except HaguardError:
-            dst = None
-        if dst == "postcopy-paused" or self._recover_uri is None:
+        if self._recover_uri is None:
+            try:
+                dst = (await self.dest.cmd("query-migrate", timeout_s=3)).get("status")
+            except HaguardError:
+                dst = None  # its main loop may be blocked on a missing page: try OOB anyway
+            if dst not in ("postcopy-paused", None):
+                return  # the destination has not seen the break yet
             uri = self._next_recover_uri()
+            if uri.scheme == "tcp":
+                probe = await asyncio.to_thread(preflight.tcp_probe, uri.host, uri.port, 2.0)
+                if probe == "open":
+                    self._recover_port_offset += 1  # an old listener holds the port
+                if probe != "refused":
+                    return  # the path is not back yet
             try:
                 await self.dest.cmd("migrate-recover", {"uri": str(uri)}, oob=True, timeout_s=5)
-                self._recover_uri = uri
             except QmpCommandError as exc:
-                log.info("migrate-recover refused (%s); next attempt on another port", exc.desc)
-                self._recover_port_offset += 1
+                log.info("migrate-recover refused: %s", exc.desc)
                 return
             except HaguardError as exc:
                 log.info("migrate-recover failed: %s", exc)
                 return
-        if self._recover_uri is None:
+            self._recover_uri, self._resume_sent_ms = uri, None
+        now = self._elapsed_ms()
+        if self._resume_sent_ms is not None and now - self._resume_sent_ms < RESUME_RETRY_MS:
             return
         try:
             await self.source.cmd("migrate", {"uri": str(self._recover_uri), "resume": True},
                                   timeout_s=5)
+            self._resume_sent_ms = now
             self._result.postcopy_recoveries += 1
         except HaguardError as exc:
             log.info("migrate resume not accepted yet: %s", exc)
+
+    async def _dest_alive(self) -> bool:
+        if self.dest is None or self.dest.connected:
+            return True
+        try:
+            await self.dest.reconnect()
+        except HaguardError:
+            return False
+        return True
 
     def _next_recover_uri(self) -> MigrationUri:
         uri, n = self.opts.uri, self._recover_port_offset
@@ -467,8 +510,28 @@ class Migration:
                 await self.source.cmd("quit")
 
     async def _cancel_qemu(self) -> None:
+        """migrate_cancel, and `yank` the migration's sockets if the cancel hangs.
+
+        On a stalled link a cancel can stay in `cancelling` for as long as TCP keeps
+        retrying (multifd channels blocked in send); yank shuts every channel down.
+        """
         with contextlib.suppress(HaguardError):
             await self.source.cmd("migrate_cancel")
+        if await self._wait_not_cancelling(2.0):
+            return
+        if "yank" in self._src_commands:
+            log.warning("migration cancel is stuck: yanking the migration channels")
+            with contextlib.suppress(HaguardError):
+                await self.source.cmd("yank", {"instances": [{"type": "migration"}]})
+
+    async def _wait_not_cancelling(self, timeout_s: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout_s):
+                while (await self.source.cmd("query-migrate")).get("status") == "cancelling":
+                    await asyncio.sleep(0.1)
+        except (HaguardError, TimeoutError):
+            return False
+        return True
 
     async def _cancel_and_clean(self) -> None:
         if self._strategy and self._strategy.postcopy_started:

@@ -86,7 +86,7 @@ def check_compression(method: str, src: QemuFeatures, dst: QemuFeatures | None) 
                                  f"{method} (it offers: {have}): pick another --compression")
 
 
-def _tcp_probe(host: str, port: int, timeout_s: float) -> str:
+def tcp_probe(host: str, port: int, timeout_s: float) -> str:
     """'refused', 'open' or 'unreachable: ...' for a TCP connect to host:port."""
     try:
         with socket.create_connection((host, port), timeout=timeout_s):
@@ -112,7 +112,7 @@ async def probe_path_before_listen(uri: MigrationUri, timeout_s: float = 3.0) ->
         return
     if uri.scheme != "tcp":
         return  # rdma: passed through unchecked
-    result = await asyncio.to_thread(_tcp_probe, uri.host, uri.port, timeout_s)
+    result = await asyncio.to_thread(tcp_probe, uri.host, uri.port, timeout_s)
     if result == "open":
         raise PreflightError(f"{uri.where} is already in use on the destination: pick another port")
     if result.startswith("unreachable"):
@@ -128,7 +128,7 @@ async def diagnose_connect_failure(uri: MigrationUri) -> str | None:
         return None
     if uri.scheme != "tcp":
         return None
-    result = await asyncio.to_thread(_tcp_probe, uri.host, uri.port, 3.0)
+    result = await asyncio.to_thread(tcp_probe, uri.host, uri.port, 3.0)
     if result == "refused":
         return (f"connection refused by {uri.where}: the destination is not listening "
                 "(start it with -incoming, or check the port)")

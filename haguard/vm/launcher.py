@@ -67,9 +67,11 @@ def read_pid(paths: InstancePaths) -> int | None:
         return None
     try:
         comm = Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
+        # A dead QEMU nobody reaped yet (a zombie) keeps its comm: it is not running.
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return None
-    return pid if comm.startswith("qemu") else None
+    return pid if comm.startswith("qemu") and state not in ("Z", "X") else None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,115 @@
+"""Network faults during a migration between two namespace hosts.
+
+The source QEMU runs in host A, the destination in host B; haguard runs in host A
+as the agent would.  Faults are applied to the veth link between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from haguard.adapters.qmp import Qmp
+from tests.helpers.netns import HostPair, host_pair
+from tests.helpers.vms import VmLab, guest_status, guest_vm, run_state, wait_guest_ready
+
+PORT = 4444
+
+
+async def _status(path) -> str:  # type: ignore[no-untyped-def]
+    async with Qmp.session(path, timeout_s=5) as qmp:
+        return str((await qmp.cmd("query-migrate")).get("status", "none"))
+
+
+async def _wait_status(path, wanted: set[str], timeout_s: float) -> str:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = await _status(path)
+        if st in wanted:
+            return st
+        assert time.monotonic() < deadline, f"migration status stayed {st!r}, wanted {wanted}"
+        await asyncio.sleep(0.1)
+
+
+def _start(lab: VmLab, pair: HostPair, name: str, *extra: str):  # type: ignore[no-untyped-def]
+    vm = guest_vm(name, memory_mib=128, mib=64, rate=100)
+    src = lab.start(vm, netns=pair.a)
+    dst = lab.start(vm, incoming=True, netns=pair.b)
+    proc = lab.haguard_bg("migrate", "--source-qmp", str(src.paths.qmp), "--dest-qmp",
+                          str(dst.paths.qmp), "--uri", f"tcp:{pair.addr_b}:{PORT}", "--json", *extra,
+                          netns=pair.a)
+    return src, dst, proc
+
+
+def _finish(proc) -> dict:  # type: ignore[no-untyped-def]
+    out, err = proc.communicate(timeout=120)
+    lines = [ln for ln in out.splitlines() if ln.startswith("{")]
+    assert lines, f"no result; stderr: {err}"
+    return json.loads(lines[-1])
+
+
+@pytest.fixture
+def pair():  # type: ignore[no-untyped-def]
+    with host_pair("f") as p:
+        yield p
+
+
+@pytest.mark.timeout(120)
+async def test_link_cut_during_precopy_keeps_source_running(lab: VmLab, pair: HostPair) -> None:
+    src, dst, proc = _start(lab, pair, "cut1", "--max-bandwidth", "5", "--postcopy", "never",
+                            "--progress-timeout", "4")
+    await wait_guest_ready(src.paths)
+    try:
+        await _wait_status(src.paths.watch, {"active"}, 20)
+        await asyncio.sleep(1)
+        pair.cut()
+        res = _finish(proc)
+    finally:
+        pair.restore()
+    assert res["status"] == "aborted" and "no bytes moved" in res["error"], res
+    assert proc.returncode == 1
+    assert await run_state(src.paths) == "running"
+    st = await guest_status(src.paths)
+    assert st.errors == 0
+    assert set(lab.live_qemus()) == {src.paths.dir.name}, "the destination must be gone"
+
+
+async def _postcopy_fault(lab: VmLab, pair: HostPair, name: str, fault: str) -> dict:
+    src, dst, proc = _start(lab, pair, name, "--max-bandwidth", "8", "--postcopy", "always",
+                            "--postcopy-stall", "2")
+    before = await wait_guest_ready(src.paths)
+    try:
+        await _wait_status(src.paths.watch, {"postcopy-active"}, 60)
+        await asyncio.sleep(0.5)
+        pair.abort() if fault == "abort" else pair.cut()
+        # Both ends pause (QEMU notices an aborted connection; haguard pauses a stalled one).
+        await _wait_status(src.paths.watch, {"postcopy-paused"}, 20)
+        await asyncio.sleep(3)
+        # While paused the VM runs nowhere: the source never resumed, the destination waits.
+        assert await run_state(src.paths) in ("postmigrate", "finish-migrate", "paused")
+    finally:
+        pair.restore()
+    res = _finish(proc)
+    assert res["status"] == "completed", res
+    assert res["postcopy"] is True and res["postcopy_recoveries"] >= 1
+    assert proc.returncode == 0
+    # Exactly once, on the destination, with the guest's memory intact and its clock going on.
+    assert set(lab.live_qemus()) == {dst.paths.dir.name}
+    assert await run_state(dst.paths) == "running"
+    after = await guest_status(dst.paths)
+    assert after.errors == 0 and after.ms > before.ms
+    return res
+
+
+@pytest.mark.timeout(150)
+async def test_postcopy_connection_aborted_then_restored_recovers(lab: VmLab, pair: HostPair) -> None:
+    await _postcopy_fault(lab, pair, "pcab1", "abort")
+
+
+@pytest.mark.timeout(150)
+async def test_postcopy_link_stalled_then_restored_recovers(lab: VmLab, pair: HostPair) -> None:
+    res = await _postcopy_fault(lab, pair, "pcst1", "stall")
+    assert any(s["action"] == "PausePostcopy" for s in res["steps"])

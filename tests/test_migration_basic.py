@@ -100,7 +100,7 @@ async def test_cancel_leaves_source_running_and_destination_gone(lab: VmLab) -> 
     await asyncio.sleep(1.0)
     cancel = lab.haguard("migrate", "--cancel", "cancel1")
     assert cancel.returncode == 0, cancel.stderr
-    out, err = proc.communicate(timeout=30)
+    out, _ = proc.communicate(timeout=30)
     res = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 1 and res["status"] == "cancelled"
     assert res["transferred_bytes"] > 0
@@ -118,7 +118,7 @@ async def test_destination_killed_mid_precopy(lab: VmLab) -> None:
             src_pid = pid
         else:
             os.kill(pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=60)
     res = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 1 and res["status"] == "failed", res
     assert "source" in res["error"]  # "... keeps running on the source"

@@ -59,7 +59,7 @@ def pair():  # type: ignore[no-untyped-def]
 
 @pytest.mark.timeout(120)
 async def test_link_cut_during_precopy_keeps_source_running(lab: VmLab, pair: HostPair) -> None:
-    src, dst, proc = _start(lab, pair, "cut1", "--max-bandwidth", "5", "--postcopy", "never",
+    src, _dst, proc = _start(lab, pair, "cut1", "--max-bandwidth", "5", "--postcopy", "never",
                             "--progress-timeout", "4")
     await wait_guest_ready(src.paths)
     try:

@@ -268,6 +268,14 @@ class ConvergenceStrategy:
         return self._escalate(s)
 
     def _escalate(self, s: MigrationSample) -> list[Action]:
+        # A larger downtime limit only helps if what is left could be sent within the
+        # largest one the policy allows: when it could not, skip to the next kind of step.
+        bw = s.throughput_bps
+        hopeless = bw > 0 and s.remaining_bytes * 1000 // bw > 2 * self.policy.downtime_steps_ms[-1]
+        while (hopeless and self._rung < len(self._ladder)
+               and isinstance(self._ladder[self._rung], _Downtime)
+               and any(not isinstance(r, _Downtime) for r in self._ladder[self._rung:])):
+            self._rung += 1
         if self._rung >= len(self._ladder):
             return []  # nothing left but the deadline
         rung = self._ladder[self._rung]

@@ -80,6 +80,11 @@ class MigrationDisplay:
         self.console.print(f"[bold yellow]ALERT[/] {kind}: {message}")
 
 
+STEP_NAMES = {"SetDowntimeLimit": "downtime↑", "StartThrottling": "throttle",
+              "StartPostcopy": "postcopy", "Abort": "abort", "PausePostcopy": "pause",
+              "RecoverPostcopy": "recover", "RaiseAlert": "alert", "GiveUpRecovery": "gave up"}
+
+
 def result_table(results: list[tuple[str, MigrationResult]], title: str = "Migrations") -> Table:
     t = Table(title=title)
     for col in ("move", "status", "total", "downtime", "sent", "passes", "postcopy", "steps"):
@@ -89,7 +94,7 @@ def result_table(results: list[tuple[str, MigrationResult]], title: str = "Migra
                   f"{r.total_time_ms / 1000:.1f} s",
                   f"{r.downtime_ms} ms" if r.downtime_ms is not None else "-",
                   human_bytes(r.transferred_bytes), str(r.passes), "yes" if r.postcopy else "no",
-                  ", ".join(s["action"] for s in r.steps) or "-")
+                  ", ".join(STEP_NAMES.get(s["action"], s["action"]) for s in r.steps) or "-")
     return t
 
 

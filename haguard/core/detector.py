@@ -1,0 +1,274 @@
+"""Failure detection: alive / suspect / agent-down / unreachable / dead per peer host.
+
+Evidence comes in as past-tense facts: gossip heard through the broker, ICMP
+replies, a peer's signed "offline" (its MQTT last will or a clean stop), and the
+state of this agent's own broker connection.  Other peers' heartbeats carry what
+*they* hear and reach, which gives indirect confirmation (SWIM's idea, carried
+passively in every heartbeat instead of by separate probe requests): a host that
+this agent cannot reach but another peer still can is not dead, it is cut off
+from us.
+
+Rules, each with its reason in the output:
+    alive        gossip within suspect_timeout_ms
+    unreachable  no gossip, but this agent itself has lost the broker (the peer's
+                 silence says nothing then); "unreachable via broker"
+    suspect      no gossip for suspect_timeout_ms; or worse, but still answering some
+                 peer, or not yet enough pings tried
+    agent-down   no gossip for dead_timeout_ms (or its offline will), host answers ping
+    dead         no gossip for dead_timeout_ms, no ping reply for dead_timeout_ms, and
+                 no peer heard or reached it within suspect_timeout_ms
+Nothing is declared dead while this agent has no broker: then no quorum could act
+on it anyway, and this agent may be the one cut off.  This agent is isolated when
+it has had no broker and no ping reply from any peer for isolation_timeout_ms.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class PeerState(StrEnum):
+    UNKNOWN = "unknown"
+    ALIVE = "alive"
+    SUSPECT = "suspect"
+    UNREACHABLE = "unreachable"
+    AGENT_DOWN = "agent-down"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DetectorTiming:
+    suspect_timeout_ms: int = 900
+    dead_timeout_ms: int = 1500
+    isolation_timeout_ms: int = 5000
+    min_failed_pings: int = 3
+
+    def __post_init__(self) -> None:
+        if not 0 < self.suspect_timeout_ms <= self.dead_timeout_ms:
+            raise ValueError("need 0 < suspect_timeout_ms <= dead_timeout_ms")
+
+
+# ---- inputs --------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class GossipHeard:
+    host: str
+    incarnation: int
+    now_ms: int
+    hears: frozenset[str] = frozenset()     # peers the sender heard lately
+    reaches: frozenset[str] = frozenset()   # peers answering the sender's pings lately
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerWentOffline:
+    host: str
+    incarnation: int
+    now_ms: int
+    graceful: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class PingObserved:
+    host: str
+    ok: bool
+    now_ms: int
+    rtt_ms: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BrokerStatus:
+    connected: bool
+    now_ms: int
+
+
+DetectorInput = GossipHeard | PeerWentOffline | PingObserved | BrokerStatus
+
+
+# ---- outputs -------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class PeerStateChanged:
+    host: str
+    old: PeerState
+    new: PeerState
+    reason: str
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class IsolationChanged:
+    isolated: bool
+    reason: str
+    now_ms: int
+
+
+DetectorOutput = PeerStateChanged | IsolationChanged
+
+
+@dataclass
+class _Peer:
+    incarnation: int = -1
+    last_gossip_ms: int | None = None
+    offline_ms: int | None = None        # offline seen after the last gossip
+    graceful: bool = False
+    last_ping_ok_ms: int | None = None
+    failed_pings: int = 0                # since the last reply
+    rtt_ms: float | None = None
+    reached_by: dict[str, int] = field(default_factory=dict)   # reporter -> when
+    known_ms: int = 0                    # when this agent started watching it
+    state: PeerState = PeerState.UNKNOWN
+    reason: str = "not heard yet"
+    since_ms: int = 0                    # when the current state began
+
+
+@dataclass(frozen=True)
+class PeerView:
+    host: str
+    state: PeerState
+    reason: str
+    since_ms: int
+    last_gossip_ms: int | None
+    last_ping_ok_ms: int | None
+    rtt_ms: float | None
+    incarnation: int
+
+
+class FailureDetector:
+    def __init__(self, me: str, peers: list[str], timing: DetectorTiming, now_ms: int) -> None:
+        self.me = me
+        self.timing = timing
+        self.started_ms = now_ms
+        self._peers = {p: _Peer(since_ms=now_ms, known_ms=now_ms) for p in peers if p != me}
+        self._broker = False
+        self._broker_lost_ms: int | None = now_ms
+        self._last_any_ping_ok_ms: int | None = None
+        self.isolated = False
+
+    # ---- feeding --------------------------------------------------------------------
+
+    def step(self, event: DetectorInput) -> list[DetectorOutput]:
+        match event:
+            case GossipHeard():
+                self._gossip(event)
+            case PeerWentOffline():
+                peer = self._peers.get(event.host)
+                if peer is not None and event.incarnation >= peer.incarnation:
+                    peer.offline_ms, peer.graceful = event.now_ms, event.graceful
+            case PingObserved():
+                peer = self._peers.get(event.host)
+                if peer is not None:
+                    if event.ok:
+                        peer.last_ping_ok_ms, peer.failed_pings = event.now_ms, 0
+                        peer.rtt_ms = event.rtt_ms
+                        self._last_any_ping_ok_ms = event.now_ms
+                    else:
+                        peer.failed_pings += 1
+            case BrokerStatus():
+                if event.connected != self._broker:
+                    self._broker = event.connected
+                    self._broker_lost_ms = None if event.connected else event.now_ms
+        return self.tick(event.now_ms)
+
+    def _gossip(self, g: GossipHeard) -> None:
+        peer = self._peers.get(g.host)
+        if peer is None or g.incarnation < peer.incarnation:
+            return
+        peer.incarnation = g.incarnation
+        peer.last_gossip_ms = g.now_ms
+        peer.offline_ms = None
+        for other in g.hears | g.reaches:
+            target = self._peers.get(other)
+            if target is not None:
+                target.reached_by[g.host] = g.now_ms
+
+    def tick(self, now_ms: int) -> list[DetectorOutput]:
+        out: list[DetectorOutput] = []
+        for host, peer in self._peers.items():
+            state, reason = self._judge(host, peer, now_ms)
+            if state != peer.state:
+                out.append(PeerStateChanged(host=host, old=peer.state, new=state, reason=reason,
+                                            now_ms=now_ms))
+                peer.state, peer.since_ms = state, now_ms
+            peer.reason = reason
+        out += self._isolation(now_ms)
+        return out
+
+    # ---- judging --------------------------------------------------------------------
+
+    def _judge(self, host: str, p: _Peer, now: int) -> tuple[PeerState, str]:
+        t = self.timing
+        heard_at = p.last_gossip_ms if p.last_gossip_ms is not None else p.known_ms
+        silent = now - heard_at
+        if p.last_gossip_ms is not None and p.offline_ms is None and silent <= t.suspect_timeout_ms:
+            return PeerState.ALIVE, "gossip fresh"
+        pinged_at = p.last_ping_ok_ms
+        answers = pinged_at is not None and now - pinged_at <= t.dead_timeout_ms
+        if not self._broker:
+            if answers:
+                return PeerState.UNREACHABLE, "unreachable via broker: this agent has no broker; host answers ping"
+            return PeerState.SUSPECT, "this agent has no broker and the host does not answer ping"
+        gone = "stopped cleanly" if p.graceful else "lost its broker connection"
+        if p.offline_ms is None and silent <= t.dead_timeout_ms:
+            return PeerState.SUSPECT, f"no gossip for {silent} ms"
+        why = f"agent {gone}" if p.offline_ms is not None else f"no gossip for {silent} ms"
+        if answers:
+            return PeerState.AGENT_DOWN, f"{why}; host answers ping"
+        witnesses = sorted(r for r, at in p.reached_by.items()
+                           if now - at <= t.suspect_timeout_ms and r != host)
+        if witnesses:
+            return PeerState.SUSPECT, f"{why}; no ping reply here, but {', '.join(witnesses)} still reach it"
+        if p.failed_pings < t.min_failed_pings:
+            return PeerState.SUSPECT, f"{why}; waiting for ping evidence"
+        no_ping = "never answered ping" if pinged_at is None else f"no ping reply for {now - pinged_at} ms"
+        return PeerState.DEAD, f"{why}, {no_ping}, and no peer reaches it"
+
+    def _isolation(self, now: int) -> list[DetectorOutput]:
+        t = self.timing.isolation_timeout_ms
+        no_broker = self._broker_lost_ms is not None and now - self._broker_lost_ms >= t
+        pinged = self._last_any_ping_ok_ms
+        no_peer = not self._peers or pinged is None or now - pinged >= t
+        isolated = no_broker and no_peer and bool(self._peers)
+        if isolated == self.isolated:
+            return []
+        self.isolated = isolated
+        reason = (f"no broker and no peer answering ping for {t} ms" if isolated
+                  else "broker or a peer reachable again")
+        return [IsolationChanged(isolated=isolated, reason=reason, now_ms=now)]
+
+    def reconfigure(self, peers: list[str], timing: DetectorTiming, now_ms: int) -> None:
+        """New peer list and timing (a configuration reload); known peers keep their evidence."""
+        self.timing = timing
+        wanted = [p for p in peers if p != self.me]
+        for gone in set(self._peers) - set(wanted):
+            del self._peers[gone]
+        for host in wanted:
+            self._peers.setdefault(host, _Peer(since_ms=now_ms, known_ms=now_ms))
+        for peer in self._peers.values():
+            for reporter in set(peer.reached_by) - set(wanted):
+                del peer.reached_by[reporter]
+
+    # ---- views ----------------------------------------------------------------------
+
+    def hears(self, now_ms: int) -> frozenset[str]:
+        t = self.timing.suspect_timeout_ms
+        return frozenset(h for h, p in self._peers.items()
+                         if p.last_gossip_ms is not None and now_ms - p.last_gossip_ms <= t)
+
+    def reaches(self, now_ms: int) -> frozenset[str]:
+        t = self.timing.suspect_timeout_ms
+        return frozenset(h for h, p in self._peers.items()
+                         if p.last_ping_ok_ms is not None and now_ms - p.last_ping_ok_ms <= t)
+
+    @property
+    def broker_connected(self) -> bool:
+        return self._broker
+
+    def state(self, host: str) -> PeerState:
+        return self._peers[host].state
+
+    def views(self) -> list[PeerView]:
+        return [PeerView(host=h, state=p.state, reason=p.reason, since_ms=p.since_ms,
+                         last_gossip_ms=p.last_gossip_ms, last_ping_ok_ms=p.last_ping_ok_ms,
+                         rtt_ms=p.rtt_ms, incarnation=p.incarnation)
+                for h, p in sorted(self._peers.items())]

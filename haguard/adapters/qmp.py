@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,13 @@ from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPEr
 from haguard.errors import QmpCommandError, QmpError, QmpTimeout
 
 # qemu.qmp logs every message at DEBUG and connection drops at ERROR; we report those ourselves.
+# HAGUARD_QMP_LOG=FILE records the whole QMP conversation, for debugging a QEMU.
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+if _trace := os.environ.get("HAGUARD_QMP_LOG"):
+    _handler = logging.FileHandler(_trace)
+    _handler.setFormatter(logging.Formatter("%(created).3f %(name)s %(message)s"))
+    logging.getLogger("qemu.qmp").addHandler(_handler)
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG)
 
 
 class Qmp:

@@ -206,7 +206,8 @@ class FailureDetector:
         answers = pinged_at is not None and now - pinged_at <= t.dead_timeout_ms
         if not self._broker:
             if answers:
-                return PeerState.UNREACHABLE, "unreachable via broker: this agent has no broker; host answers ping"
+                return (PeerState.UNREACHABLE,
+                        "unreachable via broker: this agent has no broker; host answers ping")
             return PeerState.SUSPECT, "this agent has no broker and the host does not answer ping"
         gone = "stopped cleanly" if p.graceful else "lost its broker connection"
         if p.offline_ms is None and silent <= t.dead_timeout_ms:

@@ -183,8 +183,9 @@ class Migration:
         postcopy_on = plan.policy.postcopy != "never"
         if o.compression != "none" or o.multifd == "on":
             if postcopy_on:
-                raise PreflightError("multifd (and its compression) cannot be combined with "
-                                     "postcopy: use --postcopy never, or --multifd off")
+                what = ("compression needs multifd, which" if o.compression != "none"
+                        else "multifd")
+                raise PreflightError(f"{what} cannot be combined with postcopy: add --postcopy never")
             wanted.add("multifd")
         elif o.multifd == "auto" and not o.xbzrle and not postcopy_on and "multifd" in both:
             wanted.add("multifd")

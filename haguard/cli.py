@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from haguard import __version__
+from haguard import __version__, cli_agent
 from haguard.core.strategy import ConvergencePolicy
 from haguard.errors import ConfigError, HaguardError
 from haguard.migration.engine import MigrationOptions, run_migration
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="run the demonstration")
     d.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
+    cli_agent.add_subcommands(sub)
     return ap
 
 
@@ -284,7 +285,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"vm": cmd_vm, "migrate": cmd_migrate, "guest-build": cmd_guest_build,
-            "demo": cmd_demo}
+            "demo": cmd_demo, **cli_agent.COMMANDS}
 
 
 def main(argv: list[str] | None = None) -> int:

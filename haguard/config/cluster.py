@@ -71,10 +71,10 @@ class MqttConfig(_Strict):
 
 
 class TimingConfig(_Strict):
-    heartbeat_interval_ms: int = Field(default=500, ge=50)
-    suspect_timeout_ms: int = Field(default=1200, ge=100)
-    dead_timeout_ms: int = Field(default=2000, ge=100)
-    ping_interval_ms: int = Field(default=250, ge=50)
+    heartbeat_interval_ms: int = Field(default=300, ge=50)
+    suspect_timeout_ms: int = Field(default=900, ge=100)
+    dead_timeout_ms: int = Field(default=1500, ge=100)
+    ping_interval_ms: int = Field(default=200, ge=50)
     ping_timeout_ms: int = Field(default=200, ge=10)
     isolation_timeout_ms: int = Field(default=5000, ge=100)
 

@@ -1,0 +1,495 @@
+"""The agent: `haguard run`.  One task owns the core; adapters only enqueue facts.
+
+    adapters (gossip, pings, probes, VM watchers, restart results, timers)
+        -> one bounded queue -> the core task: Node.step/tick -> execute outputs
+
+The core task is the only one touching the `Node`.  Timers (tick every 100 ms, a
+heartbeat every heartbeat interval) are queue items too, so the core sees one
+ordered stream.  Every loop runs supervised (crash -> log, restart with backoff)
+and beats the progress watchdog: systemd gets WATCHDOG=1 only while they all move.
+
+Signals: SIGHUP reloads the configuration (a bad file is logged and the old one
+kept); SIGTERM/SIGINT publish "offline" and exit 0.  Stopping never touches a VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import signal
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+import yaml
+
+from haguard.adapters.hostprobe import HostProber
+from haguard.adapters.icmp import PeerPinger
+from haguard.adapters.mqtt import GossipTransport
+from haguard.adapters.systemd import Notifier, ProgressWatchdog, summary
+from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart_in_place
+from haguard.agent import supervise
+from haguard.agent.status import status_path, write_status
+from haguard.config.cluster import ClusterConfig, load_cluster_config
+from haguard.config.yamlsrc import parse_yaml
+from haguard.core.detector import (
+    BrokerStatus,
+    DetectorTiming,
+    IsolationChanged,
+    PeerState,
+    PeerStateChanged,
+)
+from haguard.core.node import GossipReceived, Node, NodeConfig, NodeInput, NodeOutput, VmSize
+from haguard.core.probes import HostHealthChanged
+from haguard.core.vmhealth import (
+    ReportVmForRelocation,
+    RestartVmInPlace,
+    VmExpected,
+    VmRestartFailed,
+    VmState,
+    VmStateChanged,
+)
+from haguard.core.wire import Envelope
+from haguard.errors import ConfigError
+from haguard.logs import configure_logging
+from haguard.vm import launcher
+from haguard.vm.definition import VmDefinition
+from haguard.vm.inventory import load_inventory
+
+log = structlog.get_logger("haguard.agent")
+
+QUEUE_SIZE = 4096
+TICK_S = 0.1
+STATE_EVERY_S = 5.0          # the retained "state" is information: refresh it now and then
+SYSTEMD_STATUS_EVERY_S = 3.0
+VM_RESCAN_S = 3.0
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
+
+
+# ---- configuration and secrets ----------------------------------------------------------
+
+def _line_of(path: Path, loc: tuple[str | int, ...]) -> int | None:
+    """The line of the value at `loc` in a YAML file, for errors found after validation."""
+    try:
+        _, node = parse_yaml(path.read_text(), str(path))
+    except (OSError, ConfigError):
+        return None
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            node = None
+    return node.start_mark.line + 1 if node is not None else line
+
+
+def check_secret(path: Path, what: str, config_path: Path) -> bytes:
+    """Read a secret file, refusing one that every user can read."""
+    try:
+        st = path.stat()
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}", file=str(config_path),
+                          line=_line_of(config_path, tuple(what.split("."))), field=what) from None
+    if st.st_mode & stat.S_IROTH:
+        raise ConfigError(f"{path} is readable by every user (mode {stat.S_IMODE(st.st_mode):04o}): "
+                          f"chmod o-r {path}", file=str(path), field=what)
+    return data
+
+
+def validate_agent_config(cfg: ClusterConfig, path: Path) -> str:
+    """What the schema cannot check: this host is known, addresses are IPs; returns our name."""
+    try:
+        me = cfg.this_host().name
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=str(path), line=_line_of(path, ("host",)), field="host") from None
+    for i, h in enumerate(cfg.hosts):
+        try:
+            ipaddress.ip_address(h.address)
+        except ValueError:
+            raise ConfigError(f"{h.address!r} is not an IP address", file=str(path),
+                              line=_line_of(path, ("hosts", i, "address")),
+                              field=f"hosts[{i}].address") from None
+    return me
+
+
+def read_key(cfg: ClusterConfig, path: Path) -> bytes:
+    key = check_secret(cfg.key_file, "key_file", path).strip()
+    if cfg.mqtt.password_file is not None:
+        check_secret(cfg.mqtt.password_file, "mqtt.password_file", path)
+    return key
+
+
+def next_incarnation(state_dir: Path) -> int:
+    """The previous incarnation + 1, persisted before use (a restart must never reuse one)."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "incarnation"
+    try:
+        previous = int(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        previous = 0
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the incarnation counter: {exc}", file=str(path)) from None
+    current = previous + 1
+    tmp = path.with_name(f".incarnation.{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(f"{current}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return current
+
+
+def load_vms(cfg: ClusterConfig) -> dict[str, VmDefinition]:
+    if not cfg.vm_dir.is_dir():
+        return {}
+    return load_inventory(cfg.vm_dir)
+
+
+def _host_capacity(cfg: ClusterConfig) -> tuple[int, int]:
+    me = cfg.this_host()
+    memory = me.memory_mib
+    if memory is None:
+        memory = 0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemTotal:"):
+                    memory = int(line.split()[1]) // 1024
+    return memory, me.vcpus or os.cpu_count() or 1
+
+
+def node_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> NodeConfig:
+    t = cfg.timing
+    memory, vcpus = _host_capacity(cfg)
+    return NodeConfig(
+        me=cfg.this_host().name, peers=tuple(h.name for h in cfg.hosts),
+        timing=DetectorTiming(suspect_timeout_ms=t.suspect_timeout_ms, dead_timeout_ms=t.dead_timeout_ms,
+                              isolation_timeout_ms=t.isolation_timeout_ms),
+        vm_policy=health_policy(cfg.vm_restart), memory_mib=memory, vcpus=vcpus,
+        vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()})
+
+
+# ---- queue items that are not core inputs ---------------------------------------------
+
+@dataclass(frozen=True)
+class _Tick:
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class _Heartbeat:
+    pass
+
+
+@dataclass(frozen=True)
+class _Apply:
+    cfg: ClusterConfig
+    vms: dict[str, VmDefinition]
+
+
+_Item = NodeInput | _Tick | _Heartbeat | _Apply
+
+
+class Agent:
+    def __init__(self, config_path: Path, cfg: ClusterConfig, key: bytes, incarnation: int,
+                 vms: dict[str, VmDefinition], notifier: Notifier | None = None) -> None:
+        self.config_path = config_path
+        self.cfg = cfg
+        self.vms = vms
+        self.me = cfg.this_host().name
+        self.incarnation = incarnation
+        self.notifier = notifier or Notifier()
+        self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        self.started_ms = monotonic_ms()
+        self.node = Node(node_config(cfg, vms), self.started_ms)
+        self.status_file = status_path(cfg.run_dir)
+        self.transport = GossipTransport(cfg.mqtt, cluster=cfg.cluster, host=self.me,
+                                         incarnation=incarnation, key=key,
+                                         on_envelope=self._on_envelope, on_reject=self._on_reject,
+                                         on_connection=self._on_connection)
+        self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
+        loops = ["core", "tick", "heartbeat"]
+        stale_s = max(5.0, 3 * cfg.timing.dead_timeout_ms / 1000)
+        self.watchdog = ProgressWatchdog(self.notifier, loops, stale_s)
+        self.stopping = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.watchers: dict[str, asyncio.Task[None]] = {}
+        self.side_tasks: set[asyncio.Task[Any]] = set()
+        self.ready = False
+        self.dropped = 0
+        self.rejected = 0
+        self._last_state_s = 0.0
+        self._last_sd_status_s = 0.0
+
+    @staticmethod
+    def _peer_addresses(cfg: ClusterConfig) -> dict[str, str]:
+        me = cfg.this_host().name
+        return {h.name: h.address for h in cfg.hosts if h.name != me}
+
+    # ---- adapters -> queue (never block, never touch the node) --------------------------
+
+    def _offer(self, item: _Item) -> None:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.warning("queue-full", dropped=self.dropped, item=type(item).__name__)
+
+    def _on_envelope(self, env: Envelope) -> None:
+        self._offer(GossipReceived(host=env.host, incarnation=env.incarnation, kind=env.kind,
+                                   body=env.body, now_ms=monotonic_ms()))
+
+    def _on_reject(self, topic: str, reason: str) -> None:
+        self.rejected += 1        # the transport logs each one
+
+    def _on_connection(self, connected: bool, detail: str) -> None:
+        log.info("broker", connected=connected, detail=detail)
+        self._offer(BrokerStatus(connected=connected, now_ms=monotonic_ms()))
+
+    # ---- the core task -------------------------------------------------------------------
+
+    async def _core(self) -> None:
+        while True:
+            item = await self.queue.get()
+            self.watchdog.beat("core")
+            match item:
+                case _Tick():
+                    outputs = self.node.tick(item.now_ms)
+                case _Heartbeat():
+                    self._heartbeat()
+                    outputs = []
+                case _Apply():
+                    self._apply(item.cfg, item.vms)
+                    outputs = []
+                case _:
+                    outputs = self.node.step(item)
+            for out in outputs:
+                self._execute(out)
+
+    def _execute(self, out: NodeOutput) -> None:
+        match out:
+            case PeerStateChanged():
+                level = log.warning if out.new in (PeerState.DEAD, PeerState.AGENT_DOWN) else log.info
+                level("peer-state", host=out.host, old=str(out.old), new=str(out.new), reason=out.reason)
+            case IsolationChanged():
+                log.warning("isolation", isolated=out.isolated, reason=out.reason)
+            case VmStateChanged():
+                level = log.warning if out.new in (VmState.CRASHED, VmState.HUNG) else log.info
+                level("vm-state", vm=out.vm, old=str(out.old), new=str(out.new), reason=out.reason)
+            case HostHealthChanged():
+                log.warning("host-health", health=out.new.summary())
+            case RestartVmInPlace():
+                self._spawn(self._restart(out), f"restart-{out.vm}")
+            case ReportVmForRelocation():
+                log.error("vm-relocation-needed", vm=out.vm, reason=out.reason)
+                self.transport.publish("alert", {"event": "vm-relocation-needed", "vm": out.vm,
+                                                 "host": self.me, "reason": out.reason})
+
+    async def _restart(self, cmd: RestartVmInPlace) -> None:
+        log.warning("vm-restart", vm=cmd.vm, attempt=cmd.attempt, reason=cmd.reason)
+        vm = self.vms.get(cmd.vm)
+        if vm is None:
+            result: Any = VmRestartFailed(vm=cmd.vm, now_ms=monotonic_ms(),
+                                          reason="not in the VM inventory")
+        else:
+            result = await restart_in_place(vm, self.cfg.run_dir, kill_existing=cmd.kill_existing,
+                                            clock=monotonic_ms)
+        if isinstance(result, VmRestartFailed):
+            log.error("vm-restart-failed", vm=cmd.vm, reason=result.reason)
+        await self.queue.put(result)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self.side_tasks.add(task)
+        task.add_done_callback(self.side_tasks.discard)
+
+    def _heartbeat(self) -> None:
+        now = monotonic_ms()
+        body = self.node.heartbeat(now)
+        sent = self.transport.publish("heartbeat", body)
+        wall = time.monotonic()
+        if sent and wall - self._last_state_s >= STATE_EVERY_S:
+            self._last_state_s = wall
+            self.transport.publish("state", body)
+        data = self.node.status(now)
+        data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
+                    ready=self.ready, dropped=self.dropped, rejected=self.rejected)
+        try:
+            write_status(self.status_file, data)
+        except OSError as exc:
+            log.warning("status-file-failed", path=str(self.status_file), error=str(exc))
+        if not self.ready:
+            waited = now - self.started_ms
+            if sent:
+                self._set_ready("joined")
+            elif waited >= 2 * self.cfg.timing.dead_timeout_ms:
+                self._set_ready("no broker yet")
+        if wall - self._last_sd_status_s >= SYSTEMD_STATUS_EVERY_S:
+            self._last_sd_status_s = wall
+            self.notifier.status(self.summary(data))
+
+    def _set_ready(self, how: str) -> None:
+        self.ready = True
+        line = self.summary(self.node.status(monotonic_ms()))
+        log.info("agent-ready", how=how, status=line)
+        self.notifier.ready(f"{how}: {line}")
+
+    def summary(self, data: dict[str, Any]) -> str:
+        hosts = data["hosts"]
+        alive = sum(1 for h in hosts if h["state"] == "alive")
+        running = sum(1 for v in data["vms"] if v["host"] == self.me and v["state"] == "running")
+        return summary(hosts=f"{alive}/{len(hosts)} alive", vms_running=running,
+                       broker="up" if data["broker"] else "down",
+                       isolated="yes" if data["isolated"] else None)
+
+    # ---- timers and watchers ---------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.watchdog.beat("tick")
+            self._offer(_Tick(monotonic_ms()))
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self.queue.put(_Heartbeat())
+            self.watchdog.beat("heartbeat")
+            await asyncio.sleep(self.cfg.timing.heartbeat_interval_ms / 1000)
+
+    async def _vm_scan_loop(self) -> None:
+        while True:
+            self._scan_vms()
+            await asyncio.sleep(VM_RESCAN_S)
+
+    def _scan_vms(self) -> None:
+        base = self.cfg.run_dir
+        with contextlib.suppress(FileNotFoundError):
+            for entry in sorted(base.iterdir()):
+                name = entry.name
+                if name.startswith(".") or not entry.is_symlink() or name in self.watchers:
+                    continue
+                if live_pid(launcher.current_paths(name, base)) is None:
+                    continue
+                log.info("vm-watch", vm=name, owned=name in self.vms)
+                self._offer(VmExpected(vm=name, should_run=name in self.vms))
+                watcher = VmWatcher(name, base, self._offer, clock=monotonic_ms)
+                self.watchers[name] = supervise.start(f"vmwatch-{name}", watcher.run)
+
+    def _start_prober(self) -> None:
+        old = self.tasks.pop("probes", None)
+        if old is not None:
+            old.cancel()
+        if self.cfg.probes:
+            prober = HostProber(self.cfg.probes, self._offer, clock=monotonic_ms)
+            self.tasks["probes"] = supervise.start("probes", prober.run)
+
+    # ---- reload ------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        self._spawn(self._reload(), "reload")
+
+    async def _reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            cfg = load_cluster_config(self.config_path)
+            me = validate_agent_config(cfg, self.config_path)
+            if me != self.me:
+                raise ConfigError(f"this host's name changed ({self.me} -> {me}): restart the agent",
+                                  file=str(self.config_path), field="host")
+            read_key(cfg, self.config_path)
+            vms = load_vms(cfg)
+        except ConfigError as exc:
+            log.error("config-reload-failed", error=str(exc), file=exc.file, line=exc.line,
+                      field=exc.field)
+            self.notifier.ready(f"reload failed, old configuration kept: {exc}")
+            return
+        await self.queue.put(_Apply(cfg, vms))
+
+    def _apply(self, cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> None:
+        needs_restart = [f for f in ("cluster", "mqtt", "key_file", "run_dir", "state_dir")
+                         if getattr(cfg, f) != getattr(self.cfg, f)]
+        self.node.reconfigure(node_config(cfg, vms), monotonic_ms())
+        self.pinger.set_peers(self._peer_addresses(cfg))
+        self.pinger.interval_ms = cfg.timing.ping_interval_ms
+        self.pinger.timeout_ms = cfg.timing.ping_timeout_ms
+        probes_changed = cfg.probes != self.cfg.probes
+        # Ownership follows the inventory for the VMs running here.
+        for name in self.watchers:
+            if (name in vms) != (name in self.vms):
+                self._offer(VmExpected(vm=name, should_run=name in vms))
+        self.cfg, self.vms = cfg, vms
+        if probes_changed:
+            self._start_prober()
+        log.info("config-reloaded", peers=sorted(self._peer_addresses(cfg)),
+                 timing=cfg.timing.model_dump(), probes=[p.name for p in cfg.probes])
+        if needs_restart:
+            log.warning("config-needs-restart", fields=needs_restart)
+        self.notifier.ready(self.summary(self.node.status(monotonic_ms())))
+
+    # ---- life cycle --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        log.info("agent-started", host=self.me, cluster=self.cfg.cluster, incarnation=self.incarnation,
+                 peers=sorted(self._peer_addresses(self.cfg)), status_file=str(self.status_file))
+        self._offer(BrokerStatus(connected=False, now_ms=monotonic_ms()))
+        for name, factory in (("core", self._core), ("tick", self._tick_loop),
+                              ("heartbeat", self._heartbeat_loop), ("gossip", self.transport.run),
+                              ("ping", self.pinger.run), ("vm-scan", self._vm_scan_loop),
+                              ("watchdog", self.watchdog.run)):
+            self.tasks[name] = supervise.start(name, factory)
+        self._start_prober()
+        try:
+            await self.stopping.wait()
+        finally:
+            await self._shutdown()
+        return EXIT_OK
+
+    async def _shutdown(self) -> None:
+        log.info("agent-stopping", host=self.me)
+        self.notifier.stopping("stopping: VMs keep running")
+        # Peers learn at once; VMs are left alone (watchers are only cancelled).
+        await self.transport.stop(timeout_s=3.0)
+        tasks = [*self.tasks.values(), *self.watchers.values(), *self.side_tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("agent-stopped", host=self.me)
+
+
+async def run_agent(config_path: Path, log_format: str = "auto", log_level: str = "info") -> int:
+    try:
+        cfg = load_cluster_config(config_path)
+        me = validate_agent_config(cfg, config_path)
+        key = read_key(cfg, config_path)
+        vms = load_vms(cfg)
+        incarnation = next_incarnation(cfg.state_dir)
+    except ConfigError as exc:
+        print(f"haguard: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(log_format, log_level, host=me)
+    try:
+        agent = Agent(config_path, cfg, key, incarnation, vms)
+    except (ConfigError, ValueError) as exc:
+        print(f"haguard: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return await agent.run()

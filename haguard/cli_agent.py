@@ -1,0 +1,74 @@
+"""The agent's subcommands: `haguard run`, `haguard status`, `haguard check-config`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from haguard.config.cluster import DEFAULT_CLUSTER_CONFIG
+from haguard.errors import ConfigError
+from haguard.logs import LOG_FORMATS, LOG_LEVELS
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEFAULT_CLUSTER_CONFIG, metavar="PATH",
+                   help=f"cluster configuration (default {DEFAULT_CLUSTER_CONFIG})")
+
+
+def add_subcommands(sub: Any) -> None:
+    """Add run, status and check-config to the `haguard` parser's subparsers."""
+    p = sub.add_parser("run", help="run the agent (under systemd: haguard.service)")
+    _config_arg(p)
+    p.add_argument("--log-format", choices=LOG_FORMATS, default="auto")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p = sub.add_parser("status", help="the cluster as this host's agent sees it")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="print the status file's JSON")
+    p = sub.add_parser("check-config", help="validate the cluster configuration and VM inventory")
+    _config_arg(p)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from haguard.agent.runtime import run_agent
+    return asyncio.run(run_agent(args.config, args.log_format, args.log_level))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from haguard.agent.runtime import read_key, validate_agent_config
+    from haguard.config.cluster import load_cluster_config
+    from haguard.vm.inventory import load_inventory
+    try:
+        cfg = load_cluster_config(args.config)
+        validate_agent_config(cfg, args.config)
+        read_key(cfg, args.config)
+        vms = load_inventory(cfg.vm_dir)
+    except ConfigError as exc:
+        print(f"haguard: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"ok: cluster {cfg.cluster}, {len(cfg.hosts)} hosts, {len(vms)} VMs")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from haguard.agent.status import read_status, render, status_path
+    from haguard.config.cluster import load_cluster_config
+    cfg = load_cluster_config(args.config)
+    data = read_status(status_path(cfg.run_dir))
+    if args.json:
+        print(json.dumps(data))
+    else:
+        render(data, Console())
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config}

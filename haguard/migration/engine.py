@@ -398,12 +398,6 @@ class Migration:
         if self.dest is None:
             return
         if self._recover_uri is None:
-            try:
-                dst = (await self.dest.cmd("query-migrate", timeout_s=3)).get("status")
-            except HaguardError:
-                dst = None  # its main loop may be blocked on a missing page: try OOB anyway
-            if dst not in ("postcopy-paused", None):
-                return  # the destination has not seen the break yet
             uri = self._next_recover_uri()
             if uri.scheme == "tcp":
                 probe = await asyncio.to_thread(preflight.tcp_probe, uri.host, uri.port, 2.0)

@@ -20,12 +20,12 @@ demo: setup
 	$(BIN)/haguard demo
 
 test: setup
-	$(BIN)/ruff check haguard tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: setup
-	$(BIN)/ruff check haguard tests bench
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 bench: setup

@@ -204,7 +204,7 @@ async def _cancel(args: argparse.Namespace) -> int:
     if args.source_qmp:
         path = Path(args.source_qmp)
     elif args.name:
-        path = launcher.current_paths(args.name, launcher.run_dir(args.run_dir)).watch
+        path = launcher.current_paths(args.name, launcher.run_dir(args.run_dir)).ops
     else:
         raise HaguardError("--cancel needs NAME or --source-qmp")
     async with Qmp.session(path, timeout_s=5.0) as qmp:

@@ -52,7 +52,7 @@ class Demo:
 
     async def guest(self, vm: VmDefinition) -> GuestStatus:
         paths = launcher.current_paths(vm.name, self.run_dir)
-        async with Qmp.session(paths.watch, timeout_s=5) as qmp:
+        async with Qmp.session(paths.ops, timeout_s=5) as qmp:
             return parse_status(await qmp.cmd("human-monitor-command", {"command-line": XP_COMMAND}))
 
     async def wait_booted(self, vm: VmDefinition) -> GuestStatus:

@@ -64,7 +64,7 @@ async def test_link_cut_during_precopy_keeps_source_running(lab: VmLab, pair: Ho
                             "--progress-timeout", "4")
     await wait_guest_ready(src.paths)
     try:
-        await _wait_status(src.paths.watch, {"active"}, 20)
+        await _wait_status(src.paths.ops, {"active"}, 20)
         await asyncio.sleep(1)
         pair.cut()
         res = _finish(proc)
@@ -88,7 +88,7 @@ async def _postcopy_fault(lab: VmLab, pair: HostPair, name: str, fault: str, rat
                             "--postcopy-stall", "2", rate=rate, mib=mib)
     before = await wait_guest_ready(src.paths)
     try:
-        await _wait_status(src.paths.watch, {"postcopy-active"}, 60)
+        await _wait_status(src.paths.ops, {"postcopy-active"}, 60)
         await asyncio.sleep(0.5)
         pair.abort() if fault == "abort" else pair.cut()
         # Both ends pause (QEMU notices an aborted connection; haguard pauses a stalled

@@ -38,13 +38,13 @@ async def test_local_qcow2_disk_is_copied_and_identical(lab: VmLab) -> None:
     await wait_guest_ready(src.paths)
     before = await guest_status(src.paths)
     # Writes while the VM runs, before and during the move, must all arrive.
-    await _hmp_qemu_io(src.paths.watch, "write -P 0xcd 16M 4M")
+    await _hmp_qemu_io(src.paths.ops, "write -P 0xcd 16M 4M")
     proc = lab.haguard_bg("migrate", "disk1", "--to", "local", "--dest-disk-dir", str(dest_dir),
                           "--json")
     await asyncio.sleep(0.3)
     # The move may already have finished: the write then simply does not happen.
     with contextlib.suppress(Exception):
-        await _hmp_qemu_io(src.paths.watch, "write -P 0xef 40M 1M")
+        await _hmp_qemu_io(src.paths.ops, "write -P 0xef 40M 1M")
     out, err = proc.communicate(timeout=90)
     res = json.loads(out.strip().splitlines()[-1])
     assert proc.returncode == 0 and res["status"] == "completed", err
@@ -55,7 +55,7 @@ async def test_local_qcow2_disk_is_copied_and_identical(lab: VmLab) -> None:
     # The VM now runs from the copy, once.
     now = lab.current("disk1")
     assert await run_state(now) == "running"
-    async with Qmp.session(now.watch) as qmp:
+    async with Qmp.session(now.ops) as qmp:
         blocks = await qmp.cmd("query-named-block-nodes")
     files = {b.get("file") for b in blocks}
     assert str(dest_disk) in files and str(src_disk) not in files

@@ -29,8 +29,12 @@ class InstancePaths:
         return self.dir / "qmp.sock"
 
     @property
-    def watch(self) -> Path:     # second monitor: status and heartbeats, never blocked by a migration
+    def watch(self) -> Path:     # second monitor: the agent's heartbeats, held for as long as it runs
         return self.dir / "watch.sock"
+
+    @property
+    def ops(self) -> Path:       # third monitor: short operator sessions (status, cancel)
+        return self.dir / "ops.sock"
 
     @property
     def pidfile(self) -> Path:
@@ -78,6 +82,8 @@ def qemu_argv(vm: VmDefinition, opts: LaunchOptions) -> list[str]:
         "-mon", "chardev=qmp,mode=control",
         "-chardev", f"socket,id=watch,path={p.watch},server=on,wait=off",
         "-mon", "chardev=watch,mode=control",
+        "-chardev", f"socket,id=ops,path={p.ops},server=on,wait=off",
+        "-mon", "chardev=ops,mode=control",
         "-chardev", f"file,id=serial0,path={p.serial}",
         "-serial", "chardev:serial0",
         "-pidfile", str(p.pidfile),

@@ -143,8 +143,8 @@ def _last_error(log: Path) -> str:
 
 
 async def query_status(paths: InstancePaths, timeout_s: float = 2.0) -> str:
-    """The VM's run state from its watch monitor ('running', 'paused', 'inmigrate', ...)."""
-    async with Qmp.session(paths.watch, timeout_s=timeout_s) as qmp:
+    """The VM's run state from its operator monitor ('running', 'paused', 'inmigrate', ...)."""
+    async with Qmp.session(paths.ops, timeout_s=timeout_s) as qmp:
         reply = await qmp.cmd("query-status")
     return str(reply["status"])
 
@@ -203,7 +203,7 @@ def _remove_dir(paths: InstancePaths) -> None:
     with contextlib.suppress(OSError):
         if link.is_symlink() and os.readlink(link) == paths.dir.name:
             link.unlink()
-    for f in (paths.qmp, paths.watch, paths.pidfile, paths.serial, paths.log):
+    for f in (paths.qmp, paths.watch, paths.ops, paths.pidfile, paths.serial, paths.log):
         f.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         for leftover in paths.dir.iterdir():

@@ -29,7 +29,7 @@ def guest_vm(name: str, *, memory_mib: int = 128, mib: int = 16, rate: int = 0,
 
 
 async def guest_status(paths: InstancePaths) -> GuestStatus:
-    async with Qmp.session(paths.watch, timeout_s=5) as qmp:
+    async with Qmp.session(paths.ops, timeout_s=5) as qmp:
         out = await qmp.cmd("human-monitor-command", {"command-line": XP_COMMAND})
     return parse_status(out)
 

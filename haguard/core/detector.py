@@ -15,8 +15,10 @@ Rules, each with its reason in the output:
     suspect      no gossip for suspect_timeout_ms; or worse, but still answering some
                  peer, or not yet enough pings tried
     agent-down   no gossip for dead_timeout_ms (or its offline will), host answers ping
-    dead         no gossip for dead_timeout_ms, no ping reply for dead_timeout_ms, and
-                 no peer heard or reached it within suspect_timeout_ms
+    dead         no gossip for dead_timeout_ms, no ping reply for dead_timeout_ms, no
+                 peer heard or reached it within suspect_timeout_ms, and this agent
+                 hears some other peer (else it may be the one cut off: its broker
+                 connection can look up for a keepalive or two after its link died)
 Nothing is declared dead while this agent has no broker: then no quorum could act
 on it anyway, and this agent may be the one cut off.  This agent is isolated when
 it has had no broker and no ping reply from any peer for isolation_timeout_ms.
@@ -219,10 +221,23 @@ class FailureDetector:
                            if now - at <= t.suspect_timeout_ms and r != host)
         if witnesses:
             return PeerState.SUSPECT, f"{why}; no ping reply here, but {', '.join(witnesses)} still reach it"
+        if not self._hears_another(host, now):
+            return PeerState.SUSPECT, (f"{why}; no ping reply here, but this agent hears no other peer "
+                                       "either: it may be the one cut off")
         if p.failed_pings < t.min_failed_pings:
             return PeerState.SUSPECT, f"{why}; waiting for ping evidence"
         no_ping = "never answered ping" if pinged_at is None else f"no ping reply for {now - pinged_at} ms"
         return PeerState.DEAD, f"{why}, {no_ping}, and no peer reaches it"
+
+    def _hears_another(self, host: str, now: int) -> bool:
+        """Fresh gossip from some other peer: proof that our broker path works.  Our own
+        connection may look up for a keepalive or two after a cut; with one peer only,
+        that connection is all there is to go on."""
+        others = [q for h, q in self._peers.items() if h != host]
+        if not others:
+            return True
+        t = self.timing.suspect_timeout_ms
+        return any(q.last_gossip_ms is not None and now - q.last_gossip_ms <= t for q in others)
 
     def _isolation(self, now: int) -> list[DetectorOutput]:
         t = self.timing.isolation_timeout_ms

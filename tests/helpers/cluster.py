@@ -1,0 +1,196 @@
+"""A 3-host cluster of real agents: each `haguard run` in its own network namespace.
+
+    hub namespace: bridge 198.18.1.254/24 + mosquitto on 198.18.1.254:1883
+    h1, h2, h3:    one namespace each, 198.18.1.{1,2,3}/24, a veth into the hub's bridge
+
+`cut(host)` sets the hub side of that host's veth down (no broker, no pings);
+`mend(host)` brings it back.  Agents log JSON to files; their status files are read
+directly.  Everything (processes, namespaces, files) goes on `close()`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.mosquitto import Mosquitto
+from tests.helpers.netns import sh
+
+HUB_ADDR = "198.18.1.254"
+TIMING = {"heartbeat_interval_ms": 200, "suspect_timeout_ms": 800, "dead_timeout_ms": 1500,
+          "ping_interval_ms": 200, "ping_timeout_ms": 150, "isolation_timeout_ms": 5000}
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Cluster:
+    def __init__(self, hosts: tuple[str, ...] = ("h1", "h2", "h3"),
+                 timing: dict[str, int] | None = None) -> None:
+        tag = f"{os.getpid() % 100000}"
+        self.hosts = hosts
+        self.timing = dict(TIMING, **(timing or {}))
+        self.hub = f"hgc{tag}hub"
+        self.ns = {h: f"hgc{tag}{h}" for h in hosts}
+        self.hub_dev = {h: f"hc{tag}{h}"[:15] for h in hosts}
+        self.addr = {h: f"198.18.1.{i + 1}" for i, h in enumerate(hosts)}
+        self.dir = Path(tempfile.mkdtemp(prefix="hg-cluster-"))
+        self.broker: Mosquitto | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.cluster = "c" + tag
+
+    # ---- set-up ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        sh("ip", "netns", "add", self.hub)
+        self._in(self.hub, "ip", "link", "set", "lo", "up")
+        self._in(self.hub, "ip", "link", "add", "br0", "type", "bridge")
+        self._in(self.hub, "ip", "addr", "add", f"{HUB_ADDR}/24", "dev", "br0")
+        self._in(self.hub, "ip", "link", "set", "br0", "up")
+        for h in self.hosts:
+            ns = self.ns[h]
+            sh("ip", "netns", "add", ns)
+            sh("ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", self.hub_dev[h],
+               "netns", self.hub)
+            self._in(ns, "ip", "addr", "add", f"{self.addr[h]}/24", "dev", "eth0")
+            self._in(ns, "ip", "link", "set", "eth0", "up")
+            self._in(ns, "ip", "link", "set", "lo", "up")
+            self._in(self.hub, "ip", "link", "set", self.hub_dev[h], "master", "br0")
+            self._in(self.hub, "ip", "link", "set", self.hub_dev[h], "up")
+        self.broker = Mosquitto(netns=self.hub, bind=HUB_ADDR)
+        self.broker.start()
+        key = self.dir / "key"
+        key.write_bytes(os.urandom(32).hex().encode())
+        key.chmod(0o600)
+        for h in self.hosts:
+            self.config_path(h).write_text(self.config_text(h))
+            (self.dir / h / "vms").mkdir(parents=True, exist_ok=True)
+        for h in self.hosts:
+            self.start_agent(h)
+
+    def config_text(self, host: str, **timing: int) -> str:
+        t = dict(self.timing, **timing)
+        hosts = "\n".join(f"  - {{name: {h}, address: {self.addr[h]}}}" for h in self.hosts)
+        d = self.dir / host
+        return (f"cluster: {self.cluster}\nhost: {host}\nhosts:\n{hosts}\n"
+                f"key_file: {self.dir / 'key'}\n"
+                f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: 2\n"
+                "timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) +
+                f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n")
+
+    def config_path(self, host: str) -> Path:
+        return self.dir / f"{host}.yaml"
+
+    def status_file(self, host: str) -> Path:
+        return self.dir / host / "run" / "agent-status.json"
+
+    def log_file(self, host: str) -> Path:
+        return self.dir / f"{host}.log"
+
+    def start_agent(self, host: str) -> subprocess.Popen[bytes]:
+        self.status_file(host).unlink(missing_ok=True)
+        with open(self.log_file(host), "ab") as log:
+            proc = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns[host], sys.executable, "-m", "haguard", "run",
+                 "--config", str(self.config_path(host)), "--log-format", "json"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                start_new_session=True)
+        self.procs[host] = proc
+        return proc
+
+    def _in(self, ns: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", ns, *args, check=check)
+
+    # ---- faults ------------------------------------------------------------------------
+
+    def kill9(self, host: str) -> None:
+        proc = self.procs.pop(host)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def cut(self, host: str) -> None:
+        self._in(self.hub, "ip", "link", "set", self.hub_dev[host], "down")
+
+    def mend(self, host: str) -> None:
+        self._in(self.hub, "ip", "link", "set", self.hub_dev[host], "up")
+
+    # ---- observing --------------------------------------------------------------------
+
+    def status(self, host: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.status_file(host).read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
+
+    def state_of(self, observer: str, target: str) -> str | None:
+        data = self.status(observer)
+        if data is None:
+            return None
+        return next((h["state"] for h in data["hosts"] if h["name"] == target), None)
+
+    def wait_for(self, what: str, predicate: Any, timeout_s: float) -> float:
+        """Poll `predicate()` every 50 ms; the seconds it took, or AssertionError with logs."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if predicate():
+                return time.monotonic() - start
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; "
+                             f"states: {self.states()}; logs: {self.log_tail()}")
+
+    def states(self) -> dict[str, dict[str, str | None]]:
+        return {o: {t: self.state_of(o, t) for t in self.hosts if t != o} for o in self.hosts}
+
+    def all_alive(self, hosts: tuple[str, ...] | None = None) -> bool:
+        hs = hosts or self.hosts
+        return all(self.state_of(o, t) == "alive" for o in hs for t in hs if t != o)
+
+    def events(self, host: str, event: str) -> list[dict[str, Any]]:
+        out = []
+        try:
+            lines = self.log_file(host).read_text(errors="replace").splitlines()
+        except OSError:
+            return []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and rec.get("event") == event:
+                out.append(rec)
+        return out
+
+    def log_tail(self, lines: int = 15) -> str:
+        parts = []
+        for h in self.hosts:
+            try:
+                text = self.log_file(h).read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                text = []
+            parts.append(f"--- {h}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    # ---- tear-down -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.procs.clear()
+        if self.broker is not None:
+            self.broker.stop()
+        for ns in [*self.ns.values(), self.hub]:
+            sh("ip", "netns", "del", ns, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)

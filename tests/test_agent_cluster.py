@@ -1,0 +1,129 @@
+"""Three real agents (`haguard run`), each in its own network namespace, one real broker.
+
+Timing (tests/helpers/cluster.py): heartbeat 200 ms, suspect 800 ms, dead 1500 ms,
+pings every 200 ms.  The bounds below add slack for a loaded 2-core machine.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers.cluster import HUB_ADDR, REPO, Cluster
+
+DEAD_MS = 1500
+SLACK_S = 1.5
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    try:
+        c.start()
+        c.wait_for("all three agents to see each other alive", c.all_alive, 20)
+        yield c
+    finally:
+        c.close()
+
+
+def _never(c: Cluster, observers: tuple[str, ...], target: str, state: str, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for o in observers:
+            assert c.state_of(o, target) != state, f"{o} declared {target} {state}: {c.log_tail()}"
+        time.sleep(0.05)
+
+
+@pytest.mark.timeout(40)
+def test_all_alive_and_status_command(cluster: Cluster) -> None:
+    c = cluster
+    c.wait_for("all alive", c.all_alive, 10)
+    out = subprocess.run([sys.executable, "-m", "haguard", "status", "--json", "--config",
+                          str(c.config_path("h1"))], capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["host"] == "h1" and data["broker"] is True
+    states = {h["name"]: h["state"] for h in data["hosts"]}
+    assert states == {"h1": "alive", "h2": "alive", "h3": "alive"}
+    peer = next(h for h in data["hosts"] if h["name"] == "h2")
+    assert peer["rtt_ms"] is not None and peer["capacity"]["vcpus"] >= 1
+    table = subprocess.run([sys.executable, "-m", "haguard", "status", "--config",
+                            str(c.config_path("h2"))], capture_output=True, text=True, timeout=20, cwd=REPO)
+    assert table.returncode == 0 and "h3" in table.stdout and "alive" in table.stdout
+
+
+@pytest.mark.timeout(40)
+def test_killed_agent_is_agent_down_never_dead_and_forgery_changes_nothing(cluster: Cluster) -> None:
+    c = cluster
+    c.wait_for("all alive", c.all_alive, 10)
+    t0 = time.monotonic()
+    c.kill9("h3")
+    took = c.wait_for("h1 and h2 to report h3 agent-down",
+                      lambda: all(c.state_of(o, "h3") == "agent-down" for o in ("h1", "h2")),
+                      DEAD_MS / 1000 + SLACK_S + 2)
+    assert took <= DEAD_MS / 1000 + SLACK_S, f"agent-down after {took:.2f} s"
+    # A forged heartbeat for h3 (bad signature), published raw: rejected, h3 stays agent-down.
+    forged = json.dumps({"body": {"hears": ["h1", "h2"]}, "cluster": c.cluster, "host": "h3",
+                         "incarnation": 99, "kind": "heartbeat", "sent_ms": 0, "seq": 1,
+                         "sig": "0" * 64, "v": 1}, separators=(",", ":"), sort_keys=True)
+    before = (c.status("h1") or {}).get("rejected", 0)
+    for _ in range(3):
+        code = ("import sys, paho.mqtt.publish as p; "
+                "p.single(sys.argv[1], sys.argv[2], hostname=sys.argv[3], port=1883)")
+        pub = subprocess.run(["ip", "netns", "exec", c.hub, sys.executable, "-c", code,
+                              f"haguard/{c.cluster}/hosts/h3/heartbeat", forged, HUB_ADDR],
+                             capture_output=True, text=True, timeout=10)
+        assert pub.returncode == 0, pub.stderr
+    _never(c, ("h1", "h2"), "h3", "dead", 2.0)
+    assert all(c.state_of(o, "h3") == "agent-down" for o in ("h1", "h2")), c.states()
+    assert (c.status("h1") or {}).get("rejected", 0) > before
+    assert not [e for o in ("h1", "h2") for e in c.events(o, "peer-state")
+                if e["host"] == "h3" and e["new"] == "dead"]
+    print(f"agent-down after {took:.2f} s (kill at {t0:.1f})")
+    c.start_agent("h3")
+    c.wait_for("h3 back alive", c.all_alive, 15)
+
+
+@pytest.mark.timeout(40)
+def test_cut_host_is_declared_dead_in_time(cluster: Cluster) -> None:
+    c = cluster
+    c.wait_for("all alive", c.all_alive, 10)
+    c.cut("h3")
+    try:
+        took = c.wait_for("h1 and h2 to report h3 dead",
+                          lambda: all(c.state_of(o, "h3") == "dead" for o in ("h1", "h2")),
+                          DEAD_MS / 1000 + SLACK_S + 3)
+        print(f"h3 dead {took:.2f} s after the cut (dead_timeout_ms {DEAD_MS})")
+        assert took <= DEAD_MS / 1000 + SLACK_S, f"dead after {took:.2f} s"
+        for o in ("h1", "h2"):
+            seen = [e["new"] for e in c.events(o, "peer-state") if e["host"] == "h3"]
+            assert "suspect" in seen[-3:], seen
+        # The cut-off host has no broker: it declares nobody dead.
+        _never(c, ("h3",), "h1", "dead", 1.0)
+        assert c.state_of("h3", "h2") != "dead"
+    finally:
+        c.mend("h3")
+    c.wait_for("all alive after the link is back", c.all_alive, 20)
+
+
+@pytest.mark.timeout(40)
+def test_broker_outage_declares_nobody_dead(cluster: Cluster) -> None:
+    c = cluster
+    c.wait_for("all alive", c.all_alive, 10)
+    assert c.broker is not None
+    c.broker.kill()
+    try:
+        _never(c, c.hosts, "h1", "dead", 6.0)
+        for o in c.hosts:
+            for t in c.hosts:
+                assert t == o or c.state_of(o, t) in ("unreachable", "suspect", "alive"), c.states()
+    finally:
+        c.broker.start()
+    c.wait_for("all alive after the broker is back", c.all_alive, 20)
+    for o in c.hosts:
+        assert not [e for e in c.events(o, "peer-state") if e["new"] == "dead" and e["host"] != "h3"]

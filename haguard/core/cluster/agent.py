@@ -1,0 +1,446 @@
+"""One host's cluster core: detector, election, replicated state and the agent's own rules.
+
+`step(input)` and `tick(now_ms)` return outputs in the order they must be executed
+(etcd raft's Ready): a `PersistState` always comes first in its batch and must be on
+stable storage before any `Send` after it.  The agent's rules:
+
+- quorum: a peer counts while this agent hears it and the peer's heartbeat says it
+  hears this agent (mutual, through the broker), or while it answers ping;
+  decisions need the broker kind (votes and acks travel through it).
+- grants: a VM is started only when the committed state names this host its owner,
+  this agent follows a live coordinator of its highest term, holds quorum (so its
+  watchdog is being petted) and is not fenced.  A local VM without a grant is
+  reported, never stopped on this agent's own initiative.
+- watchdog: petted while this agent holds quorum, or while nothing runs here.
+- isolation (no broker and no peer): keep, shut the VMs down, or stop petting at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from haguard.core.cluster.coordinator import Coordinator, HostView
+from haguard.core.cluster.election import Election, Role
+from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.state import ClusterState, Proposer, initial_state
+from haguard.core.cluster.types import (
+    Ack,
+    AdminRequested,
+    ClusterInput,
+    ClusterOutput,
+    CommandResult,
+    CoreConfig,
+    FenceHost,
+    Heartbeat,
+    KillVm,
+    LocalVmsObserved,
+    Message,
+    MessageReceived,
+    MigrateVm,
+    MigrationReport,
+    PersistedState,
+    PersistState,
+    PetWatchdog,
+    Proposal,
+    QemuState,
+    RaiseAlert,
+    Send,
+    StartVm,
+    StopPettingWatchdog,
+    StopVm,
+    VoteGranted,
+    VoteRequest,
+)
+from haguard.core.detector import (
+    BrokerStatus,
+    DetectorOutput,
+    FailureDetector,
+    GossipHeard,
+    IsolationChanged,
+    PeerState,
+    PingObserved,
+)
+
+VmCommand = StartVm | StopVm | KillVm | MigrateVm
+COMMAND_EXPIRY_MS = 30_000          # a command without result by then is forgotten (lost result)
+INMIGRATE_GRACE_MS = 1_000          # an incoming QEMU may show up before its record reaches us
+
+
+class ClusterAgent:
+    coordinator_class: type[Coordinator] = Coordinator
+
+    def __init__(self, config: CoreConfig, *, incarnation: int, now_ms: int,
+                 persisted: PersistedState | None = None) -> None:
+        self.config = config
+        self.me = config.me
+        self.incarnation = incarnation
+        saved = persisted or PersistedState()
+        self.quorum = Quorum({h: s.weight for h, s in config.hosts.items()})
+        self.detector = FailureDetector(self.me, sorted(config.hosts), config.detector, now_ms)
+        self.election = Election(self.me, self.quorum, config.timing.lease_ms, term=saved.term,
+                                 voted_for=saved.voted_for)
+        start = initial_state(sorted(config.vms), sorted(config.hosts))
+        self.committed: ClusterState = saved.committed or start
+        self.accepted: ClusterState = saved.accepted or self.committed
+        self.proposer: Proposer | None = None
+        self.coordinator: Coordinator | None = None
+        self.beats: dict[str, tuple[int, Heartbeat]] = {}       # peer -> (received at, heartbeat)
+        self.local_vms: dict[str, QemuState] = {}
+        self.local_seen_ms: dict[str, int] = {}                 # vm -> when its QEMU appeared here
+        self.commands: dict[str, tuple[int, VmCommand]] = {}    # id -> (issued at, command)
+        self.restarts: dict[str, int] = {}
+        self.failed_vms: set[str] = set()
+        self.migration_reports: dict[str, MigrationReport] = {}
+        self.requests: set[tuple[str, str]] = set()
+        self.petting = False
+        self.self_fenced = False
+        self.now_ms = now_ms
+        self._next_id = 0
+        self._last_beat_ms = -10**9
+        self._last_proposal_ms = -10**9
+        self._persisted = self._durable()
+
+    # ---- feeding --------------------------------------------------------------------
+
+    def step(self, event: ClusterInput) -> list[ClusterOutput]:
+        out: list[ClusterOutput] = []
+        self.now_ms = max(self.now_ms, event.now_ms)
+        match event:
+            case MessageReceived(message=message):
+                out += self._receive(message)
+            case LocalVmsObserved(vms=vms, crashed=crashed):
+                self._observe_vms(dict(vms), crashed)
+            case CommandResult():
+                out += self._result(event)
+            case AdminRequested(action=action, host=host):
+                if host in self.config.hosts:
+                    self.requests.add((action, host))
+            case PingObserved() | BrokerStatus():
+                out += self._detected(self.detector.step(event))
+        return self._ready(out + self._advance(self.now_ms))
+
+    def tick(self, now_ms: int) -> list[ClusterOutput]:
+        self.now_ms = max(self.now_ms, now_ms)
+        out = self._detected(self.detector.tick(self.now_ms))
+        return self._ready(out + self._advance(self.now_ms))
+
+    def _ready(self, out: list[ClusterOutput]) -> list[ClusterOutput]:
+        durable = self._durable()
+        if durable != self._persisted:
+            self._persisted = durable
+            out.insert(0, PersistState(id=self._id(), term=self.election.term,
+                                       voted_for=self.election.voted_for,
+                                       accepted=self.accepted, committed=self.committed))
+        return out
+
+    def _durable(self) -> tuple[object, ...]:
+        return (self.election.term, self.election.voted_for, self.accepted.key, self.committed.key)
+
+    def _id(self) -> str:
+        self._next_id += 1
+        return f"{self.me}/{self.incarnation}/{self._next_id}"
+
+    def _send(self, message: Message) -> Send:
+        return Send(id=self._id(), message=message)
+
+    # ---- messages -------------------------------------------------------------------
+
+    def _receive(self, message: Message) -> list[ClusterOutput]:
+        now = self.now_ms
+        if message.sender == self.me or message.sender not in self.config.hosts:
+            return []
+        match message:
+            case Heartbeat():
+                previous = self.beats.get(message.sender)
+                if previous is not None and previous[1].incarnation > message.incarnation:
+                    return []                       # an older life of that agent
+                self.beats[message.sender] = (now, message)
+                self._observe_term(message.term)
+                return self._detected(self.detector.step(GossipHeard(
+                    host=message.sender, incarnation=message.incarnation, now_ms=now,
+                    hears=message.hears, reaches=message.reaches)))
+            case VoteRequest():
+                alive = self.detector.state(message.sender) is PeerState.ALIVE
+                ok, _why = self.election.should_grant(message.sender, message.term, message.accepted,
+                                                      self.accepted.key, alive, now)
+                if not ok:
+                    return []
+                self._drop_coordination()
+                self.election.grant(message.sender, message.term)
+                return [self._send(VoteGranted(sender=self.me, term=message.term, to=message.sender))]
+            case VoteGranted():
+                if message.to == self.me and self.election.granted(message.sender, message.term):
+                    return self._became_coordinator()
+                return []
+            case Proposal():
+                return self._proposal(message)
+            case Ack():
+                if (message.to == self.me and self.proposer is not None
+                        and message.term == self.election.term):
+                    self.proposer.ack(message.sender, message.accepted)
+                    self._committed(self.proposer.committed)
+                return []
+        return []
+
+    def _observe_term(self, term: int) -> None:
+        if term > self.election.term:
+            self._drop_coordination()
+            self.election.observe_term(term)
+
+    def _proposal(self, p: Proposal) -> list[ClusterOutput]:
+        if p.term < self.election.term:
+            return []                               # an older term's coordinator: refused
+        if p.term > self.election.term:
+            self._drop_coordination()
+        self.election.follow(p.sender, p.term, self.now_ms)
+        if self.election.coordinator != p.sender:
+            return []
+        self._committed(p.committed)
+        if p.state.key > self.accepted.key:
+            self.accepted = p.state
+        if self.accepted.key != p.state.key:
+            return []
+        return [self._send(Ack(sender=self.me, term=p.term, accepted=p.state.key, to=p.sender))]
+
+    def _committed(self, state: ClusterState) -> None:
+        if state.key > self.committed.key:
+            self.committed = state
+        if self.committed.key > self.accepted.key:
+            self.accepted = self.committed
+
+    def _became_coordinator(self) -> list[ClusterOutput]:
+        term = self.election.term
+        # Raft's rule: re-propose what this agent accepted, in its own term, to commit it.
+        proposal = replace(self.accepted, term=term, version=self.accepted.version + 1)
+        self.proposer = Proposer(self.quorum, self.me, self.committed, proposal)
+        self.accepted = proposal
+        self.coordinator = self.coordinator_class(self.config, term, self._id)
+        self._last_proposal_ms = -10**9
+        return []
+
+    def _drop_coordination(self) -> None:
+        if self.election.role is Role.COORDINATOR:
+            self.election.step_down()
+        self.proposer, self.coordinator = None, None
+
+    # ---- local facts ----------------------------------------------------------------
+
+    def _observe_vms(self, vms: dict[str, QemuState], crashed: frozenset[str]) -> None:
+        for vm in vms:
+            self.local_seen_ms.setdefault(vm, self.now_ms)
+        for vm in set(self.local_seen_ms) - set(vms):
+            del self.local_seen_ms[vm]
+        self.local_vms = vms
+        for vm in crashed:
+            self.restarts[vm] = self.restarts.get(vm, 0) + 1
+            if self.restarts[vm] > self.config.timing.max_local_restarts:
+                self.failed_vms.add(vm)
+
+    def _result(self, r: CommandResult) -> list[ClusterOutput]:
+        if self.coordinator is not None and r.id not in self.commands:
+            alert = self.coordinator.fencing.result(r.id, r.ok, r.reason, r.now_ms)
+            if alert is not None:
+                return [RaiseAlert(id=self._id(), kind="fence-failed", reason=alert.reason)]
+            return []
+        entry = self.commands.pop(r.id, None)
+        if entry is not None and isinstance(entry[1], MigrateVm):
+            cmd = entry[1]
+            self.migration_reports[cmd.vm] = MigrationReport(vm=cmd.vm, generation=cmd.generation,
+                                                             target=cmd.target, ok=r.ok)
+        return []
+
+    def _detected(self, events: list[DetectorOutput]) -> list[ClusterOutput]:
+        out: list[ClusterOutput] = []
+        for event in events:
+            if isinstance(event, IsolationChanged) and event.isolated:
+                out.append(RaiseAlert(id=self._id(), kind="isolated",
+                                      reason=f"{event.reason}; policy {self.config.isolation}"))
+                if self.config.isolation == "shutdown":
+                    out += [self._vm_command(StopVm(id=self._id(), vm=vm, term=self.election.term,
+                                                    reason="isolated"))
+                            for vm in sorted(self.local_vms) if not self._busy(vm)]
+                elif self.config.isolation == "self-fence":
+                    self.self_fenced = True
+            elif isinstance(event, IsolationChanged):
+                self.self_fenced = False
+        return out
+
+    # ---- quorum ---------------------------------------------------------------------
+
+    def mutual_peers(self, now_ms: int) -> set[str]:
+        """Peers heard through the broker that report hearing this agent, lately."""
+        heard = self.detector.hears(now_ms)
+        window = self.config.timing.quorum_timeout_ms
+        return {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= window
+                and self.me in self.beats[p][1].hears}
+
+    def broker_quorate(self, now_ms: int) -> bool:
+        return self.quorum.reached(self.mutual_peers(now_ms) | {self.me})
+
+    def connected_quorate(self, now_ms: int) -> bool:
+        return self.quorum.reached(self.mutual_peers(now_ms) | self.detector.reaches(now_ms) | {self.me})
+
+    # ---- the periodic part ----------------------------------------------------------
+
+    def _advance(self, now: int) -> list[ClusterOutput]:
+        out: list[ClusterOutput] = []
+        broker_quorate = self.broker_quorate(now)
+        if self.election.role is Role.COORDINATOR and not broker_quorate:
+            self._drop_coordination()               # step down at once; our lease lapses by itself
+        out += self._maybe_stand(now, broker_quorate)
+        if self.proposer is not None and self.coordinator is not None:
+            out += self._coordinate(now)
+        if now - self._last_beat_ms >= self.config.timing.heartbeat_ms:
+            self._last_beat_ms = now
+            out.append(self._send(self._heartbeat(now, broker_quorate)))
+        out += self._watchdog(now)
+        out += self._local_actions(now)
+        return out
+
+    def _heartbeat(self, now: int, quorate: bool) -> Heartbeat:
+        pending = {(a, h) for a, h in self.requests
+                   if self.committed.host(h).maintenance != (a == "drain")}
+        self.requests = pending
+        return Heartbeat(sender=self.me, incarnation=self.incarnation, term=self.election.term,
+                         hears=self.detector.hears(now), reaches=self.detector.reaches(now),
+                         accepted=self.accepted.key, quorate=quorate, vms=dict(self.local_vms),
+                         failed_vms=frozenset(self.failed_vms),
+                         migrations=tuple(sorted(self.migration_reports.values(), key=lambda r: r.vm)),
+                         requests=frozenset(pending))
+
+    def _maybe_stand(self, now: int, quorate: bool) -> list[ClusterOutput]:
+        e = self.election
+        if e.role is Role.COORDINATOR or e.lease_valid(now) or not quorate:
+            return []
+        if e.role is Role.CANDIDATE and now - e.started_ms < self.config.timing.election_timeout_ms:
+            return []
+        if e.started_ms >= 0 and now - e.started_ms < self.config.timing.election_timeout_ms:
+            return []
+        if self._preferred_candidate(now) != self.me:
+            e.role = Role.FOLLOWER
+            return []
+        term = e.stand(now)
+        return [self._send(VoteRequest(sender=self.me, term=term, accepted=self.accepted.key))]
+
+    def _preferred_candidate(self, now: int) -> str:
+        """The alive, quorate host with the newest state, then highest priority, then first name."""
+        window = self.config.timing.quorum_timeout_ms
+        keys = {self.me: self.accepted.key}
+        for peer, (at, beat) in self.beats.items():
+            if (beat.quorate and now - at <= window
+                    and self.detector.state(peer) is PeerState.ALIVE):
+                keys[peer] = beat.accepted
+        hosts = sorted(keys)
+        hosts.sort(key=lambda h: (keys[h], self.config.hosts[h].priority), reverse=True)
+        return hosts[0]
+
+    def _coordinate(self, now: int) -> list[ClusterOutput]:
+        assert self.proposer is not None and self.coordinator is not None
+        out: list[ClusterOutput] = []
+        if not self.proposer.in_flight:
+            state, planned = self.coordinator.plan(self.proposer.committed, self._views(now), now)
+            out += planned
+            if state is not None:
+                self.proposer.propose(state)
+                self.accepted = state
+                self._committed(self.proposer.committed)
+                self._last_proposal_ms = -10**9
+        if now - self._last_proposal_ms >= self.config.timing.heartbeat_ms:
+            self._last_proposal_ms = now
+            out.append(self._send(Proposal(sender=self.me, term=self.election.term,
+                                           state=self.proposer.proposal, committed=self.proposer.committed)))
+        return out
+
+    def _views(self, now: int) -> dict[str, HostView]:
+        window = self.config.timing.quorum_timeout_ms
+        fresh = {p: b for p, (at, b) in self.beats.items()
+                 if now - at <= window and self.detector.state(p) is PeerState.ALIVE}
+        own = self._heartbeat(now, True)
+        views = {self.me: HostView(name=self.me, alive=True, dead=False, beat=own)}
+        for host in self.config.hosts:
+            if host == self.me:
+                continue
+            dead = False
+            if self.detector.state(host) is PeerState.DEAD:
+                # A quorum must agree: this agent and fresh reporters that neither hear nor reach it.
+                agree = {self.me} | {p for p, b in fresh.items() if host not in b.hears | b.reaches}
+                dead = self.quorum.reached(agree)
+            views[host] = HostView(name=host, alive=host in fresh, dead=dead, beat=fresh.get(host))
+        return views
+
+    def _watchdog(self, now: int) -> list[ClusterOutput]:
+        nothing_here = not self.local_vms
+        pet = (self.connected_quorate(now) or nothing_here) and not self.self_fenced
+        was, self.petting = self.petting, pet
+        if pet:
+            return [PetWatchdog(id=self._id())]
+        if was:
+            why = "self-fencing: isolated" if self.self_fenced else "lost quorum with VMs running here"
+            return [StopPettingWatchdog(id=self._id(), reason=why)]
+        return []
+
+    # ---- obeying the committed state -------------------------------------------------
+
+    def _busy(self, vm: str) -> bool:
+        return any(cmd.vm == vm for _at, cmd in self.commands.values())
+
+    def _vm_command(self, cmd: VmCommand) -> VmCommand:
+        self.commands[cmd.id] = (self.now_ms, cmd)
+        return cmd
+
+    def _local_actions(self, now: int) -> list[ClusterOutput]:
+        for cid, (at, _cmd) in list(self.commands.items()):
+            if now - at > COMMAND_EXPIRY_MS:
+                del self.commands[cid]
+        state, term = self.committed, self.election.term
+        if self.election.following(now) is None:
+            return []                               # orders only from a live coordinator of our term
+        out: list[VmCommand] = []
+        for vm in sorted(self.migration_reports):   # reported until the record is gone
+            report, mig = self.migration_reports[vm], state.migrations.get(vm)
+            if mig is None or (mig.generation, mig.target) != (report.generation, report.target):
+                del self.migration_reports[vm]
+        for vm, granted in sorted(state.vms.items()):
+            if granted.owner != self.me:
+                self.failed_vms.discard(vm)
+                self.restarts.pop(vm, None)
+        for vm, qemu in sorted(self.local_vms.items()):
+            if self._busy(vm):
+                continue
+            rec, mig = state.vms.get(vm), state.migrations.get(vm)
+            owner = rec.owner if rec is not None else None
+            if state.kills.get(vm) == self.me:
+                out.append(KillVm(id=self._id(), vm=vm, term=term, reason="ordered: stray copy"))
+            elif qemu == "inmigrate" and (mig is None or mig.target != self.me) \
+                    and now - self.local_seen_ms.get(vm, now) >= INMIGRATE_GRACE_MS:
+                out.append(KillVm(id=self._id(), vm=vm, term=term, reason="incoming move no longer wanted"))
+            elif qemu == "postmigrate" and owner != self.me:
+                out.append(StopVm(id=self._id(), vm=vm, term=term, reason="moved away"))
+            elif qemu == "running" and owner == self.me and rec is not None and rec.desired == "stopped":
+                out.append(StopVm(id=self._id(), vm=vm, term=term, reason="desired stopped"))
+            elif qemu == "running" and mig is not None and mig.source == self.me and rec is not None \
+                    and rec.generation == mig.generation and vm not in self.migration_reports:
+                out.append(MigrateVm(id=self._id(), vm=vm, target=mig.target, generation=mig.generation,
+                                     term=term))
+        may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced)
+        for vm, grant in sorted(state.vms.items()):
+            if (may_start and grant.owner == self.me and grant.desired == "running"
+                    and vm not in self.local_vms and vm not in self.failed_vms and not self._busy(vm)):
+                out.append(StartVm(id=self._id(), vm=vm, generation=grant.generation, term=term))
+        return [self._vm_command(cmd) for cmd in out]
+
+    # ---- views ----------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        return self.election.role
+
+    @property
+    def term(self) -> int:
+        return self.election.term
+
+    def fence_commands(self) -> list[str]:
+        return self.coordinator.fencing.pending() if self.coordinator is not None else []
+
+    def is_fence(self, output: ClusterOutput) -> bool:
+        return isinstance(output, FenceHost)

@@ -1,0 +1,200 @@
+"""What the coordinator decides from the committed state and the hosts' reports.
+
+`Coordinator.plan` returns the next state to propose (or None when nothing changes)
+and the fence commands and alerts to emit.  Order within one plan, each step seeing
+the ones before: admin requests; fenced hosts that rejoined; finished kills and
+migrations; dead hosts (fence first, then their VMs are released); VMs that failed
+on their host; stray copies; placement of VMs without an owner; drain moves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from haguard.core.cluster.placement import HostCandidate, VmSpec, place
+from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery, with_vm
+from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
+from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, RaiseAlert
+
+PlanOutput = FenceHost | RaiseAlert
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostView:
+    name: str
+    alive: bool                  # heard lately (always true for the coordinator itself)
+    dead: bool                   # declared dead: by this detector and a quorum of reports
+    beat: Heartbeat | None       # its latest fresh report
+
+
+class Coordinator:
+    def __init__(self, config: CoreConfig, term: int, new_id: Callable[[], str]) -> None:
+        t = config.timing
+        self.config = config
+        self.term = term
+        self.new_id = new_id
+        self.fencing = Fencing(watchdog_wait_ms=t.watchdog_timeout_ms + t.watchdog_margin_ms,
+                               fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms)
+        self.failed_targets: dict[str, set[str]] = {}     # vm -> hosts a move or run failed on
+
+    def fenced(self, host: str, now_ms: int) -> bool:
+        """True once `host` is confirmed off; only then may its VMs run elsewhere."""
+        return self.fencing.confirmed(host, now_ms)
+
+    def plan(self, state: ClusterState, views: Mapping[str, HostView],
+             now_ms: int) -> tuple[ClusterState | None, list[PlanOutput]]:
+        out: list[PlanOutput] = []
+        vms = dict(state.vms)
+        hosts = {h: state.host(h) for h in self.config.hosts}
+        migrations = dict(state.migrations)
+        kills = dict(state.kills)
+        beats = {h: v.beat for h, v in views.items() if v.alive and v.beat is not None}
+
+        for reporter in beats.values():                               # admin requests
+            for action, host in sorted(reporter.requests):
+                if host in hosts:
+                    hosts[host] = replace(hosts[host], maintenance=action == "drain")
+
+        for host, host_rec in hosts.items():                          # fenced hosts back, empty
+            host_beat = beats.get(host)
+            if host_rec.fenced and host_beat is not None and not host_beat.vms:
+                hosts[host] = replace(host_rec, fenced=False)
+                self.fencing.forget(host)
+
+        for vm, host in list(kills.items()):                          # strays gone
+            killer = beats.get(host)
+            if (killer is not None and vm not in killer.vms) or hosts[host].fenced:
+                del kills[vm]
+
+        for vm, mig in list(migrations.items()):                      # moves finished
+            rec = vms[vm]
+            report = next((r for r in beats[mig.source].migrations
+                           if r.vm == vm and r.generation == mig.generation and r.target == mig.target),
+                          None) if mig.source in beats else None
+            if rec.owner != mig.source or rec.generation != mig.generation:
+                del migrations[vm]
+            elif report is not None and report.ok:
+                vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
+                del migrations[vm]
+            elif report is not None:
+                self.failed_targets.setdefault(vm, set()).add(mig.target)
+                del migrations[vm]
+
+        for host, view in sorted(views.items()):                      # dead hosts: fence first
+            if host == self.config.me or hosts[host].fenced:
+                continue
+            if not view.dead:
+                self.fencing.cancel(host)
+                continue
+            if not state.owned_by(host) and not any(m.target == host for m in migrations.values()):
+                continue                                              # nothing of it to move
+            spec = self.config.hosts[host]
+            self.fencing.declare(host, device=spec.fence_device, now_ms=now_ms)
+            if self.fenced(host, now_ms):
+                hosts[host] = replace(hosts[host], fenced=True)
+                self._release(host, vms, migrations, kills, beats)
+        commands, alerts = self.fencing.poll(now_ms, self.new_id)
+        out += [FenceHost(id=c.id, host=c.host, term=self.term) for c in commands]
+        out += [RaiseAlert(id=self.new_id(), kind="fence-failed", reason=a.reason) for a in alerts]
+
+        for host, failing in sorted(beats.items()):                   # VM-level failures
+            for vm in sorted(failing.failed_vms):
+                failed = vms.get(vm)
+                if (failed is not None and failed.owner == host and vm not in failing.vms
+                        and vm not in migrations):
+                    self.failed_targets.setdefault(vm, set()).add(host)
+                    vms[vm] = replace(failed, owner=None, generation=failed.generation + 1)
+
+        running_on: dict[str, set[str]] = {}
+        for host, beat in beats.items():
+            for vm, qemu in beat.vms.items():
+                if qemu == "running":
+                    running_on.setdefault(vm, set()).add(host)
+        for vm, where in sorted(running_on.items()):                 # stray copies
+            owner = vms[vm].owner if vm in vms else None
+            moving = migrations.get(vm)
+            for host in sorted(where):
+                expected = owner == host
+                incoming = moving is not None and moving.target == host
+                if not expected and not incoming and vm not in kills:
+                    kills[vm] = host
+
+        unplaced = [vm for vm, rec in vms.items()                     # placement
+                    if rec.owner is None and rec.desired == "running" and vm not in running_on]
+        candidates = self._candidates(vms, hosts, migrations, views)
+        excluded = {vm: frozenset(self.failed_targets.get(vm, ())) for vm in unplaced}
+        for placement in plan_recovery(self.config.vms, unplaced, candidates, self.config.limits, excluded):
+            if placement.host is not None:
+                vms[placement.vm] = replace(vms[placement.vm], owner=placement.host)
+
+        self._drain(vms, hosts, migrations, views, beats)
+
+        new = ClusterState(term=self.term, version=state.version + 1, vms=vms, hosts=hosts,
+                           migrations=migrations, kills=kills)
+        same = (new.vms == state.vms and dict(new.hosts) == {h: state.host(h) for h in hosts}
+                and new.migrations == state.migrations and new.kills == state.kills)
+        return (None if same and state.term == self.term else new), out
+
+    def _release(self, host: str, vms: dict[str, VmRecord], migrations: dict[str, MigrationRecord],
+                 kills: dict[str, str], beats: Mapping[str, Heartbeat]) -> None:
+        """`host` is fenced: its VMs are free; a move whose target already runs the VM completes."""
+        for vm, rec in list(vms.items()):
+            mig = migrations.get(vm)
+            if mig is not None and host in (mig.source, mig.target):
+                del migrations[vm]
+                target_beat = beats.get(mig.target)
+                if (mig.source == host and target_beat is not None
+                        and target_beat.vms.get(vm) == "running"):
+                    vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
+                    continue
+            if rec.owner == host:
+                vms[vm] = replace(rec, owner=None, generation=rec.generation + 1)
+        for vm, on in list(kills.items()):
+            if on == host:
+                del kills[vm]
+
+    def _candidates(self, vms: Mapping[str, VmRecord], hosts: Mapping[str, HostRecord],
+                    migrations: Mapping[str, MigrationRecord],
+                    views: Mapping[str, HostView]) -> list[HostCandidate]:
+        out = []
+        for name, spec in sorted(self.config.hosts.items()):
+            view = views.get(name)
+            cand = HostCandidate(name=name, alive=view is not None and view.alive and not spec.witness,
+                                 memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+                                 maintenance=hosts[name].maintenance, fenced=hosts[name].fenced,
+                                 groups=spec.groups, group_priority=spec.group_priority,
+                                 migrations_in_flight=sum(m.target == name for m in migrations.values()))
+            for vm, rec in sorted(vms.items()):
+                mig = migrations.get(vm)
+                if rec.owner == name or (mig is not None and mig.target == name):
+                    cand = with_vm(cand, self.config.vms[vm])
+            out.append(cand)
+        return out
+
+    def _drain(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],
+               migrations: dict[str, MigrationRecord], views: Mapping[str, HostView],
+               beats: Mapping[str, Heartbeat]) -> None:
+        """Plan live moves off hosts in maintenance, highest priority first, within the limits."""
+        for host, host_rec in sorted(hosts.items()):
+            beat = beats.get(host)
+            if not host_rec.maintenance or beat is None:
+                continue
+            movable = [vm for vm in sorted(vms) if vms[vm].owner == host and vm not in migrations
+                       and beat.vms.get(vm) == "running"]
+            for vm in by_priority(self.config.vms, movable):
+                outgoing = sum(m.source == host for m in migrations.values())
+                if outgoing >= self.config.limits.max_migrations_per_host:
+                    break
+                spec: VmSpec = self.config.vms[vm]
+                skip = self.failed_targets.get(vm, set())
+                candidates = [c for c in self._candidates(vms, hosts, migrations, views)
+                              if c.name not in skip]
+                if not candidates and skip:
+                    self.failed_targets.pop(vm, None)      # every target failed once: try them all again
+                    continue
+                placement = place(spec, candidates, self.config.limits, migration=True,
+                                  cluster_migrations=len(migrations))
+                if placement.host is not None:
+                    migrations[vm] = MigrationRecord(source=host, target=placement.host,
+                                                     generation=vms[vm].generation)

@@ -1,0 +1,133 @@
+"""Fence first, then restart by priority.
+
+`Fencing` tracks the coordinator's fence of each host declared dead: a fence device
+`off` with retries and backoff (an alert on every failure, a command without result
+within `fence_timeout_ms` counts as failed), or for hosts without a device the
+watchdog deadline: `watchdog_timeout_ms + watchdog_margin_ms` after the declaration
+(by then the host, which lost quorum before others could declare it dead, has
+stopped petting and been reset).  `plan_recovery` places a fenced host's VMs,
+highest priority first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+from haguard.core.cluster.placement import HostCandidate, Placement, PlacementLimits, VmSpec, place
+
+
+@dataclass(frozen=True, kw_only=True)
+class FenceCommand:
+    id: str
+    host: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class FenceAlert:
+    host: str
+    reason: str
+
+
+@dataclass
+class _Fence:
+    declared_ms: int
+    device: bool
+    attempts: int = 0
+    command_id: str | None = None
+    sent_ms: int = 0
+    next_try_ms: int = 0
+    confirmed: bool = False
+
+
+class Fencing:
+    def __init__(self, *, watchdog_wait_ms: int, fence_timeout_ms: int, backoff_ms: tuple[int, ...]) -> None:
+        self.watchdog_wait_ms = watchdog_wait_ms
+        self.fence_timeout_ms = fence_timeout_ms
+        self.backoff_ms = backoff_ms or (1000,)
+        self._fences: dict[str, _Fence] = {}
+
+    def declare(self, host: str, *, device: bool, now_ms: int) -> None:
+        self._fences.setdefault(host, _Fence(declared_ms=now_ms, device=device, next_try_ms=now_ms))
+
+    def cancel(self, host: str) -> None:
+        """The host was heard again before it was fenced: nothing of it may move."""
+        fence = self._fences.get(host)
+        if fence is not None and not fence.confirmed:
+            del self._fences[host]
+
+    def forget(self, host: str) -> None:
+        self._fences.pop(host, None)
+
+    def pending(self) -> list[str]:
+        return sorted(self._fences)
+
+    def confirmed(self, host: str, now_ms: int) -> bool:
+        fence = self._fences.get(host)
+        if fence is None:
+            return False
+        if not fence.device and now_ms >= fence.declared_ms + self.watchdog_wait_ms:
+            fence.confirmed = True
+        return fence.confirmed
+
+    def poll(self, now_ms: int, new_id: Callable[[], str]) -> tuple[list[FenceCommand], list[FenceAlert]]:
+        """Fence commands due now, and alerts for attempts that timed out."""
+        commands: list[FenceCommand] = []
+        alerts: list[FenceAlert] = []
+        for host, fence in sorted(self._fences.items()):
+            if not fence.device or fence.confirmed:
+                continue
+            if fence.command_id is not None and now_ms - fence.sent_ms >= self.fence_timeout_ms:
+                why = f"no answer within {self.fence_timeout_ms} ms"
+                alerts.append(self._failed(fence, host, why, now_ms))
+            if fence.command_id is None and now_ms >= fence.next_try_ms:
+                fence.command_id, fence.sent_ms = new_id(), now_ms
+                fence.attempts += 1
+                commands.append(FenceCommand(id=fence.command_id, host=host))
+        return commands, alerts
+
+    def result(self, command_id: str, ok: bool, reason: str, now_ms: int) -> FenceAlert | None:
+        for host, fence in self._fences.items():
+            if fence.command_id == command_id:
+                if ok:
+                    fence.confirmed, fence.command_id = True, None
+                    return None
+                return self._failed(fence, host, reason or "fence device failed", now_ms)
+        return None         # an answer to a cancelled or timed-out attempt
+
+    def _failed(self, fence: _Fence, host: str, reason: str, now_ms: int) -> FenceAlert:
+        delay = self.backoff_ms[min(fence.attempts - 1, len(self.backoff_ms) - 1)]
+        fence.command_id, fence.next_try_ms = None, now_ms + delay
+        return FenceAlert(host=host, reason=f"fencing {host} failed (attempt {fence.attempts}): {reason}; "
+                                            f"its VMs stay down until it is fenced; retry in {delay} ms")
+
+
+def by_priority(vms: Mapping[str, VmSpec], names: list[str]) -> list[str]:
+    """Highest priority first, ties by name."""
+    return sorted(names, key=lambda vm: (-vms[vm].priority, vm))
+
+
+def plan_recovery(vms: Mapping[str, VmSpec], names: list[str], hosts: list[HostCandidate],
+                  limits: PlacementLimits,
+                  excluded: Mapping[str, frozenset[str]] | None = None) -> list[Placement]:
+    """Place `names` one after another, highest priority first, each seeing the ones before."""
+    excluded = excluded or {}
+    current = {h.name: h for h in hosts}
+    placements: list[Placement] = []
+    for vm in by_priority(vms, names):
+        spec = vms[vm]
+        skip = excluded.get(vm, frozenset())
+        placement = place(spec, [h for n, h in sorted(current.items()) if n not in skip], limits)
+        placements.append(placement)
+        if placement.host is not None:
+            current[placement.host] = with_vm(current[placement.host], spec)
+    return placements
+
+
+def with_vm(host: HostCandidate, vm: VmSpec) -> HostCandidate:
+    """`host` after taking `vm`."""
+    return replace(host, used_memory_mib=host.used_memory_mib + vm.memory_mib,
+                   used_vcpus=host.used_vcpus + vm.vcpus,
+                   affinity_groups=host.affinity_groups | ({vm.affinity} if vm.affinity else set()),
+                   anti_affinity_groups=host.anti_affinity_groups
+                   | ({vm.anti_affinity} if vm.anti_affinity else set()))

@@ -1,0 +1,106 @@
+"""The versioned cluster state and its commitment by acks.
+
+Only the coordinator writes it.  A state is identified by its key `(term, version)`:
+the term of the coordinator that wrote it, then its version (versions only grow).
+Comparing keys is Raft's log comparison: a voter grants only to a candidate whose
+key is at least its own, so a new coordinator always holds every committed state.
+A state is committed once hosts holding a majority of the weight have accepted it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from haguard.core.cluster.quorum import Quorum
+
+StateKey = tuple[int, int]          # (term, version)
+Desired = Literal["running", "stopped"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmRecord:
+    owner: str | None               # None: not placed (no host had room)
+    generation: int = 0
+    desired: Desired = "running"
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostRecord:
+    maintenance: bool = False
+    fenced: bool = False            # powered off or reset; must rejoin without VMs
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationRecord:
+    source: str
+    target: str
+    generation: int                 # the generation being moved
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterState:
+    term: int = 0
+    version: int = 0
+    vms: Mapping[str, VmRecord] = field(default_factory=dict)
+    hosts: Mapping[str, HostRecord] = field(default_factory=dict)
+    migrations: Mapping[str, MigrationRecord] = field(default_factory=dict)
+    kills: Mapping[str, str] = field(default_factory=dict)   # vm -> host whose stray copy must go
+
+    @property
+    def key(self) -> StateKey:
+        return (self.term, self.version)
+
+    def host(self, name: str) -> HostRecord:
+        return self.hosts.get(name, HostRecord())
+
+    def owned_by(self, host: str) -> list[str]:
+        return sorted(vm for vm, rec in self.vms.items() if rec.owner == host)
+
+
+def initial_state(vms: list[str], hosts: list[str]) -> ClusterState:
+    return ClusterState(vms={vm: VmRecord(owner=None) for vm in vms},
+                        hosts={h: HostRecord() for h in hosts})
+
+
+def next_version(state: ClusterState, term: int, **changes: object) -> ClusterState:
+    """A successor of `state` written in `term`."""
+    return replace(state, term=term, version=state.version + 1, **changes)  # type: ignore[arg-type]
+
+
+class Proposer:
+    """The coordinator's side: one proposal in flight at a time, committed by acks."""
+
+    def __init__(self, quorum: Quorum, me: str, committed: ClusterState, proposal: ClusterState) -> None:
+        self.quorum = quorum
+        self.me = me
+        self.committed = committed
+        self.proposal = proposal
+        self.acks: set[str] = {me}
+        self._maybe_commit()
+
+    @property
+    def in_flight(self) -> bool:
+        return self.proposal.key != self.committed.key
+
+    def propose(self, state: ClusterState) -> None:
+        if self.in_flight:
+            raise ValueError("a proposal is already in flight")
+        if state.key <= self.committed.key:
+            raise ValueError("a proposal must have a newer key than the committed state")
+        self.proposal, self.acks = state, {self.me}
+        self._maybe_commit()
+
+    def ack(self, host: str, key: StateKey) -> bool:
+        """Record an ack; True when it committed the proposal."""
+        if key != self.proposal.key or not self.in_flight:
+            return False
+        self.acks.add(host)
+        return self._maybe_commit()
+
+    def _maybe_commit(self) -> bool:
+        if self.in_flight and self.quorum.reached(self.acks):
+            self.committed = self.proposal
+            return True
+        return False

@@ -1,0 +1,248 @@
+"""Configuration, messages, inputs and outputs of the cluster core.
+
+Inputs are past-tense facts, outputs are commands; all frozen and keyword-only.
+Every output has an `id`; the result of a command comes back as `CommandResult`
+with that id.  Messages travel through the broker: `to=None` is a broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from haguard.core.cluster.placement import PlacementLimits, VmSpec
+from haguard.core.cluster.state import ClusterState, StateKey
+from haguard.core.detector import BrokerStatus, DetectorTiming, PingObserved
+
+IsolationPolicy = Literal["keep", "shutdown", "self-fence"]
+# QEMU states a host reports for its local VMs.  Only `running` executes the guest.
+QemuState = Literal["running", "inmigrate", "postmigrate"]
+
+
+# ---- configuration ---------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class HostSpec:
+    name: str
+    weight: int = 1
+    priority: int = 0               # coordinator preference
+    witness: bool = False           # votes, runs no VMs
+    fence_device: bool = False      # without one, recovery waits for the watchdog deadline
+    memory_mib: int = 0
+    vcpus: int = 0
+    groups: frozenset[str] = frozenset()
+    group_priority: int = 0         # placement preference
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterTiming:
+    tick_ms: int = 100
+    heartbeat_ms: int = 200
+    quorum_timeout_ms: int = 800    # a peer counts towards quorum this long after mutual contact
+    lease_ms: int = 1500            # a coordinator is followed this long after its last message
+    election_timeout_ms: int = 1000
+    watchdog_timeout_ms: int = 2000
+    watchdog_margin_ms: int = 1500  # covers quorum_timeout, heartbeat and message delay
+    fence_timeout_ms: int = 3000    # a fence command without result by then counts as failed
+    fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
+    max_local_restarts: int = 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoreConfig:
+    me: str
+    hosts: Mapping[str, HostSpec]
+    vms: Mapping[str, VmSpec]
+    timing: ClusterTiming = field(default_factory=ClusterTiming)
+    detector: DetectorTiming = field(default_factory=DetectorTiming)
+    limits: PlacementLimits = field(default_factory=PlacementLimits)
+    isolation: IsolationPolicy = "keep"
+
+
+# ---- messages --------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class MigrationReport:
+    vm: str
+    generation: int
+    target: str
+    ok: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Heartbeat:
+    sender: str
+    incarnation: int
+    term: int                                   # highest term the sender has seen
+    hears: frozenset[str]
+    reaches: frozenset[str]
+    accepted: StateKey
+    quorate: bool                               # holds a majority through the broker
+    vms: Mapping[str, QemuState]                # local QEMU processes
+    failed_vms: frozenset[str] = frozenset()    # gave up restarting in place: QEMU gone
+    migrations: tuple[MigrationReport, ...] = ()
+    requests: frozenset[tuple[str, str]] = frozenset()   # (drain|undrain, host) not yet committed
+    to: None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoteRequest:
+    sender: str
+    term: int
+    accepted: StateKey
+    to: None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class VoteGranted:
+    sender: str
+    term: int
+    to: str                                     # the candidate
+
+
+@dataclass(frozen=True, kw_only=True)
+class Proposal:
+    """The coordinator's state broadcast, also its lease renewal."""
+
+    sender: str
+    term: int
+    state: ClusterState                         # newest, maybe not yet committed
+    committed: ClusterState
+    to: None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Ack:
+    sender: str
+    term: int
+    accepted: StateKey
+    to: str                                     # the coordinator
+
+
+Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack
+
+
+# ---- inputs ----------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class MessageReceived:
+    message: Message
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalVmsObserved:
+    vms: Mapping[str, QemuState]
+    now_ms: int
+    crashed: frozenset[str] = frozenset()       # QEMUs that exited unasked since the last report
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommandResult:
+    id: str
+    ok: bool
+    now_ms: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdminRequested:
+    action: Literal["drain", "undrain"]
+    host: str
+    now_ms: int
+
+
+ClusterInput = (MessageReceived | LocalVmsObserved | CommandResult | AdminRequested
+                | PingObserved | BrokerStatus)
+
+
+# ---- outputs ---------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class PersistState:
+    """Must be on stable storage before any later output of the same batch is executed."""
+
+    id: str
+    term: int
+    voted_for: str | None
+    accepted: ClusterState
+    committed: ClusterState
+
+
+@dataclass(frozen=True, kw_only=True)
+class Send:
+    id: str
+    message: Message
+
+
+@dataclass(frozen=True, kw_only=True)
+class StartVm:
+    id: str
+    vm: str
+    generation: int
+    term: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopVm:
+    id: str
+    vm: str
+    term: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class KillVm:
+    id: str
+    vm: str
+    term: int
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class MigrateVm:
+    id: str
+    vm: str
+    target: str
+    generation: int
+    term: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class FenceHost:
+    id: str
+    host: str
+    term: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class PetWatchdog:
+    id: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopPettingWatchdog:
+    id: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class RaiseAlert:
+    id: str
+    kind: str
+    reason: str
+
+
+ClusterOutput = (PersistState | Send | StartVm | StopVm | KillVm | MigrateVm | FenceHost
+                 | PetWatchdog | StopPettingWatchdog | RaiseAlert)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PersistedState:
+    """What an agent reads back from `state_dir` when it starts."""
+
+    term: int = 0
+    voted_for: str | None = None
+    accepted: ClusterState | None = None
+    committed: ClusterState | None = None

@@ -74,7 +74,7 @@ class TimingConfig(_Strict):
     heartbeat_interval_ms: int = Field(default=300, ge=50)
     suspect_timeout_ms: int = Field(default=900, ge=100)
     dead_timeout_ms: int = Field(default=1500, ge=100)
-    ping_interval_ms: int = Field(default=200, ge=50)
+    ping_interval_ms: int = Field(default=250, ge=50)
     ping_timeout_ms: int = Field(default=200, ge=10)
     isolation_timeout_ms: int = Field(default=5000, ge=100)
 

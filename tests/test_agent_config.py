@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,12 +97,24 @@ def test_sighup_bad_file_keeps_old_config_good_file_applies(setup: tuple[Path, M
     cfg = d / "cluster.yaml"
     good = cfg.read_text()
     log = d / "agent.log"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(d / "notify.sock"))
+    notify.setblocking(False)
+    env = dict(os.environ, NOTIFY_SOCKET=str(d / "notify.sock"), WATCHDOG_USEC="1000000")
+    env.pop("WATCHDOG_PID", None)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "haguard", "run", "--config", str(cfg),
                                  "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO, start_new_session=True)
+                                cwd=REPO, start_new_session=True, env=env)
     try:
         _wait(lambda: _status(d).get("ready") and _status(d).get("broker"), 15, "the agent to join", log)
+        time.sleep(1.2)
+        got = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(notify.recv(4096).decode())
+        assert any("READY=1" in m and "STATUS=joined" in m for m in got), got
+        assert any(m == "WATCHDOG=1" for m in got), got
         cfg.write_text(good.replace("suspect_timeout_ms: 800", "suspect_timeout_ms: lots"))
         proc.send_signal(signal.SIGHUP)
         _wait(lambda: "config-reload-failed" in log.read_text(), 10, "the reload failure", log)
@@ -123,6 +137,7 @@ def test_sighup_bad_file_keeps_old_config_good_file_applies(setup: tuple[Path, M
         assert proc.wait(timeout=10) == 0
         assert "agent-stopped" in log.read_text()
     finally:
+        notify.close()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)

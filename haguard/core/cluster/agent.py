@@ -117,7 +117,8 @@ class ClusterAgent:
                     self.requests.add((action, host))
             case PingObserved() | BrokerStatus():
                 out += self._detected(self.detector.step(event))
-        return self._ready(out + self._advance(self.now_ms))
+        # Periodic work (coordinating, heartbeats, obeying the committed state) waits for tick().
+        return self._ready(out)
 
     def tick(self, now_ms: int) -> list[ClusterOutput]:
         self.now_ms = max(self.now_ms, now_ms)

@@ -1,0 +1,1 @@
+"""Deterministic simulation of a haguard cluster: many agent cores, one seed, checked invariants."""

@@ -1,0 +1,5 @@
+import sys
+
+from haguard.sim.runner import main
+
+sys.exit(main())

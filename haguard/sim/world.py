@@ -1,0 +1,419 @@
+"""The simulated world: N agent cores on a virtual clock, a broker, hosts, QEMUs, fences.
+
+Everything random comes from one seeded `random.Random`; events run in (time,
+sequence) order, so a seed replays exactly.  The world stands in for the agent
+runtime: it feeds the cores the same inputs and executes the same outputs (persist
+before sending, fence devices, watchdogs, QEMUs, migrations).  Faults live here,
+never in the cores.
+
+The bus behaves like an MQTT broker with QoS 1: per-message delay, loss and
+duplication, delivery in order per publisher and subscriber (so reordering only
+across publishers), nothing delivered while the broker or a host's link to it is
+down.  Links between hosts can be cut one way; a cut loses both the gossip and the
+pings from that side.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.cluster.placement import VmSpec
+from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.types import (
+    AdminRequested,
+    ClusterOutput,
+    ClusterTiming,
+    CommandResult,
+    CoreConfig,
+    FenceHost,
+    HostSpec,
+    IsolationPolicy,
+    KillVm,
+    LocalVmsObserved,
+    Message,
+    MessageReceived,
+    MigrateVm,
+    PersistedState,
+    PersistState,
+    PetWatchdog,
+    QemuState,
+    RaiseAlert,
+    Send,
+    StartVm,
+    StopPettingWatchdog,
+    StopVm,
+)
+from haguard.core.detector import BrokerStatus, DetectorTiming, PingObserved
+from haguard.sim.checkers import Checker, Violation
+from haguard.sim.faults import Fault, Schedule
+
+AgentFactory = Callable[..., ClusterAgent]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimConfig:
+    hosts: int = 4
+    witness: bool = False              # one more host that only votes
+    fence_devices: bool = True
+    isolation: IsolationPolicy = "keep"
+    vms: tuple[VmSpec, ...] = tuple(
+        VmSpec(name=f"vm{i}", memory_mib=2048, vcpus=2, priority=i % 3,
+               anti_affinity="web" if i <= 2 else None) for i in range(1, 7))
+    host_memory_mib: int = 8192
+    host_vcpus: int = 8
+    timing: ClusterTiming = field(default_factory=ClusterTiming)
+    detector: DetectorTiming = field(default_factory=lambda: DetectorTiming(
+        suspect_timeout_ms=600, dead_timeout_ms=1200, isolation_timeout_ms=1000, min_failed_pings=3))
+    ping_interval_ms: int = 300
+    delay_ms: tuple[int, int] = (1, 40)
+    boot_ms: int = 1500
+    agent_restart_ms: int = 400
+    fence_ms: int = 300
+    migration_ms: tuple[int, int] = (300, 1500)
+    stall_ms: int = 5000
+    liveness_bound_ms: int = 25_000
+
+
+@dataclass
+class SimHost:
+    name: str
+    spec: HostSpec
+    powered: bool = True
+    agent: ClusterAgent | None = None
+    incarnation: int = 0
+    disk: PersistedState = field(default_factory=PersistedState)
+    vms: dict[str, QemuState] = field(default_factory=dict)
+    crashed: set[str] = field(default_factory=set)
+    watchdog_armed: bool = False
+    last_pet_ms: int = 0
+    fenced_ms: int = -1               # last time a fence device turned it off
+    fence_mode: str = "ok"
+    broker_link: bool = True
+
+
+class World:
+    def __init__(self, seed: int, schedule: Schedule, sim: SimConfig | None = None,
+                 agent_class: AgentFactory = ClusterAgent) -> None:
+        self.sim = sim or SimConfig()
+        self.rng = random.Random(f"world/{seed}")
+        self.schedule = schedule
+        self.agent_class = agent_class
+        self.timing = self.sim.timing
+        names = [f"h{i}" for i in range(1, self.sim.hosts + 1)]
+        specs = {n: HostSpec(name=n, memory_mib=self.sim.host_memory_mib, vcpus=self.sim.host_vcpus,
+                             fence_device=self.sim.fence_devices) for n in names}
+        if self.sim.witness:
+            specs["w"] = HostSpec(name="w", witness=True)
+        self.specs = specs
+        self.vm_specs = {v.name: v for v in self.sim.vms}
+        self.vm_names = sorted(self.vm_specs)
+        self.hosts = {n: SimHost(name=n, spec=s) for n, s in specs.items()}
+        self.checker = Checker(self, Quorum({h: s.weight for h, s in specs.items()}))
+        self.now = 0
+        self._queue: list[tuple[int, int, str, Any]] = []
+        self._seq = 0
+        self.broker_up = True
+        self.cuts: set[tuple[str, str]] = set()
+        self.loss_pct = 0
+        self.dup_pct = 0
+        self.migration_mode = "ok"
+        self._fifo: dict[tuple[str, str], int] = {}
+        self.alerts: list[tuple[int, str, RaiseAlert]] = []
+        self.fences: list[tuple[int, str, str]] = []           # (at, by, host)
+        self.starts: list[tuple[int, str, str]] = []           # (at, host, vm)
+        self.migrations_done: list[tuple[int, str, str, str]] = []
+        self.healed = False
+        self.converged_ms: int | None = None
+        self.events = 0
+        for host in self.hosts.values():
+            self._boot_agent(host)
+        for f in schedule.faults:
+            self._at(f.at_ms, "fault", f)
+        self._at(schedule.heal_ms, "heal", None)
+        self._at(0, "tick", None)
+        self._at(0, "ping", None)
+
+    # ---- the event loop -------------------------------------------------------------
+
+    def _at(self, at_ms: int, kind: str, payload: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._queue, (at_ms, self._seq, kind, payload))
+
+    def run(self, until_ms: int) -> None:
+        """Run until `until_ms`, or until the VMs converged after healing; raises `Violation`."""
+        while self._queue and self._queue[0][0] <= until_ms:
+            at, _seq, kind, payload = heapq.heappop(self._queue)
+            self.now = at
+            self.events += 1
+            getattr(self, f"_on_{kind}")(payload)
+            self.checker.after_step(self.now)
+            if self.healed and self.converged_ms is None and kind == "tick" and self.checker.all_running():
+                self.converged_ms = self.now - self.schedule.heal_ms
+                return
+
+    def _on_tick(self, _: None) -> None:
+        for host in self.hosts.values():
+            starved = self.now - host.last_pet_ms > self.timing.watchdog_timeout_ms
+            if host.powered and host.watchdog_armed and starved:
+                self._power_off(host, "watchdog")
+                self._at(self.now + self.sim.boot_ms, "boot", host.name)
+        for host in self.hosts.values():
+            if host.agent is not None:
+                self._execute(host, host.agent.tick(self.now))
+        self._at(self.now + self.timing.tick_ms, "tick", None)
+
+    def _on_ping(self, _: None) -> None:
+        for src in self.hosts.values():
+            if src.agent is None:
+                continue
+            for dst in self.hosts.values():
+                if dst is not src:
+                    ok = dst.powered and not {(src.name, dst.name), (dst.name, src.name)} & self.cuts
+                    self._feed(src, PingObserved(host=dst.name, ok=ok, now_ms=self.now,
+                                                 rtt_ms=1.0 if ok else None))
+        self._at(self.now + self.sim.ping_interval_ms, "ping", None)
+
+    def _feed(self, host: SimHost, event: Any) -> None:
+        if host.agent is not None:
+            self._execute(host, host.agent.step(event))
+
+    # ---- the bus --------------------------------------------------------------------
+
+    def _connected(self, host: SimHost) -> bool:
+        return self.broker_up and host.broker_link and host.powered
+
+    def _publish(self, src: SimHost, msg: Message) -> None:
+        self.checker.published(msg, self.now)
+        if not self._connected(src):
+            return
+        for dst in self.hosts.values():
+            if dst is src or (msg.to is not None and msg.to != dst.name) or (src.name, dst.name) in self.cuts:
+                continue
+            if self.rng.randrange(100) < self.loss_pct:
+                continue
+            copies = 2 if self.rng.randrange(100) < self.dup_pct else 1
+            for _ in range(copies):
+                at = max(self.now + self.rng.randint(*self.sim.delay_ms),
+                         self._fifo.get((src.name, dst.name), 0))
+                self._fifo[(src.name, dst.name)] = at
+                self._at(at, "deliver", (dst.name, dst.incarnation, msg))
+
+    def _on_deliver(self, payload: tuple[str, int, Message]) -> None:
+        name, incarnation, msg = payload
+        dst = self.hosts[name]
+        if dst.incarnation == incarnation and self._connected(dst):
+            self._feed(dst, MessageReceived(message=msg, now_ms=self.now))
+
+    def _broker_changed(self) -> None:
+        for host in self.hosts.values():
+            self._feed(host, BrokerStatus(connected=self._connected(host), now_ms=self.now))
+
+    # ---- outputs --------------------------------------------------------------------
+
+    def _execute(self, host: SimHost, outputs: list[ClusterOutput]) -> None:
+        agent = host.agent
+        for out in outputs:
+            if agent is None or host.agent is not agent:
+                return                                  # the agent died mid-batch
+            match out:
+                case PersistState():
+                    host.disk = PersistedState(term=out.term, voted_for=out.voted_for,
+                                               accepted=out.accepted, committed=out.committed)
+                case Send(message=msg):
+                    self._publish(host, msg)
+                case PetWatchdog():
+                    host.watchdog_armed, host.last_pet_ms = True, self.now
+                case StopPettingWatchdog():
+                    pass
+                case RaiseAlert():
+                    self.alerts.append((self.now, host.name, out))
+                case StartVm():
+                    self.checker.observe(host.name, agent.committed, self.now)
+                    self.checker.command(host.name, out, agent.term, self.now)
+                    ok = out.vm not in host.vms
+                    if ok:
+                        host.vms[out.vm] = "running"
+                        self.checker.vm_started(out.vm, host.name)
+                        self.starts.append((self.now, host.name, out.vm))
+                    self._result(host, out.id, ok, 20)
+                case StopVm() | KillVm():
+                    if out.vm in host.vms:
+                        self._end_vm(host, out.vm, "stopped" if isinstance(out, StopVm) else "killed")
+                    self._result(host, out.id, True, 20)
+                case MigrateVm():
+                    self.checker.observe(host.name, agent.committed, self.now)
+                    self.checker.command(host.name, out, agent.term, self.now)
+                    self._start_migration(host, out)
+                case FenceHost():
+                    self.fences.append((self.now, host.name, out.host))
+                    mode = self.hosts[out.host].fence_mode
+                    if mode != "hang":
+                        self._at(self.now + self.sim.fence_ms, "fence_done", (host.name, host.incarnation,
+                                                                              out, mode == "ok"))
+
+    def _result(self, host: SimHost, cid: str, ok: bool, after_ms: int, reason: str = "") -> None:
+        self._at(self.now + after_ms, "result", (host.name, host.incarnation, cid, ok, reason))
+
+    def _on_result(self, payload: tuple[str, int, str, bool, str]) -> None:
+        name, incarnation, cid, ok, reason = payload
+        host = self.hosts[name]
+        if host.incarnation == incarnation:
+            self._observe_vms(host)
+            self._feed(host, CommandResult(id=cid, ok=ok, reason=reason, now_ms=self.now))
+
+    def _observe_vms(self, host: SimHost) -> None:
+        crashed, host.crashed = frozenset(host.crashed), set()
+        self._feed(host, LocalVmsObserved(vms=dict(host.vms), crashed=crashed, now_ms=self.now))
+
+    def _end_vm(self, host: SimHost, vm: str, how: str) -> None:
+        if host.vms.pop(vm, None) is not None:
+            self.checker.vm_ended(vm, host.name, how, self.now)
+
+    def _on_fence_done(self, payload: tuple[str, int, FenceHost, bool]) -> None:
+        by, incarnation, cmd, ok = payload
+        target = self.hosts[cmd.host]
+        if ok:
+            target.fenced_ms = self.now
+            if target.powered:
+                self._power_off(target, "fenced")
+        by_host = self.hosts[by]
+        if by_host.incarnation == incarnation:
+            self._feed(by_host, CommandResult(id=cmd.id, ok=ok, now_ms=self.now,
+                                              reason="" if ok else "fence device error"))
+
+    # ---- migrations -----------------------------------------------------------------
+
+    def _start_migration(self, src: SimHost, cmd: MigrateVm) -> None:
+        dst = self.hosts[cmd.target]
+        if not dst.powered or src.vms.get(cmd.vm) != "running" or cmd.vm in dst.vms:
+            self._result(src, cmd.id, False, 20, "destination not ready")
+            return
+        dst.vms[cmd.vm] = "inmigrate"
+        self._observe_vms(dst)
+        mode = self.migration_mode
+        took = self.sim.stall_ms if mode == "stall" else self.rng.randint(*self.sim.migration_ms)
+        self._at(self.now + took, "migration_done", (src.name, src.incarnation, dst.name, cmd, mode == "ok"))
+
+    def _on_migration_done(self, payload: tuple[str, int, str, MigrateVm, bool]) -> None:
+        src_name, incarnation, dst_name, cmd, ok = payload
+        src, dst = self.hosts[src_name], self.hosts[dst_name]
+        ok = ok and src.vms.get(cmd.vm) == "running" and dst.vms.get(cmd.vm) == "inmigrate"
+        if ok:
+            src.vms[cmd.vm], dst.vms[cmd.vm] = "postmigrate", "running"
+            self.checker.vm_ended(cmd.vm, src.name, "migrated", self.now)
+            self.checker.vm_started(cmd.vm, dst.name)
+            self.migrations_done.append((self.now, src.name, dst.name, cmd.vm))
+        elif dst.vms.get(cmd.vm) == "inmigrate" and src.vms.get(cmd.vm) == "running":
+            del dst.vms[cmd.vm]                 # a failed incoming QEMU exits
+        self._observe_vms(dst)
+        if src.incarnation == incarnation:
+            self._result(src, cmd.id, ok, 0, "" if ok else "migration failed")
+
+    # ---- hosts ----------------------------------------------------------------------
+
+    def _config(self, name: str) -> CoreConfig:
+        return CoreConfig(me=name, hosts=self.specs, vms=self.vm_specs, timing=self.timing,
+                          detector=self.sim.detector, isolation=self.sim.isolation)
+
+    def _boot_agent(self, host: SimHost) -> None:
+        host.incarnation += 1
+        host.agent = self.agent_class(self._config(host.name), incarnation=host.incarnation, now_ms=self.now,
+                                      persisted=host.disk)
+        self._feed(host, BrokerStatus(connected=self._connected(host), now_ms=self.now))
+        self._observe_vms(host)
+
+    def _power_off(self, host: SimHost, how: str) -> None:
+        for vm in list(host.vms):
+            self._end_vm(host, vm, how)
+        host.powered, host.agent, host.watchdog_armed = False, None, False
+        host.incarnation += 1                   # nothing addressed to the old life arrives
+
+    def _on_boot(self, name: str) -> None:
+        host = self.hosts[name]
+        if not host.powered:
+            host.powered = True
+            self._boot_agent(host)
+
+    def _on_agent_boot(self, name: str) -> None:
+        host = self.hosts[name]
+        if host.powered and host.agent is None:
+            self._boot_agent(host)
+
+    # ---- faults ---------------------------------------------------------------------
+
+    def _on_fault(self, f: Fault) -> None:
+        a = self.hosts.get(f.args[0]) if f.args else None
+        match f.kind:
+            case "cut" | "cut2" | "heal":
+                x, y = f.args
+                pairs = {(x, y)} if f.kind == "cut" else {(x, y), (y, x)}
+                self.cuts = self.cuts - pairs if f.kind == "heal" else self.cuts | pairs
+            case "isolate" | "rejoin":
+                assert a is not None
+                pairs = {p for o in self.hosts if o != a.name for p in ((a.name, o), (o, a.name))}
+                self.cuts = self.cuts | pairs if f.kind == "isolate" else self.cuts - pairs
+                a.broker_link = f.kind == "rejoin"
+                self._broker_changed()
+            case "broker-down" | "broker-up":
+                self.broker_up = f.kind == "broker-up"
+                self._broker_changed()
+            case "crash":
+                assert a is not None
+                if a.powered:
+                    self._power_off(a, "crash")
+            case "boot":
+                self._on_boot(f.args[0])
+            case "agent-restart":
+                if a is not None and a.agent is not None:
+                    a.agent = None
+                    a.incarnation += 1
+                    self._at(self.now + self.sim.agent_restart_ms, "agent_boot", a.name)
+            case "fence":
+                assert a is not None
+                a.fence_mode = f.args[1]
+            case "qemu-crash":
+                for host in self.hosts.values():
+                    if host.vms.get(f.args[0]) == "running":
+                        self._end_vm(host, f.args[0], "qemu-crash")
+                        host.crashed.add(f.args[0])
+                        self._observe_vms(host)
+            case "migrations":
+                self.migration_mode = f.args[0]
+            case "loss":
+                self.loss_pct = int(f.args[0])
+            case "dup":
+                self.dup_pct = int(f.args[0])
+            case "drain" | "undrain":
+                action: Literal["drain", "undrain"] = "drain" if f.kind == "drain" else "undrain"
+                self.admin(action, f.args[0])
+
+    def admin(self, action: Literal["drain", "undrain"], host: str) -> None:
+        """An operator's request, given to the first agent that runs."""
+        for h in self.hosts.values():
+            if h.agent is not None:
+                self._feed(h, AdminRequested(action=action, host=host, now_ms=self.now))
+                return
+
+    def _on_heal(self, _: None) -> None:
+        self.healed = True
+        self.cuts.clear()
+        self.broker_up, self.loss_pct, self.dup_pct, self.migration_mode = True, 0, 0, "ok"
+        for host in self.hosts.values():
+            host.fence_mode, host.broker_link = "ok", True
+            if not host.powered:
+                self._at(self.now + self.sim.boot_ms, "boot", host.name)
+        self._broker_changed()
+
+    # ---- results --------------------------------------------------------------------
+
+    def coordinators(self) -> dict[str, int]:
+        return {h.name: h.agent.term for h in self.hosts.values()
+                if h.agent is not None and h.agent.role == "coordinator"}
+
+
+__all__ = ["SimConfig", "SimHost", "Violation", "World"]

@@ -15,15 +15,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any
 
 from haguard.adapters.qmp import Qmp
 from haguard.core.strategy import (
     FINAL_STATES,
     Abort,
     Action,
-    ConvergencePolicy,
     ConvergenceStrategy,
     GiveUpRecovery,
     MigrationSample,
@@ -37,45 +35,13 @@ from haguard.core.strategy import (
 from haguard.errors import HaguardError, MigrationError, PreflightError, QmpCommandError, QmpError
 from haguard.migration import preflight
 from haguard.migration.features import QemuFeatures, detect
+from haguard.migration.options import MigrationOptions
+from haguard.migration.plan import Plan, apply_plan, make_plan
+from haguard.migration.postcopy import PostcopyRecovery
 from haguard.migration.result import MigrationResult, Progress
 from haguard.migration.storage import DiskMirror
-from haguard.migration.uri import MigrationUri
 
 log = logging.getLogger("haguard.migration")
-
-# A resume whose connection never came up is sent again only after TCP's own connect
-# attempts would have given up.
-RESUME_RETRY_MS = 130_000
-UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s; QEMU treats any huge value as no cap
-# Capabilities haguard sets explicitly on every run, so a previous attempt's leftovers never apply.
-MANAGED_CAPS = ("events", "postcopy-ram", "multifd", "xbzrle", "auto-converge", "return-path",
-                "pause-before-switchover")
-
-
-@dataclass(frozen=True, kw_only=True)
-class MigrationOptions:
-    uri: MigrationUri
-    policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
-    multifd: Literal["auto", "on", "off"] = "auto"
-    multifd_channels: int = 2
-    compression: Literal["none", "zstd", "zlib"] = "none"
-    xbzrle: bool = False
-    extra_capabilities: tuple[str, ...] = ()
-    local_disks: tuple[str, ...] = ()          # block node names to copy to the destination
-    nbd_uri: MigrationUri | None = None        # where the destination exports them
-    quit_source: bool = True
-    poll_interval_s: float = 0.1
-    vm_name: str = ""
-
-
-@dataclass
-class _Plan:
-    source_caps: dict[str, bool] = field(default_factory=dict)
-    dest_caps: dict[str, bool] = field(default_factory=dict)
-    policy: ConvergencePolicy = field(default_factory=ConvergencePolicy)
-    source_params: frozenset[str] = frozenset()
-    notes: list[str] = field(default_factory=list)
-
 
 ProgressFn = Callable[[Progress], None]
 AlertFn = Callable[[str, str], None]
@@ -99,9 +65,7 @@ class Migration:
         self._mirror: DiskMirror | None = None
         self._source_was: str = "running"
         self._step = "preflight"
-        self._recover_uri: MigrationUri | None = None
-        self._recover_port_offset = 0
-        self._resume_sent_ms: int | None = None
+        self._recovery: PostcopyRecovery | None = None
         self._migrate_started = False
         self._src_commands: frozenset[str] = frozenset()
         self._last_moving: MigrationSample | None = None  # last sample before the final state
@@ -114,7 +78,9 @@ class Migration:
         res = self._result
         try:
             plan = await self._preflight()
-            await self._configure(plan)
+            self._step = "configure"
+            await apply_plan(plan, self.opts, self.source, self.dest)
+            res.capabilities = plan.enabled
             if self.opts.local_disks:
                 await self._start_storage(cancel)
             await self._start(plan)
@@ -141,7 +107,7 @@ class Migration:
 
     # ---- phases ---------------------------------------------------------------------
 
-    async def _preflight(self) -> _Plan:
+    async def _preflight(self) -> Plan:
         self._step = "preflight"
         self._source_was = await preflight.check_source(self.source)
         src_feats = await detect(self.source)
@@ -154,91 +120,9 @@ class Migration:
             await preflight.check_destination(self.dest)
             dst_feats = await detect(self.dest)
             preflight.compare_identity(src_id, await preflight.vm_identity(self.dest))
-        plan = self._plan(src_feats, dst_feats)
+        plan = make_plan(self.opts, src_feats, dst_feats)
         self._strategy = ConvergenceStrategy(plan.policy, ram_bytes, _ms(self.clock() - self._t0))
         return plan
-
-    def _plan(self, src: QemuFeatures, dst: QemuFeatures | None) -> _Plan:
-        o, plan = self.opts, _Plan(policy=self.opts.policy, source_params=src.parameters)
-        both = src.capabilities & (dst.capabilities if dst else src.capabilities)
-        wanted: set[str] = {"events", *o.extra_capabilities}
-        if plan.policy.postcopy != "never":
-            if "postcopy-ram" in both:
-                wanted |= {"postcopy-ram", "return-path"}
-            elif plan.policy.postcopy == "always":
-                wanted.add("postcopy-ram")  # reported as unsupported below
-            else:
-                plan.notes.append("postcopy unsupported on one side: falling back to pre-copy only")
-                plan.policy = replace(plan.policy, postcopy="never")
-            if dst is not None and not dst.oob and plan.policy.postcopy != "never":
-                plan.notes.append("destination monitor lacks out-of-band support: a paused "
-                                  "postcopy could not be recovered")
-        if o.local_disks:
-            wanted |= {"pause-before-switchover", "return-path"}
-        if o.xbzrle:
-            wanted.add("xbzrle")
-        # multifd and postcopy together break QEMUs before 10.1 (some accept both and then
-        # lose the destination at switchover), and no capability tells them apart: keep
-        # them apart.
-        postcopy_on = plan.policy.postcopy != "never"
-        if o.compression != "none" or o.multifd == "on":
-            if postcopy_on:
-                what = ("compression needs multifd, which" if o.compression != "none"
-                        else "multifd")
-                raise PreflightError(f"{what} cannot be combined with postcopy: add --postcopy never")
-            wanted.add("multifd")
-        elif o.multifd == "auto" and not o.xbzrle and not postcopy_on and "multifd" in both:
-            wanted.add("multifd")
-        if plan.policy.postcopy == "never" and plan.policy.auto_converge and "auto-converge" in both:
-            wanted.add("auto-converge")
-        preflight.check_capabilities(wanted, src, dst)
-        preflight.check_compression(o.compression, src, dst)
-        dest_side = {"postcopy-ram", "multifd", *o.extra_capabilities}
-        for cap in (*MANAGED_CAPS, *o.extra_capabilities):
-            if cap in src.capabilities:
-                plan.source_caps[cap] = cap in wanted
-            if dst and cap in dst.capabilities and cap in dest_side:
-                plan.dest_caps[cap] = cap in wanted
-        return plan
-
-    async def _set_caps(self, qmp: Qmp, caps: dict[str, bool]) -> None:
-        await qmp.cmd("migrate-set-capabilities", {"capabilities": [
-            {"capability": c, "state": s} for c, s in caps.items()]})
-
-    async def _configure(self, plan: _Plan) -> None:
-        self._step = "configure"
-        o, res = self.opts, self._result
-        if self.dest and plan.dest_caps:
-            try:
-                await self._set_caps(self.dest, plan.dest_caps)
-            except QmpCommandError as exc:
-                raise PreflightError(f"destination refused the migration capabilities: "
-                                     f"{exc.desc}") from None
-        try:
-            await self._set_caps(self.source, plan.source_caps)
-        except QmpCommandError as exc:
-            raise PreflightError(f"source refused the migration capabilities: {exc.desc}") from None
-        multifd = plan.source_caps.get("multifd", False)
-        bw = plan.policy.max_bandwidth_bps or UNLIMITED_BANDWIDTH
-        src_params: dict[str, Any] = {"max-bandwidth": bw,
-                                      "downtime-limit": plan.policy.initial_downtime_ms}
-        if plan.source_caps.get("postcopy-ram") and "max-postcopy-bandwidth" in plan.source_params:
-            # The cap is about the link, which postcopy shares: 0 means no cap for QEMU here.
-            src_params["max-postcopy-bandwidth"] = plan.policy.max_bandwidth_bps
-        if plan.source_caps.get("auto-converge"):
-            # Armed but gentle: the strategy raises it when the ladder reaches throttling.
-            src_params |= {"cpu-throttle-initial": 1, "cpu-throttle-increment": 1,
-                           "max-cpu-throttle": 1}
-        common: dict[str, Any] = {}
-        if multifd:
-            common["multifd-channels"] = o.multifd_channels
-            common["multifd-compression"] = o.compression
-        await self.source.cmd("migrate-set-parameters", src_params | common)
-        if self.dest and common:
-            await self.dest.cmd("migrate-set-parameters", common)
-        res.capabilities = sorted(c for c, on in plan.source_caps.items() if on)
-        for note in plan.notes:
-            log.warning("%s", note)
 
     async def _start_storage(self, cancel: asyncio.Event) -> None:
         if not self.dest or not self.opts.nbd_uri:
@@ -268,7 +152,7 @@ class Migration:
         except TimeoutError:
             raise MigrationError("disk copy did not become ready in time") from None
 
-    async def _start(self, plan: _Plan) -> None:
+    async def _start(self, plan: Plan) -> None:
         self._step = "start"
         uri = self.opts.uri
         if self.dest:
@@ -301,7 +185,7 @@ class Migration:
         )
         return sample, info
 
-    async def _watch(self, plan: _Plan, cancel: asyncio.Event) -> None:
+    async def _watch(self, plan: Plan, cancel: asyncio.Event) -> None:
         assert self._strategy is not None
         strategy, res = self._strategy, self._result
         cancel_requested = False
@@ -315,8 +199,8 @@ class Migration:
                     await self._apply(action, sample)
                 if strategy.postcopy_started:
                     res.postcopy = True
-                if sample.status == "postcopy-active":
-                    self._recover_uri = None  # a later pause needs a new migrate-recover
+                if sample.status == "postcopy-active" and self._recovery:
+                    self._recovery.stream_restored()
                 if strategy.postcopy_started and not await self._dest_alive():
                     msg = ("destination QEMU died during postcopy: the VM is lost (its memory "
                            "was split between the hosts); the source is kept for inspection")
@@ -379,51 +263,16 @@ class Migration:
                     await self.source.cmd("migrate-pause", oob=True, timeout_s=5)
             case RecoverPostcopy():
                 self._step = "postcopy paused: recovering"
-                await self._recover()
+                if self.dest is not None:
+                    self._recovery = self._recovery or PostcopyRecovery(
+                        self.source, self.dest, self.opts.uri)
+                    await self._recovery.attempt(self._elapsed_ms())
+                    res.postcopy_recoveries = self._recovery.resumes
             case RaiseAlert(kind=kind, reason=reason):
                 self.on_alert(kind, reason)
             case GiveUpRecovery(reason=reason):
                 res.status, res.error = "postcopy-paused", reason
                 self.on_alert("migration-postcopy-stuck", reason)
-
-    async def _recover(self) -> None:
-        """One recovery attempt: the destination listens again (OOB), the source resumes.
-
-        migrate-recover is accepted once per pause, and only once the destination has
-        itself noticed the broken stream (postcopy-paused).  The source's resume is sent
-        once per listener: a second one while the first still tries to connect would
-        reach the destination as a second stream (QEMU 7.2's listen thread crashes on
-        that), so the path is probed first, while nothing listens on the port.
-        """
-        if self.dest is None:
-            return
-        if self._recover_uri is None:
-            uri = self._next_recover_uri()
-            if uri.scheme == "tcp":
-                probe = await asyncio.to_thread(preflight.tcp_probe, uri.host, uri.port, 2.0)
-                if probe == "open":
-                    self._recover_port_offset += 1  # an old listener holds the port
-                if probe != "refused":
-                    return  # the path is not back yet
-            try:
-                await self.dest.cmd("migrate-recover", {"uri": str(uri)}, oob=True, timeout_s=5)
-            except QmpCommandError as exc:
-                log.info("migrate-recover refused: %s", exc.desc)
-                return
-            except HaguardError as exc:
-                log.info("migrate-recover failed: %s", exc)
-                return
-            self._recover_uri, self._resume_sent_ms = uri, None
-        now = self._elapsed_ms()
-        if self._resume_sent_ms is not None and now - self._resume_sent_ms < RESUME_RETRY_MS:
-            return
-        try:
-            await self.source.cmd("migrate", {"uri": str(self._recover_uri), "resume": True},
-                                  timeout_s=5)
-            self._resume_sent_ms = now
-            self._result.postcopy_recoveries += 1
-        except HaguardError as exc:
-            log.info("migrate resume not accepted yet: %s", exc)
 
     async def _dest_alive(self) -> bool:
         if self.dest is None or self.dest.connected:
@@ -433,12 +282,6 @@ class Migration:
         except HaguardError:
             return False
         return True
-
-    def _next_recover_uri(self) -> MigrationUri:
-        uri, n = self.opts.uri, self._recover_port_offset
-        if uri.scheme == "unix":
-            return uri.with_path(f"{uri.path}.recover{n}")
-        return uri.with_port(uri.port + n) if n else uri
 
     # ---- endings --------------------------------------------------------------------
 

@@ -8,7 +8,8 @@ stable storage before any `Send` after it.  The agent's rules:
   hears this agent (mutual, through the broker), or while it answers ping;
   decisions need the broker kind (votes and acks travel through it).
 - grants: a VM is started only when the committed state names this host its owner,
-  this agent follows a live coordinator of its highest term, holds quorum (so its
+  this agent follows a live coordinator of its highest term that committed that
+  state in its own term, holds quorum (so its
   watchdog is being petted) and is not fenced.  A local VM without a grant is
   reported, never stopped on this agent's own initiative.
 - watchdog: petted while this agent holds quorum, or while nothing runs here.
@@ -394,8 +395,11 @@ class ClusterAgent:
             if now - at > COMMAND_EXPIRY_MS:
                 del self.commands[cid]
         state, term = self.committed, self.election.term
-        if self.election.following(now) is None:
-            return []                               # orders only from a live coordinator of our term
+        # Orders only from a live coordinator of our term, and only once it has committed a state in
+        # its own term: that state holds every decision committed before (a new coordinator's first
+        # proposal is built on what it accepted), an older committed snapshot may not.
+        if self.election.following(now) is None or state.term != self.election.term:
+            return []
         out: list[VmCommand] = []
         for vm in sorted(self.migration_reports):   # reported until the record is gone
             report, mig = self.migration_reports[vm], state.migrations.get(vm)

@@ -100,9 +100,6 @@ def test_cut_host_is_declared_dead_in_time(cluster: Cluster) -> None:
                           DEAD_MS / 1000 + SLACK_S + 3)
         print(f"h3 dead {took:.2f} s after the cut (dead_timeout_ms {DEAD_MS})")
         assert took <= DEAD_MS / 1000 + SLACK_S, f"dead after {took:.2f} s"
-        for o in ("h1", "h2"):
-            seen = [e["new"] for e in c.events(o, "peer-state") if e["host"] == "h3"]
-            assert "suspect" in seen[-3:], seen
         # The cut-off host has no broker: it declares nobody dead.
         _never(c, ("h3",), "h1", "dead", 1.0)
         assert c.state_of("h3", "h2") != "dead"

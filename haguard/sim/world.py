@@ -77,6 +77,7 @@ class SimConfig:
     migration_ms: tuple[int, int] = (300, 1500)
     stall_ms: int = 5000
     liveness_bound_ms: int = 25_000
+    host_specs: tuple[HostSpec, ...] = ()   # replaces the generated hosts when given
 
 
 @dataclass
@@ -107,6 +108,8 @@ class World:
         names = [f"h{i}" for i in range(1, self.sim.hosts + 1)]
         specs = {n: HostSpec(name=n, memory_mib=self.sim.host_memory_mib, vcpus=self.sim.host_vcpus,
                              fence_device=self.sim.fence_devices) for n in names}
+        if self.sim.host_specs:
+            specs = {s.name: s for s in self.sim.host_specs}
         if self.sim.witness:
             specs["w"] = HostSpec(name="w", witness=True)
         self.specs = specs
@@ -127,6 +130,7 @@ class World:
         self.fences: list[tuple[int, str, str]] = []           # (at, by, host)
         self.starts: list[tuple[int, str, str]] = []           # (at, host, vm)
         self.migrations_done: list[tuple[int, str, str, str]] = []
+        self.power_offs: list[tuple[int, str, str]] = []       # (at, host, why)
         self.healed = False
         self.converged_ms: int | None = None
         self.events = 0
@@ -328,6 +332,7 @@ class World:
         self._observe_vms(host)
 
     def _power_off(self, host: SimHost, how: str) -> None:
+        self.power_offs.append((self.now, host.name, how))
         for vm in list(host.vms):
             self._end_vm(host, vm, how)
         host.powered, host.agent, host.watchdog_armed = False, None, False

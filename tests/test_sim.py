@@ -1,0 +1,310 @@
+"""The cluster core under the deterministic simulator: seeded random schedules and named scenarios.
+
+Every run is checked after every step by `haguard.sim.checkers` (a `Violation` fails
+the run); the scenarios also assert what should have happened (fences, alerts,
+moves).  A deliberately broken core shows that the checks can fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.cluster.coordinator import Coordinator
+from haguard.core.cluster.placement import VmSpec
+from haguard.core.cluster.types import HostSpec
+from haguard.sim.faults import Fault, Schedule
+from haguard.sim.runner import main, run, shrink
+from haguard.sim.world import SimConfig, World
+
+RANDOM_SEEDS = 200
+LIVENESS_BOUND_MS = SimConfig().liveness_bound_ms
+NO_DEVICES = SimConfig(fence_devices=False)
+
+
+def faults(*specs: str) -> tuple[Fault, ...]:
+    return tuple(Fault.decode(s) for s in specs)
+
+
+def scenario(*specs: str, until_ms: int, heal_ms: int | None = None, sim: SimConfig | None = None,
+             seed: int = 7) -> World:
+    """Run the faults; heal at `heal_ms` (default: `until_ms`); stop at `until_ms` or convergence."""
+    schedule = Schedule(faults=faults(*specs), heal_ms=heal_ms if heal_ms is not None else until_ms)
+    world = World(seed, schedule, sim or SimConfig())
+    world.run(until_ms)
+    return world
+
+
+def owners(world: World) -> dict[str, str]:
+    return {vm: h.name for h in world.hosts.values() for vm, q in h.vms.items() if q == "running"}
+
+
+def vms_of(world: World, host: str, at_ms: int) -> set[str]:
+    """VMs running on `host` just before `at_ms` (from the start records)."""
+    last: dict[str, str] = {}
+    for at, h, vm in world.starts:
+        if at < at_ms:
+            last[vm] = h
+    for at, _src, dst, vm in world.migrations_done:
+        if at < at_ms:
+            last[vm] = dst
+    return {vm for vm, h in last.items() if h == host}
+
+
+def settle(world: World, until_ms: int) -> None:
+    world.run(until_ms)
+    assert world.checker.all_running(), owners(world)
+
+
+# ---- seeded random schedules -----------------------------------------------------------
+
+@pytest.mark.timeout(90)
+def test_random_schedules_keep_the_invariants_and_converge() -> None:
+    worst = 0
+    for seed in range(1, RANDOM_SEEDS + 1):
+        result, _world = run(seed)
+        assert result.ok, f"{result.failure}: {result.message}\nreproduce: {result.command()}"
+        assert result.converged_ms is not None
+        worst = max(worst, result.converged_ms)
+    assert worst <= LIVENESS_BOUND_MS
+    print(f"{RANDOM_SEEDS} seeds: worst convergence {worst} ms after healing (bound {LIVENESS_BOUND_MS} ms)")
+
+
+@pytest.mark.timeout(20)
+def test_a_seed_replays_exactly() -> None:
+    first, w1 = run(11)
+    again, w2 = run(11)
+    assert first == again
+    assert w1 is not None and w2 is not None
+    assert (w1.starts, w1.fences, w1.events) == (w2.starts, w2.fences, w2.events)
+
+
+class _NoFenceCoordinator(Coordinator):
+    """Broken on purpose: treats every host declared dead as fenced at once."""
+
+    def fenced(self, host: str, now_ms: int) -> bool:
+        return True
+
+
+class _NoFenceAgent(ClusterAgent):
+    coordinator_class = _NoFenceCoordinator
+
+
+@pytest.mark.timeout(30)
+def test_a_core_that_recovers_without_fencing_is_caught() -> None:
+    # Without fence devices the broken core recovers at once instead of waiting for the watchdog.
+    # A partitioned host's VMs still run: recovering them at once runs them twice.
+    schedule = Schedule(faults=faults("3000:isolate:h2"), heal_ms=12_000)
+    result, _ = run(5, schedule=schedule, sim=NO_DEVICES, agent_class=_NoFenceAgent)
+    assert result.failure == "safety" and result.invariant == 1, result.message
+    # A crashed host was never fenced and its watchdog deadline had not passed.
+    schedule = Schedule(faults=faults("3000:crash:h2"), heal_ms=12_000)
+    result, _ = run(5, schedule=schedule, sim=NO_DEVICES, agent_class=_NoFenceAgent)
+    assert result.failure == "safety" and result.invariant == 2, result.message
+    # The same schedules pass with the real core.
+    for fault in ("3000:isolate:h2", "3000:crash:h2"):
+        assert run(5, schedule=Schedule(faults=faults(fault), heal_ms=12_000), sim=NO_DEVICES)[0].ok
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_run_shrinks_and_prints_its_reproduction(capsys: pytest.CaptureFixture[str]) -> None:
+    noise = ("1500:dup:5", "2000:loss:5", "2500:qemu-crash:vm3", "3000:isolate:h2", "3500:cut:h3:h4",
+             "4000:heal:h3:h4")
+    schedule = Schedule(faults=faults(*noise), heal_ms=12_000)
+    result, _ = run(5, schedule=schedule, sim=NO_DEVICES, agent_class=_NoFenceAgent)
+    assert not result.ok
+    shrunk = shrink(result, sim=NO_DEVICES, agent_class=_NoFenceAgent)
+    assert len(shrunk.faults) < len(schedule.faults)
+    assert "isolate" in shrunk.encode()
+    assert result.command(shrunk).startswith("python -m haguard.sim --seed 5 --schedule '")
+    assert Schedule.decode(shrunk.encode()) == shrunk
+    assert main(["--seed", "3"]) == 0
+    assert "seed 3: ok" in capsys.readouterr().out
+
+
+# ---- named scenarios -------------------------------------------------------------------
+
+def _drain_cluster(hosts: int) -> SimConfig:
+    """The last host takes four VMs (highest group priority); two VMs elsewhere pin the
+    anti-affinity groups, and the others have room for exactly two more VMs each."""
+    drained = f"h{hosts}"
+    specs = [HostSpec(name=f"h{i}", memory_mib=6144, vcpus=8, fence_device=True,
+                      groups=frozenset({f"g{i}"})) for i in range(1, hosts)]
+    specs.append(HostSpec(name=drained, memory_mib=8192, vcpus=8, fence_device=True, group_priority=5,
+                          groups=frozenset({"big"})))
+    vms = (VmSpec(name="vm1", memory_mib=2048, vcpus=2, priority=3, anti_affinity="web"),
+           VmSpec(name="vm2", memory_mib=2048, vcpus=2, priority=2, anti_affinity="db"),
+           VmSpec(name="vm3", memory_mib=2048, vcpus=2, priority=1),
+           VmSpec(name="vm4", memory_mib=2048, vcpus=2, priority=0),
+           VmSpec(name="vm5", memory_mib=2048, vcpus=2, anti_affinity="web",
+                  allowed_groups=frozenset({"g1"})),
+           VmSpec(name="vm6", memory_mib=2048, vcpus=2, anti_affinity="db",
+                  allowed_groups=frozenset({"g2"})))
+    return SimConfig(hosts=hosts, host_specs=tuple(specs), vms=vms)
+
+
+def _check_layout(world: World) -> None:
+    for host in world.hosts.values():
+        running = [vm for vm, q in host.vms.items() if q == "running"]
+        groups = [world.vm_specs[vm].anti_affinity for vm in running if world.vm_specs[vm].anti_affinity]
+        assert len(groups) == len(set(groups)), f"anti-affinity broken on {host.name}: {running}"
+        used = sum(world.vm_specs[vm].memory_mib for vm in running)
+        assert used <= host.spec.memory_mib, f"{host.name} over capacity: {running}"
+
+
+@pytest.mark.timeout(20)
+def test_drain_moves_four_vms_live_within_anti_affinity_and_capacity() -> None:
+    sim = _drain_cluster(3)
+    world = scenario(until_ms=2500, sim=sim)
+    assert vms_of(world, "h3", 2500) == {"vm1", "vm2", "vm3", "vm4"}
+    world = scenario("3000:drain:h3", until_ms=20_000, sim=sim)
+    assert not [vm for vm, q in world.hosts["h3"].vms.items() if q == "running"]
+    assert world.checker.all_running()
+    assert sorted(vm for _at, src, _dst, vm in world.migrations_done if src == "h3") == ["vm1", "vm2", "vm3",
+                                                                                            "vm4"]
+    assert len(world.starts) == 6, "a drain moves VMs live, it never restarts them"
+    assert [vm for _at, _src, _dst, vm in world.migrations_done][:2] == ["vm1", "vm2"], "priority first"
+    assert owners(world)["vm1"] == "h2" and owners(world)["vm2"] == "h1", "anti-affinity decides"
+    _check_layout(world)
+    assert world.checker.newest.host("h3").maintenance
+
+
+@pytest.mark.timeout(20)
+def test_hard_host_failure_is_fenced_then_recovered() -> None:
+    world = scenario("3000:crash:h2", until_ms=12_000, heal_ms=30_000)
+    lost = vms_of(world, "h2", 3000)
+    assert lost
+    fences = [(at, target) for at, _by, target in world.fences]
+    assert [t for _at, t in fences] == ["h2"]
+    fenced_at = fences[0][0] + world.sim.fence_ms
+    restarted = {vm: at for at, h, vm in world.starts if vm in lost and at > 3000}
+    assert set(restarted) == lost
+    assert min(restarted.values()) >= fenced_at
+    assert set(owners(world)) == set(world.vm_names)
+
+
+@pytest.mark.timeout(20)
+def test_fence_failure_holds_recovery_and_alerts_until_a_fence_succeeds() -> None:
+    world = scenario("1000:fence:h2:fail", "3000:crash:h2", "9000:fence:h2:ok", until_ms=16_000,
+                     heal_ms=30_000)
+    lost = vms_of(world, "h2", 3000)
+    failures = [a for _at, _h, a in world.alerts if a.kind == "fence-failed"]
+    assert len(failures) >= 2 and "h2" in failures[0].reason
+    assert len([f for f in world.fences if f[2] == "h2"]) >= 3, "fencing retried"
+    restarted = [at for at, _h, vm in world.starts if vm in lost and at > 3000]
+    assert restarted and min(restarted) >= 9000, "nothing recovered before the fence succeeded"
+    assert set(owners(world)) == set(world.vm_names)
+
+
+@pytest.mark.timeout(20)
+def test_hung_fence_counts_as_failed_and_is_retried() -> None:
+    world = scenario("1000:fence:h2:hang", "3000:crash:h2", "8000:fence:h2:ok", until_ms=16_000,
+                     heal_ms=30_000)
+    assert any("no answer" in a.reason for _at, _h, a in world.alerts if a.kind == "fence-failed")
+    assert set(owners(world)) == set(world.vm_names)
+
+
+@pytest.mark.parametrize("policy", ["keep", "shutdown", "self-fence"])
+@pytest.mark.timeout(20)
+def test_partitioned_host_with_running_vms_is_never_doubled(policy: str) -> None:
+    sim = SimConfig(isolation=policy)  # type: ignore[arg-type]
+    world = scenario("3000:isolate:h2", until_ms=14_000, heal_ms=30_000, sim=sim)
+    lost = vms_of(world, "h2", 3000)
+    assert any(a.kind == "isolated" and h == "h2" for _at, h, a in world.alerts)
+    assert ("h2" in [t for _at, _by, t in world.fences])
+    off = next(at for at, h, _why in world.power_offs if h == "h2")
+    assert all(at > off for at, _h, vm in world.starts if vm in lost and at > 3000)
+    assert set(owners(world)) == set(world.vm_names) and not world.hosts["h2"].powered
+
+
+@pytest.mark.timeout(20)
+def test_isolation_shutdown_stops_the_vms_on_the_isolated_host() -> None:
+    sim = SimConfig(isolation="shutdown", fence_devices=False)
+    world = scenario("3000:isolate:h2", until_ms=4500, heal_ms=30_000, sim=sim)
+    assert vms_of(world, "h2", 3000) and not world.hosts["h2"].vms
+
+
+@pytest.mark.timeout(20)
+def test_broker_outage_moves_nothing_and_fences_nobody() -> None:
+    world = scenario(until_ms=2900)
+    before = owners(world)
+    incarnations = {h.name: h.incarnation for h in world.hosts.values()}
+    world = scenario("3000:broker-down", "10000:broker-up", until_ms=10_000, heal_ms=30_000)
+    assert owners(world) == before
+    assert not world.fences and not world.migrations_done
+    assert not [s for s in world.starts if s[0] > 3000]
+    assert {h.name: h.incarnation for h in world.hosts.values()} == incarnations, "no watchdog reset"
+    assert not world.coordinators(), "nobody coordinates without the broker"
+    settle(world, 20_000)
+    assert owners(world) == before
+
+
+@pytest.mark.timeout(30)
+def test_coordinator_loss_mid_drain_a_new_coordinator_finishes() -> None:
+    sim = _drain_cluster(4)
+    world = World(7, Schedule(faults=faults("3000:drain:h4"), heal_ms=40_000), sim)
+    world.run(2900)
+    assert list(world.coordinators()) == ["h1"]
+    t = 3000
+    while not world.migrations_done and t < 10_000:
+        t += 50
+        world.run(t)
+    assert world.migrations_done, "the drain started"
+    world.hosts["h1"].fence_mode = "ok"
+    world._on_fault(Fault(at_ms=world.now, kind="crash", args=("h1",)))
+    lost_at = world.now
+    world.run(25_000)
+    assert world.coordinators() and "h1" not in world.coordinators()
+    assert not [vm for vm, q in world.hosts["h4"].vms.items() if q == "running"]
+    assert any(at > lost_at and src == "h4" for at, src, _dst, _vm in world.migrations_done)
+    # vm5 may only run on h1 (allowed groups): it waits for h1; everything else runs.
+    assert set(owners(world)) == set(world.vm_names) - {"vm5"}, owners(world)
+    _check_layout(world)
+    settle(world, 40_000 + LIVENESS_BOUND_MS)
+
+
+@pytest.mark.timeout(20)
+def test_split_into_halves_decides_nothing() -> None:
+    cuts = [f"3000:cut2:{a}:{b}" for a in ("h1", "h2") for b in ("h3", "h4")]
+    world = scenario(*cuts, until_ms=9000, heal_ms=9000)
+    assert not world.fences
+    assert not [s for s in world.starts if s[0] > 3000], "no side may start anything"
+    # Without quorum the hosts stop petting: the watchdogs reset them (self-fencing).
+    assert {h for _at, h, why in world.power_offs if why == "watchdog"} == {"h1", "h2", "h3", "h4"}
+    settle(world, 9000 + LIVENESS_BOUND_MS)
+
+
+@pytest.mark.timeout(20)
+def test_split_with_a_witness_the_majority_side_recovers() -> None:
+    sim = SimConfig(witness=True)
+    cuts = [f"3000:cut2:{a}:{b}" for a in ("h1", "h2", "w") for b in ("h3", "h4")]
+    world = scenario(*cuts, until_ms=15_000, heal_ms=40_000, sim=sim)
+    assert {t for _at, _by, t in world.fences} == {"h3", "h4"}
+    assert set(owners(world)) == set(world.vm_names)
+    assert set(owners(world).values()) <= {"h1", "h2"}
+
+
+@pytest.mark.timeout(20)
+def test_flapping_links_never_double_a_vm() -> None:
+    flaps = [f"{t}:{'cut2' if i % 2 == 0 else 'heal'}:h2:h3" for i, t in enumerate(range(3000, 11_000, 400))]
+    flaps += [f"{t}:{'cut' if i % 2 == 0 else 'heal'}:h1:h4" for i, t in enumerate(range(3100, 11_000, 700))]
+    world = scenario(*flaps, until_ms=11_000)
+    assert not world.fences, "hosts others still hear are never declared dead"
+    settle(world, 11_000 + LIVENESS_BOUND_MS)
+
+
+@pytest.mark.timeout(20)
+def test_watchdog_self_fencing_without_fence_devices() -> None:
+    sim = SimConfig(fence_devices=False)
+    world = scenario("3000:isolate:h2", until_ms=14_000, heal_ms=30_000, sim=sim)
+    lost = vms_of(world, "h2", 3000)
+    assert lost and not world.fences
+    reset = [at for at, h, why in world.power_offs if h == "h2" and why == "watchdog"]
+    assert reset, "h2 lost quorum, stopped petting and was reset"
+    t = sim.timing
+    restarted = [at for at, _h, vm in world.starts if vm in lost and at > 3000]
+    assert restarted and min(restarted) >= reset[0]
+    # Others wait the watchdog timeout and margin after declaring h2 dead (which takes dead_timeout).
+    wait_ms = sim.detector.dead_timeout_ms + t.watchdog_timeout_ms + t.watchdog_margin_ms
+    assert min(restarted) >= 3000 + wait_ms
+    assert set(owners(world)) == set(world.vm_names)

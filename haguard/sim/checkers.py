@@ -41,6 +41,7 @@ class LastRun:
     host: str
     ended: str | None = None          # None while running
     ended_ms: int = 0
+    last_pet_ms: int = 0              # the host's last watchdog pet when the copy ended
 
 
 class Checker:
@@ -81,6 +82,7 @@ class Checker:
         run = self.last_run.get(vm)
         if run is not None and run.host == host and run.ended is None:
             run.ended, run.ended_ms = how, now
+            run.last_pet_ms = self.world.hosts[host].last_pet_ms
 
     # ---- commands -------------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class Checker:
         if run.ended in SAFE_ENDS:
             return
         old = self.world.hosts[run.host]
-        deadline = old.last_pet_ms + self.world.timing.watchdog_timeout_ms
+        deadline = run.last_pet_ms + self.world.timing.watchdog_timeout_ms
         if old.fenced_ms >= run.ended_ms or now >= deadline:
             return
         raise Violation(2, f"{vm} started on {host} after its copy on {run.host} ended by {run.ended} at "

@@ -1,0 +1,301 @@
+"""The cluster core stepped directly: quorum, votes, commitment, the agent's rules, fencing."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import haguard.core.cluster as cluster_pkg
+from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.cluster.coordinator import Coordinator, HostView
+from haguard.core.cluster.election import Election, Role
+from haguard.core.cluster.placement import VmSpec
+from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.state import ClusterState, Proposer, VmRecord, initial_state
+from haguard.core.cluster.types import (
+    Ack,
+    CommandResult,
+    CoreConfig,
+    FenceHost,
+    Heartbeat,
+    HostSpec,
+    KillVm,
+    LocalVmsObserved,
+    MessageReceived,
+    PersistState,
+    PetWatchdog,
+    Proposal,
+    RaiseAlert,
+    Send,
+    StartVm,
+    StopPettingWatchdog,
+    StopVm,
+    VoteGranted,
+    VoteRequest,
+)
+from haguard.core.detector import BrokerStatus
+
+HOSTS = {n: HostSpec(name=n, memory_mib=8192, vcpus=8, fence_device=True) for n in ("h1", "h2", "h3")}
+VMS = {"vm1": VmSpec(name="vm1", memory_mib=1024, vcpus=1)}
+
+
+def config(me: str = "h1", **kw: object) -> CoreConfig:
+    return CoreConfig(me=me, hosts=HOSTS, vms=VMS, **kw)  # type: ignore[arg-type]
+
+
+def beat(sender: str, *, hears: frozenset[str] = frozenset({"h1", "h2", "h3"}), term: int = 0,
+         vms: dict[str, str] | None = None, accepted: tuple[int, int] = (0, 0)) -> Heartbeat:
+    return Heartbeat(sender=sender, incarnation=1, term=term, hears=hears - {sender}, reaches=frozenset(),
+                     accepted=accepted, quorate=True, vms=vms or {})  # type: ignore[arg-type]
+
+
+def hear_all(agent: ClusterAgent, now: int, **kw: object) -> None:
+    for peer in ("h1", "h2", "h3"):
+        if peer != agent.me:
+            agent.step(MessageReceived(message=beat(peer, **kw), now_ms=now))  # type: ignore[arg-type]
+
+
+def connected(agent: ClusterAgent, now: int = 0) -> None:
+    agent.step(BrokerStatus(connected=True, now_ms=now))
+
+
+# ---- purity ---------------------------------------------------------------------------
+
+def test_the_core_imports_no_io_clock_or_global_randomness() -> None:
+    forbidden = {"asyncio", "time", "random", "socket", "threading", "haguard.adapters", "haguard.agent",
+                 "haguard.sim"}
+    for path in Path(cluster_pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                bad = any(name == f or name.startswith(f + ".") for f in forbidden)
+                assert not bad, f"{path.name}: {name}"
+
+
+# ---- quorum, votes, commitment --------------------------------------------------------
+
+def test_quorum_is_a_strict_majority_of_all_configured_weight() -> None:
+    q = Quorum({"a": 1, "b": 1, "c": 1, "d": 1})
+    assert not q.reached({"a", "b"}), "half is not a majority"
+    assert q.reached({"a", "b", "c"})
+    assert not q.reached({"a", "x", "y"}), "unknown hosts carry no weight"
+    heavy = Quorum({"a": 3, "b": 1, "c": 1})
+    assert heavy.reached({"a"}) and not heavy.reached({"b", "c"})
+    witness = Quorum({"a": 1, "b": 1, "w": 1})
+    assert witness.reached({"a", "w"})
+    with pytest.raises(ValueError):
+        Quorum({"a": 0})
+
+
+def test_one_vote_per_term_for_a_candidate_at_least_as_new() -> None:
+    e = Election("v", Quorum({"a": 1, "b": 1, "v": 1}), lease_ms=1000)
+    assert e.should_grant("a", 1, (0, 0), (0, 0), True, 0)[0]
+    e.grant("a", 1)
+    assert e.should_grant("a", 1, (0, 0), (0, 0), True, 0)[0], "the same candidate may ask again"
+    assert not e.should_grant("b", 1, (0, 0), (0, 0), True, 0)[0]
+    assert not e.should_grant("b", 2, (1, 3), (2, 1), True, 0)[0], "older state"
+    assert not e.should_grant("b", 2, (2, 1), (2, 1), False, 0)[0], "not alive here"
+    e.follow("a", 2, now_ms=0)
+    assert e.should_grant("b", 3, (2, 1), (2, 1), True, 500)[1].startswith("still following a")
+    assert e.should_grant("b", 3, (2, 1), (2, 1), True, 1500)[0], "after the lease"
+
+
+def test_a_proposal_commits_with_a_majority_of_acks_for_its_key() -> None:
+    q = Quorum({"a": 1, "b": 1, "c": 1, "d": 1, "e": 1})
+    start = ClusterState()
+    p = Proposer(q, "a", start, ClusterState(term=1, version=1))
+    assert p.in_flight
+    assert not p.ack("b", (1, 2)), "an ack for another state"
+    assert not p.ack("b", (1, 1))
+    assert p.ack("c", (1, 1)) and p.committed.key == (1, 1)
+    with pytest.raises(ValueError):
+        p.propose(ClusterState(term=1, version=1))
+
+
+# ---- the agent ------------------------------------------------------------------------
+
+def test_a_vote_is_persisted_before_the_grant_is_sent() -> None:
+    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    connected(agent)
+    hear_all(agent, 100)
+    out = agent.step(MessageReceived(message=VoteRequest(sender="h1", term=1, accepted=(0, 0)), now_ms=150))
+    assert [type(o) for o in out] == [PersistState, Send]
+    assert isinstance(out[0], PersistState) and (out[0].term, out[0].voted_for) == (1, "h1")
+    assert isinstance(out[1], Send) and out[1].message == VoteGranted(sender="h2", term=1, to="h1")
+    again = agent.step(MessageReceived(message=VoteRequest(sender="h3", term=1, accepted=(0, 0)), now_ms=160))
+    assert again == [], "one vote per term"
+
+
+def test_a_restarted_agent_keeps_its_vote() -> None:
+    from haguard.core.cluster.types import PersistedState
+    agent = ClusterAgent(config("h2"), incarnation=2, now_ms=0,
+                         persisted=PersistedState(term=4, voted_for="h1"))
+    connected(agent)
+    hear_all(agent, 100)
+    assert agent.step(MessageReceived(message=VoteRequest(sender="h3", term=4, accepted=(9, 9)),
+                                      now_ms=150)) == []
+
+
+def _elect(agent: ClusterAgent) -> int:
+    """Drive `agent` (h1, preferred by name) to coordinator; returns the time reached."""
+    connected(agent)
+    now = 0
+    for now in range(0, 3000, 100):
+        hear_all(agent, now)
+        for out in agent.tick(now):
+            if isinstance(out, Send) and isinstance(out.message, VoteRequest):
+                for voter in ("h2", "h3"):
+                    agent.step(MessageReceived(message=VoteGranted(sender=voter, term=out.message.term,
+                                                                   to="h1"), now_ms=now))
+        if agent.role is Role.COORDINATOR:
+            return now
+    raise AssertionError("not elected")
+
+
+def test_coordinator_places_vms_once_a_majority_acks() -> None:
+    agent = ClusterAgent(config("h1"), incarnation=1, now_ms=0)
+    elected = _elect(agent)
+    proposals = []
+    for now in range(elected + 100, elected + 600, 100):
+        hear_all(agent, now)
+        for out in agent.tick(now):
+            if isinstance(out, Send) and isinstance(out.message, Proposal):
+                proposals.append(out.message)
+                agent.step(MessageReceived(message=Ack(sender="h2", term=out.message.term,
+                                                       accepted=out.message.state.key, to="h1"), now_ms=now))
+    assert proposals[-1].committed.vms["vm1"].owner is not None
+    assert agent.committed.term == agent.term
+
+
+def test_a_proposal_of_an_older_term_is_refused() -> None:
+    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    connected(agent)
+    hear_all(agent, 100, term=5)
+    state = ClusterState(term=3, version=7, vms={"vm1": VmRecord(owner="h2")})
+    out = agent.step(MessageReceived(message=Proposal(sender="h1", term=3, state=state, committed=state),
+                                     now_ms=200))
+    assert out == [] and agent.committed.key == (0, 0) and agent.term == 5
+
+
+def _follower_with_grant(owner: str | None, now: int = 200) -> ClusterAgent:
+    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    connected(agent)
+    hear_all(agent, 100)
+    state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner=owner, generation=3)})
+    proposal = Proposal(sender="h1", term=1, state=state, committed=state)
+    agent.step(MessageReceived(message=proposal, now_ms=now))
+    return agent
+
+
+def test_a_granted_vm_is_started_with_its_generation_and_term() -> None:
+    agent = _follower_with_grant("h2")
+    out = agent.tick(300)
+    pets = [o for o in out if isinstance(o, PetWatchdog)]
+    starts = [o for o in out if isinstance(o, StartVm)]
+    assert pets and out.index(pets[0]) < out.index(starts[0]), "the watchdog is petted before the start"
+    assert [(s.vm, s.generation, s.term) for s in starts] == [("vm1", 3, 1)]
+    assert not [o for o in agent.tick(400) if isinstance(o, StartVm)], "not twice while it runs"
+
+
+def test_nothing_is_started_without_a_live_coordinator() -> None:
+    agent = _follower_with_grant("h2")
+    hear_all(agent, 1700)
+    assert not [o for o in agent.tick(1800) if isinstance(o, StartVm)], "the lease ran out"
+
+
+def test_a_local_vm_without_grant_is_reported_not_stopped() -> None:
+    agent = _follower_with_grant("h3")
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=250))
+    out = agent.tick(300)
+    assert not [o for o in out if isinstance(o, StopVm | KillVm | StartVm)]
+    beats = [o.message for o in out if isinstance(o, Send) and isinstance(o.message, Heartbeat)]
+    assert beats and beats[0].vms == {"vm1": "running"}
+
+
+def test_a_kill_order_removes_a_stray_copy() -> None:
+    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    connected(agent)
+    hear_all(agent, 100)
+    state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner="h3", generation=4)},
+                         kills={"vm1": "h2"})
+    proposal = Proposal(sender="h1", term=1, state=state, committed=state)
+    agent.step(MessageReceived(message=proposal, now_ms=200))
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=250))
+    assert [o.vm for o in agent.tick(300) if isinstance(o, KillVm)] == ["vm1"]
+
+
+def test_losing_quorum_with_vms_running_stops_the_watchdog() -> None:
+    agent = _follower_with_grant("h2")
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=250))
+    assert any(isinstance(o, PetWatchdog) for o in agent.tick(300))
+    stopped = [o for t in range(400, 3000, 100) for o in agent.tick(t) if isinstance(o, StopPettingWatchdog)]
+    assert len(stopped) == 1 and "lost quorum" in stopped[0].reason
+    assert not any(isinstance(o, PetWatchdog) for o in agent.tick(3100))
+
+
+def test_without_vms_the_watchdog_is_petted_even_alone() -> None:
+    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    assert any(isinstance(o, PetWatchdog) for o in agent.tick(5000))
+
+
+# ---- the coordinator: fence first ---------------------------------------------------
+
+def _views(dead: bool) -> dict[str, HostView]:
+    return {"h1": HostView(name="h1", alive=True, dead=False, beat=beat("h1", hears=frozenset({"h3"}))),
+            "h2": HostView(name="h2", alive=False, dead=dead, beat=None),
+            "h3": HostView(name="h3", alive=True, dead=False, beat=beat("h3", hears=frozenset({"h1"})))}
+
+
+def test_a_dead_hosts_vms_move_only_after_a_confirmed_fence() -> None:
+    ids = iter(f"f{i}" for i in range(100))
+    c = Coordinator(config("h1"), term=2, new_id=lambda: next(ids))
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2", generation=1)},
+                         hosts=initial_state([], list(HOSTS)).hosts)
+    new, out = c.plan(state, _views(dead=True), 1000)
+    assert new is None, "nothing changes before the fence"
+    fences = [o for o in out if isinstance(o, FenceHost)]
+    assert [(f.host, f.term) for f in fences] == [("h2", 2)]
+    assert c.fencing.result(fences[0].id, False, "ipmi timeout", 1300) is not None
+    new, out = c.plan(state, _views(dead=True), 1400)
+    assert new is None and not [o for o in out if isinstance(o, FenceHost)], "backoff"
+    new, out = c.plan(state, _views(dead=True), 1900)
+    retry = [o for o in out if isinstance(o, FenceHost)]
+    assert retry
+    c.fencing.result(retry[0].id, True, "", 2000)
+    new, _ = c.plan(state, _views(dead=True), 2100)
+    assert new is not None and new.host("h2").fenced
+    assert new.vms["vm1"].owner in {"h1", "h3"} and new.vms["vm1"].generation == 2
+
+
+def test_a_host_heard_again_before_its_fence_keeps_its_vms() -> None:
+    c = Coordinator(config("h1", ), term=2, new_id=lambda: "f")
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")})
+    c.plan(state, _views(dead=True), 1000)
+    c.plan(state, _views(dead=False), 1100)
+    assert c.fencing.pending() == []
+
+
+def test_without_a_fence_device_the_watchdog_deadline_is_awaited() -> None:
+    hosts = {n: HostSpec(name=n, memory_mib=8192, vcpus=8) for n in HOSTS}
+    cfg = CoreConfig(me="h1", hosts=hosts, vms=VMS)
+    c = Coordinator(cfg, term=2, new_id=lambda: "f")
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")})
+    wait = cfg.timing.watchdog_timeout_ms + cfg.timing.watchdog_margin_ms
+    new, out = c.plan(state, _views(dead=True), 1000)
+    assert new is None and out == []
+    assert c.plan(state, _views(dead=True), 1000 + wait - 1)[0] is None
+    new, _ = c.plan(state, _views(dead=True), 1000 + wait)
+    assert new is not None and new.vms["vm1"].owner in {"h1", "h3"}
+
+
+def test_fence_results_come_back_through_the_agent() -> None:
+    agent = ClusterAgent(config("h1"), incarnation=1, now_ms=0)
+    _elect(agent)
+    assert agent.coordinator is not None
+    agent.coordinator.fencing.declare("h2", device=True, now_ms=0)
+    cmds, _ = agent.coordinator.fencing.poll(10, lambda: "h1/1/fence")
+    out = agent.step(CommandResult(id=cmds[0].id, ok=False, reason="no route", now_ms=20))
+    assert [type(o) for o in out] == [RaiseAlert] and "no route" in out[0].reason  # type: ignore[union-attr]

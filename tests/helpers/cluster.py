@@ -4,12 +4,16 @@
     h1, h2, h3:    one namespace each, 198.18.1.{1,2,3}/24, a veth into the hub's bridge
 
 `cut(host)` sets the hub side of that host's veth down (no broker, no pings);
-`mend(host)` brings it back.  Agents log JSON to files; their status files are read
-directly.  Everything (processes, namespaces, files) goes on `close()`.
+`mend(host)` brings it back.  `lossy(host, p)` drops a random share `p` of that host's
+packets both ways (iptables statistic match in its namespace); `clear_loss(host)` ends it.
+`DeathWatch` samples every agent's status file in a thread and records any "dead".
+Agents log JSON to files; their status files are read directly.  Everything
+(processes, namespaces, files) goes on `close()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,10 +37,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 class Cluster:
     def __init__(self, hosts: tuple[str, ...] = ("h1", "h2", "h3"),
-                 timing: dict[str, int] | None = None) -> None:
+                 timing: dict[str, int] | None = None, *, keepalive_s: int = 2,
+                 default_timing: bool = False) -> None:
+        """`default_timing`: leave `timing:` out of the configs (the shipped defaults)."""
         tag = f"{os.getpid() % 100000}"
         self.hosts = hosts
-        self.timing = dict(TIMING, **(timing or {}))
+        self.timing = {} if default_timing else dict(TIMING, **(timing or {}))
+        self.keepalive_s = keepalive_s
         self.hub = f"hgc{tag}hub"
         self.ns = {h: f"hgc{tag}{h}" for h in hosts}
         self.hub_dev = {h: f"hc{tag}{h}"[:15] for h in hosts}
@@ -80,8 +88,8 @@ class Cluster:
         d = self.dir / host
         return (f"cluster: {self.cluster}\nhost: {host}\nhosts:\n{hosts}\n"
                 f"key_file: {self.dir / 'key'}\n"
-                f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: 2\n"
-                "timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) +
+                f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: {self.keepalive_s}\n"
+                + ("timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) if t else "") +
                 f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n")
 
     def config_path(self, host: str) -> Path:
@@ -119,6 +127,16 @@ class Cluster:
 
     def mend(self, host: str) -> None:
         self._in(self.hub, "ip", "link", "set", self.hub_dev[host], "up")
+
+    def lossy(self, host: str, probability: float) -> None:
+        """Drop a random `probability` of the host's packets on its link, in and out."""
+        for chain, opt in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            self._in(self.ns[host], "iptables", "-I", chain, opt, "eth0", "-m", "statistic",
+                     "--mode", "random", "--probability", f"{probability}", "-j", "DROP")
+
+    def clear_loss(self, host: str) -> None:
+        for chain in ("INPUT", "OUTPUT"):
+            self._in(self.ns[host], "iptables", "-F", chain, check=False)
 
     # ---- observing --------------------------------------------------------------------
 
@@ -176,6 +194,12 @@ class Cluster:
             parts.append(f"--- {h}\n" + "\n".join(text))
         return "\n".join(parts)
 
+    def agent_pid(self, host: str) -> int | None:
+        """The agent's own pid (the status file's; `ip netns exec` execs into it)."""
+        data = self.status(host)
+        pid = None if data is None else data.get("pid")
+        return pid if isinstance(pid, int) else None
+
     # ---- tear-down -----------------------------------------------------------------------
 
     def close(self) -> None:
@@ -194,3 +218,114 @@ class Cluster:
         for ns in [*self.ns.values(), self.hub]:
             sh("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class DeathWatch:
+    """Samples every agent's view every `every_s` in a thread; keeps each "dead" seen."""
+
+    def __init__(self, cluster: Cluster, every_s: float = 0.05) -> None:
+        self.cluster = cluster
+        self.every_s = every_s
+        self.deaths: list[tuple[float, str, str, str]] = []   # (when, observer, target, reason)
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="death-watch", daemon=True)
+
+    def __enter__(self) -> DeathWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for o in self.cluster.hosts:
+                data = self.cluster.status(o)
+                for h in (data or {}).get("hosts", []):
+                    if h.get("state") == "dead":
+                        self.deaths.append((time.monotonic(), o, str(h.get("name")), str(h.get("reason"))))
+            self.samples += 1
+            self._stop.wait(self.every_s)
+
+
+class LocalAgent:
+    """One `haguard run` for host h1 on loopback (no namespace), against a broker on
+    127.0.0.1:`port`; its files live in `root` (the VM lab's root when it watches VMs)."""
+
+    def __init__(self, root: Path, port: int, *, extra: str = "", env: dict[str, str] | None = None,
+                 log_format: str = "json") -> None:
+        self.root = root
+        self.config = root / "cluster.yaml"
+        self.log = root / "agent.log"
+        self.status_file = root / "agent-status.json"   # run_dir's parent
+        key = root / "key"
+        key.write_bytes(os.urandom(32).hex().encode())
+        key.chmod(0o600)
+        self.config.write_text(
+            f"cluster: c{os.getpid() % 100000}\nhost: h1\nhosts:\n  - {{name: h1, address: 127.0.0.1}}\n"
+            f"key_file: {key}\nmqtt:\n  urls: ['mqtt://127.0.0.1:{port}']\n  keepalive_s: 2\n"
+            f"vm_dir: {root / 'vms'}\nrun_dir: {root / 'run'}\nstate_dir: {root / 'state'}\n{extra}")
+        self.env = {**os.environ, "HAGUARD_NO_SCOPE": "1", **(env or {})}
+        self.log_format = log_format
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "haguard", "run", "--config", str(self.config),
+                 "--log-format", self.log_format], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, cwd=REPO, env=self.env, start_new_session=True)
+
+    def stop(self) -> int | None:
+        """SIGTERM (then SIGKILL); the exit code.  VMs are left alone, as the agent does."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout=8)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            return proc.wait(timeout=5)
+
+    def status(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.status_file.read_text())  # type: ignore[no-any-return]
+        except (OSError, ValueError):
+            return None
+
+    def vm_state(self, vm: str) -> str | None:
+        data = self.status() or {}
+        return next((v["state"] for v in data.get("vms", []) if v["name"] == vm), None)
+
+    def me(self) -> dict[str, Any]:
+        data = self.status() or {}
+        return next((h for h in data.get("hosts", []) if h.get("self")), {})
+
+    def events(self, event: str, **match: object) -> list[dict[str, Any]]:
+        out = []
+        with contextlib.suppress(OSError):
+            for line in self.log.read_text(errors="replace").splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if (isinstance(rec, dict) and rec.get("event") == event
+                        and all(rec.get(k) == v for k, v in match.items())):
+                    out.append(rec)
+        return out
+
+    def wait_for(self, what: str, predicate: Any, timeout_s: float) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout_s:
+            if predicate():
+                return time.monotonic() - start
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        tail = "\n".join(self.log.read_text(errors="replace").splitlines()[-25:]) if self.log.exists() else ""
+        raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; status {self.status()}; "
+                             f"agent exit {None if self.proc is None else self.proc.poll()}; log:\n{tail}")

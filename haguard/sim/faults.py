@@ -97,6 +97,8 @@ def random_schedule(seed: int, hosts: list[str], vms: list[str], *, heal_ms: int
                 args: tuple[str, ...] = (a, rng.choice(["ok", "fail", "hang"]))
             case _, "qemu-crash":
                 args = (rng.choice(vms),)
+            case _, "drain" | "undrain":
+                args = (hosts[-1],)       # one host at most: the others keep room for every VM
             case _, "migrations":
                 args = (rng.choice(["ok", "fail", "stall"]),)
             case _, "loss" | "dup":

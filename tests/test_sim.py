@@ -308,3 +308,14 @@ def test_watchdog_self_fencing_without_fence_devices() -> None:
     wait_ms = sim.detector.dead_timeout_ms + t.watchdog_timeout_ms + t.watchdog_margin_ms
     assert min(restarted) >= 3000 + wait_ms
     assert set(owners(world)) == set(world.vm_names)
+
+
+@pytest.mark.timeout(20)
+def test_agent_restart_keeps_the_vms_running() -> None:
+    world = scenario(until_ms=2900)
+    before = owners(world)
+    world = scenario("3000:agent-restart:h2", "3100:agent-restart:h1", until_ms=9000, heal_ms=30_000)
+    assert owners(world) == before
+    assert not world.fences and not world.power_offs
+    assert not [s for s in world.starts if s[0] > 3000]
+    assert world.hosts["h2"].incarnation > 1 and world.hosts["h2"].agent is not None

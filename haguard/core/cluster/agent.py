@@ -1,8 +1,10 @@
 """One host's cluster core: detector, election, replicated state and the agent's own rules.
 
-`step(input)` and `tick(now_ms)` return outputs in the order they must be executed
-(etcd raft's Ready): a `PersistState` always comes first in its batch and must be on
-stable storage before any `Send` after it.  The agent's rules:
+`step(input)` takes one fact and answers what it calls for at once (a vote, an ack);
+`tick(now_ms)` does the periodic work (election, coordinating, heartbeats, watchdog,
+obeying the committed state).  Both return outputs in the order they must be
+executed (etcd raft's Ready): a `PersistState` always comes first in its batch and
+must be on stable storage before any `Send` after it.  The agent's rules:
 
 - quorum: a peer counts while this agent hears it and the peer's heartbeat says it
   hears this agent (mutual, through the broker), or while it answers ping;
@@ -31,7 +33,6 @@ from haguard.core.cluster.types import (
     ClusterOutput,
     CommandResult,
     CoreConfig,
-    FenceHost,
     Heartbeat,
     KillVm,
     LocalVmsObserved,
@@ -446,6 +447,3 @@ class ClusterAgent:
 
     def fence_commands(self) -> list[str]:
         return self.coordinator.fencing.pending() if self.coordinator is not None else []
-
-    def is_fence(self, output: ClusterOutput) -> bool:
-        return isinstance(output, FenceHost)

@@ -132,3 +132,61 @@ class VmLab:
             pids = {p for p in pids if Path(f"/proc/{p}").exists()
                     and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]}
             time.sleep(0.05)
+
+
+class RunningOnceMonitor:
+    """Samples every QEMU instance under some runtime directories and records any
+    instant at which one VM name runs in more than one of them.
+
+    Use as `async with RunningOnceMonitor([lab.run_dir]) as mon: ...`, then
+    `mon.assert_never_twice()`.  Sessions use the operator monitor (ops.sock).
+    """
+
+    def __init__(self, run_dirs: list[Path], interval_s: float = 0.1) -> None:
+        self.run_dirs = run_dirs
+        self.interval_s = interval_s
+        self.samples = 0
+        self.violations: list[tuple[float, str, list[str]]] = []
+        self.seen_running: dict[str, set[str]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def _state(self, d: Path) -> str | None:
+        with contextlib.suppress(Exception):
+            async with Qmp.session(InstancePaths(d).ops, timeout_s=1.0) as qmp:
+                return str((await qmp.cmd("query-status"))["status"])
+        return None
+
+    async def sample(self) -> None:
+        running: dict[str, list[str]] = {}
+        for base in self.run_dirs:
+            if not base.exists():
+                continue
+            for d in base.iterdir():
+                if d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d)):
+                    if await self._state(d) == "running":
+                        name = d.name.split("@", 1)[0]
+                        running.setdefault(name, []).append(str(d))
+                        self.seen_running.setdefault(name, set()).add(str(d))
+        self.samples += 1
+        for name, where in running.items():
+            if len(where) > 1:
+                self.violations.append((time.monotonic(), name, where))
+
+    async def _loop(self) -> None:
+        while True:
+            await self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    async def __aenter__(self) -> RunningOnceMonitor:
+        self._task = asyncio.create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def assert_never_twice(self) -> None:
+        assert self.samples > 0, "the monitor never sampled"
+        assert not self.violations, f"a VM ran twice: {self.violations[:3]}"

@@ -162,11 +162,11 @@ class RunningOnceMonitor:
             if not base.exists():
                 continue
             for d in base.iterdir():
-                if d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d)):
-                    if await self._state(d) == "running":
-                        name = d.name.split("@", 1)[0]
-                        running.setdefault(name, []).append(str(d))
-                        self.seen_running.setdefault(name, set()).add(str(d))
+                live = d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d))
+                if live and await self._state(d) == "running":
+                    name = d.name.split("@", 1)[0]
+                    running.setdefault(name, []).append(str(d))
+                    self.seen_running.setdefault(name, set()).add(str(d))
         self.samples += 1
         for name, where in running.items():
             if len(where) > 1:

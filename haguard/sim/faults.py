@@ -83,12 +83,12 @@ class FaultMix:
 
 
 def random_schedule(seed: int, hosts: list[str], vms: list[str], *, heal_ms: int = 15_000,
-                    mix: FaultMix | None = None) -> Schedule:
+                    max_faults: int = 12, mix: FaultMix | None = None) -> Schedule:
     rng = random.Random(f"faults/{seed}")
     weights = (mix or FaultMix()).weights
     kinds = sorted(weights)
     faults = []
-    for _ in range(rng.randint(2, 12)):
+    for _ in range(rng.randint(2, max_faults)):
         kind = rng.choices(kinds, [weights[k] for k in kinds])[0]
         at = rng.randrange(1_000, heal_ms)
         a, b = rng.sample(hosts, 2)

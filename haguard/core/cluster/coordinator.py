@@ -3,8 +3,9 @@
 `Coordinator.plan` returns the next state to propose (or None when nothing changes)
 and the fence commands and alerts to emit.  Order within one plan, each step seeing
 the ones before: admin requests; fenced hosts that rejoined; finished kills and
-migrations; dead hosts (fence first, then their VMs are released); VMs that failed
-on their host; stray copies; placement of VMs without an owner; drain moves.
+migrations (and moves whose destination was fenced after the switchover); dead
+hosts (fence first, then their VMs are released); VMs that failed on their host;
+stray copies; placement of VMs without an owner; drain moves.
 """
 
 from __future__ import annotations
@@ -72,14 +73,23 @@ class Coordinator:
             report = next((r for r in beats[mig.source].migrations
                            if r.vm == vm and r.generation == mig.generation and r.target == mig.target),
                           None) if mig.source in beats else None
+            target_beat, source_beat = beats.get(mig.target), beats.get(mig.source)
+            switched = (target_beat is not None and target_beat.vms.get(vm) == "running"
+                        and source_beat is not None and source_beat.vms.get(vm) == "postmigrate")
             if rec.owner != mig.source or rec.generation != mig.generation:
                 del migrations[vm]
-            elif report is not None and report.ok:
+            elif switched or (report is not None and report.ok):   # the report may be lost
                 vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
                 del migrations[vm]
             elif report is not None:
                 self.failed_targets.setdefault(vm, set()).add(mig.target)
                 del migrations[vm]
+
+        for host, paused in sorted(beats.items()):                    # moved to a host now fenced
+            for vm, qemu in sorted(paused.vms.items()):
+                # The guest left this host; without a move in flight its destination was fenced.
+                if qemu == "postmigrate" and vm in vms and vms[vm].owner == host and vm not in migrations:
+                    vms[vm] = replace(vms[vm], owner=None, generation=vms[vm].generation + 1)
 
         for host, view in sorted(views.items()):                      # dead hosts: fence first
             if host == self.config.me or hosts[host].fenced:

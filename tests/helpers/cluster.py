@@ -255,7 +255,7 @@ class LocalAgent:
     127.0.0.1:`port`; its files live in `root` (the VM lab's root when it watches VMs)."""
 
     def __init__(self, root: Path, port: int, *, extra: str = "", env: dict[str, str] | None = None,
-                 log_format: str = "json") -> None:
+                 log_format: str = "json", keepalive_s: int = 2) -> None:
         self.root = root
         self.config = root / "cluster.yaml"
         self.log = root / "agent.log"
@@ -265,7 +265,7 @@ class LocalAgent:
         key.chmod(0o600)
         self.config.write_text(
             f"cluster: c{os.getpid() % 100000}\nhost: h1\nhosts:\n  - {{name: h1, address: 127.0.0.1}}\n"
-            f"key_file: {key}\nmqtt:\n  urls: ['mqtt://127.0.0.1:{port}']\n  keepalive_s: 2\n"
+            f"key_file: {key}\nmqtt:\n  urls: ['mqtt://127.0.0.1:{port}']\n  keepalive_s: {keepalive_s}\n"
             f"vm_dir: {root / 'vms'}\nrun_dir: {root / 'run'}\nstate_dir: {root / 'state'}\n{extra}")
         self.env = {**os.environ, "HAGUARD_NO_SCOPE": "1", **(env or {})}
         self.log_format = log_format

@@ -33,3 +33,8 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+
+# Debian package (needs debhelper): build/deb/haguard_VERSION_ARCH.deb; see docs/install.md.
+.PHONY: deb
+deb:
+	bash packaging/build-deb.sh build/deb

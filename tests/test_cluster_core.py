@@ -180,36 +180,48 @@ def test_a_proposal_of_an_older_term_is_refused() -> None:
     assert out == [] and agent.committed.key == (0, 0) and agent.term == 5
 
 
-def _follower_with_grant(owner: str | None, now: int = 200) -> ClusterAgent:
+def _follower_with_grant(owner: str | None, until_ms: int = 1300) -> ClusterAgent:
+    """h2 following h1 from 200 ms on, its committed state granting vm1 to `owner`."""
     agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
-    hear_all(agent, 100)
     state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner=owner, generation=3)})
     proposal = Proposal(sender="h1", term=1, state=state, committed=state)
-    agent.step(MessageReceived(message=proposal, now_ms=now))
+    for now in range(100, until_ms, 200):
+        hear_all(agent, now)
+        agent.step(MessageReceived(message=proposal, now_ms=now + 50))
     return agent
 
 
 def test_a_granted_vm_is_started_with_its_generation_and_term() -> None:
+    agent = _follower_with_grant("h2", until_ms=1000)
+    assert not [o for o in agent.tick(1000) if isinstance(o, StartVm)], "settling after joining"
     agent = _follower_with_grant("h2")
-    out = agent.tick(300)
+    out = agent.tick(1300)
     pets = [o for o in out if isinstance(o, PetWatchdog)]
     starts = [o for o in out if isinstance(o, StartVm)]
     assert pets and out.index(pets[0]) < out.index(starts[0]), "the watchdog is petted before the start"
     assert [(s.vm, s.generation, s.term) for s in starts] == [("vm1", 3, 1)]
-    assert not [o for o in agent.tick(400) if isinstance(o, StartVm)], "not twice while it runs"
+    assert not [o for o in agent.tick(1400) if isinstance(o, StartVm)], "not twice while it runs"
+
+
+def test_a_grant_with_a_change_under_way_waits() -> None:
+    agent = _follower_with_grant("h2")
+    moved = ClusterState(term=1, version=3, vms={"vm1": VmRecord(owner="h3", generation=4)})
+    agent.step(MessageReceived(message=Proposal(sender="h1", term=1, state=moved,
+                                                committed=agent.committed), now_ms=1250))
+    assert not [o for o in agent.tick(1300) if isinstance(o, StartVm)]
 
 
 def test_nothing_is_started_without_a_live_coordinator() -> None:
     agent = _follower_with_grant("h2")
-    hear_all(agent, 1700)
-    assert not [o for o in agent.tick(1800) if isinstance(o, StartVm)], "the lease ran out"
+    hear_all(agent, 3000)
+    assert not [o for o in agent.tick(3000) if isinstance(o, StartVm)], "the lease ran out"
 
 
 def test_a_local_vm_without_grant_is_reported_not_stopped() -> None:
     agent = _follower_with_grant("h3")
-    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=250))
-    out = agent.tick(300)
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=1250))
+    out = agent.tick(1300)
     assert not [o for o in out if isinstance(o, StopVm | KillVm | StartVm)]
     beats = [o.message for o in out if isinstance(o, Send) and isinstance(o.message, Heartbeat)]
     assert beats and beats[0].vms == {"vm1": "running"}
@@ -229,11 +241,11 @@ def test_a_kill_order_removes_a_stray_copy() -> None:
 
 def test_losing_quorum_with_vms_running_stops_the_watchdog() -> None:
     agent = _follower_with_grant("h2")
-    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=250))
-    assert any(isinstance(o, PetWatchdog) for o in agent.tick(300))
-    stopped = [o for t in range(400, 3000, 100) for o in agent.tick(t) if isinstance(o, StopPettingWatchdog)]
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=1250))
+    assert any(isinstance(o, PetWatchdog) for o in agent.tick(1300))
+    stopped = [o for t in range(1400, 4000, 100) for o in agent.tick(t) if isinstance(o, StopPettingWatchdog)]
     assert len(stopped) == 1 and "lost quorum" in stopped[0].reason
-    assert not any(isinstance(o, PetWatchdog) for o in agent.tick(3100))
+    assert not any(isinstance(o, PetWatchdog) for o in agent.tick(4100))
 
 
 def test_without_vms_the_watchdog_is_petted_even_alone() -> None:

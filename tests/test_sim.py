@@ -94,21 +94,21 @@ class _NoFenceAgent(ClusterAgent):
 def test_a_core_that_recovers_without_fencing_is_caught() -> None:
     # Without fence devices the broken core recovers at once instead of waiting for the watchdog.
     # A partitioned host's VMs still run: recovering them at once runs them twice.
-    schedule = Schedule(faults=faults("3000:isolate:h2"), heal_ms=12_000)
+    schedule = Schedule(faults=faults("4000:isolate:h2"), heal_ms=12_000)
     result, _ = run(5, schedule=schedule, sim=NO_DEVICES, agent_class=_NoFenceAgent)
     assert result.failure == "safety" and result.invariant == 1, result.message
     # A crashed host was never fenced and its watchdog deadline had not passed.
-    schedule = Schedule(faults=faults("3000:crash:h2"), heal_ms=12_000)
+    schedule = Schedule(faults=faults("4000:crash:h2"), heal_ms=12_000)
     result, _ = run(5, schedule=schedule, sim=NO_DEVICES, agent_class=_NoFenceAgent)
     assert result.failure == "safety" and result.invariant == 2, result.message
     # The same schedules pass with the real core.
-    for fault in ("3000:isolate:h2", "3000:crash:h2"):
+    for fault in ("4000:isolate:h2", "4000:crash:h2"):
         assert run(5, schedule=Schedule(faults=faults(fault), heal_ms=12_000), sim=NO_DEVICES)[0].ok
 
 
 @pytest.mark.timeout(60)
 def test_a_failing_run_shrinks_and_prints_its_reproduction(capsys: pytest.CaptureFixture[str]) -> None:
-    noise = ("1500:dup:5", "2000:loss:5", "2500:qemu-crash:vm3", "3000:isolate:h2", "3500:cut:h3:h4",
+    noise = ("1500:dup:5", "2000:loss:5", "2500:qemu-crash:vm3", "3500:cut:h3:h4", "4000:isolate:h2",
              "4000:heal:h3:h4")
     schedule = Schedule(faults=faults(*noise), heal_ms=12_000)
     result, _ = run(5, schedule=schedule, sim=NO_DEVICES, agent_class=_NoFenceAgent)
@@ -155,9 +155,9 @@ def _check_layout(world: World) -> None:
 @pytest.mark.timeout(20)
 def test_drain_moves_four_vms_live_within_anti_affinity_and_capacity() -> None:
     sim = _drain_cluster(3)
-    world = scenario(until_ms=2500, sim=sim)
-    assert vms_of(world, "h3", 2500) == {"vm1", "vm2", "vm3", "vm4"}
-    world = scenario("3000:drain:h3", until_ms=20_000, sim=sim)
+    world = scenario(until_ms=3900, sim=sim)
+    assert vms_of(world, "h3", 3900) == {"vm1", "vm2", "vm3", "vm4"}
+    world = scenario("4000:drain:h3", until_ms=20_000, sim=sim)
     assert not [vm for vm, q in world.hosts["h3"].vms.items() if q == "running"]
     assert world.checker.all_running()
     assert sorted(vm for _at, src, _dst, vm in world.migrations_done if src == "h3") == ["vm1", "vm2", "vm3",
@@ -171,13 +171,13 @@ def test_drain_moves_four_vms_live_within_anti_affinity_and_capacity() -> None:
 
 @pytest.mark.timeout(20)
 def test_hard_host_failure_is_fenced_then_recovered() -> None:
-    world = scenario("3000:crash:h2", until_ms=12_000, heal_ms=30_000)
-    lost = vms_of(world, "h2", 3000)
+    world = scenario("4000:crash:h2", until_ms=12_000, heal_ms=30_000)
+    lost = vms_of(world, "h2", 4000)
     assert lost
     fences = [(at, target) for at, _by, target in world.fences]
     assert [t for _at, t in fences] == ["h2"]
     fenced_at = fences[0][0] + world.sim.fence_ms
-    restarted = {vm: at for at, h, vm in world.starts if vm in lost and at > 3000}
+    restarted = {vm: at for at, h, vm in world.starts if vm in lost and at > 4000}
     assert set(restarted) == lost
     assert min(restarted.values()) >= fenced_at
     assert set(owners(world)) == set(world.vm_names)
@@ -185,20 +185,20 @@ def test_hard_host_failure_is_fenced_then_recovered() -> None:
 
 @pytest.mark.timeout(20)
 def test_fence_failure_holds_recovery_and_alerts_until_a_fence_succeeds() -> None:
-    world = scenario("1000:fence:h2:fail", "3000:crash:h2", "9000:fence:h2:ok", until_ms=16_000,
+    world = scenario("1000:fence:h2:fail", "4000:crash:h2", "9000:fence:h2:ok", until_ms=16_000,
                      heal_ms=30_000)
-    lost = vms_of(world, "h2", 3000)
+    lost = vms_of(world, "h2", 4000)
     failures = [a for _at, _h, a in world.alerts if a.kind == "fence-failed"]
     assert len(failures) >= 2 and "h2" in failures[0].reason
     assert len([f for f in world.fences if f[2] == "h2"]) >= 3, "fencing retried"
-    restarted = [at for at, _h, vm in world.starts if vm in lost and at > 3000]
+    restarted = [at for at, _h, vm in world.starts if vm in lost and at > 4000]
     assert restarted and min(restarted) >= 9000, "nothing recovered before the fence succeeded"
     assert set(owners(world)) == set(world.vm_names)
 
 
 @pytest.mark.timeout(20)
 def test_hung_fence_counts_as_failed_and_is_retried() -> None:
-    world = scenario("1000:fence:h2:hang", "3000:crash:h2", "8000:fence:h2:ok", until_ms=16_000,
+    world = scenario("1000:fence:h2:hang", "4000:crash:h2", "8000:fence:h2:ok", until_ms=16_000,
                      heal_ms=30_000)
     assert any("no answer" in a.reason for _at, _h, a in world.alerts if a.kind == "fence-failed")
     assert set(owners(world)) == set(world.vm_names)
@@ -208,31 +208,31 @@ def test_hung_fence_counts_as_failed_and_is_retried() -> None:
 @pytest.mark.timeout(20)
 def test_partitioned_host_with_running_vms_is_never_doubled(policy: str) -> None:
     sim = SimConfig(isolation=policy)  # type: ignore[arg-type]
-    world = scenario("3000:isolate:h2", until_ms=14_000, heal_ms=30_000, sim=sim)
-    lost = vms_of(world, "h2", 3000)
+    world = scenario("4000:isolate:h2", until_ms=14_000, heal_ms=30_000, sim=sim)
+    lost = vms_of(world, "h2", 4000)
     assert any(a.kind == "isolated" and h == "h2" for _at, h, a in world.alerts)
     assert ("h2" in [t for _at, _by, t in world.fences])
     off = next(at for at, h, _why in world.power_offs if h == "h2")
-    assert all(at > off for at, _h, vm in world.starts if vm in lost and at > 3000)
+    assert all(at > off for at, _h, vm in world.starts if vm in lost and at > 4000)
     assert set(owners(world)) == set(world.vm_names) and not world.hosts["h2"].powered
 
 
 @pytest.mark.timeout(20)
 def test_isolation_shutdown_stops_the_vms_on_the_isolated_host() -> None:
     sim = SimConfig(isolation="shutdown", fence_devices=False)
-    world = scenario("3000:isolate:h2", until_ms=4500, heal_ms=30_000, sim=sim)
-    assert vms_of(world, "h2", 3000) and not world.hosts["h2"].vms
+    world = scenario("4000:isolate:h2", until_ms=5500, heal_ms=30_000, sim=sim)
+    assert vms_of(world, "h2", 4000) and not world.hosts["h2"].vms
 
 
 @pytest.mark.timeout(20)
 def test_broker_outage_moves_nothing_and_fences_nobody() -> None:
-    world = scenario(until_ms=2900)
+    world = scenario(until_ms=3900)
     before = owners(world)
     incarnations = {h.name: h.incarnation for h in world.hosts.values()}
-    world = scenario("3000:broker-down", "10000:broker-up", until_ms=10_000, heal_ms=30_000)
+    world = scenario("4000:broker-down", "10000:broker-up", until_ms=10_000, heal_ms=30_000)
     assert owners(world) == before
     assert not world.fences and not world.migrations_done
-    assert not [s for s in world.starts if s[0] > 3000]
+    assert not [s for s in world.starts if s[0] > 4000]
     assert {h.name: h.incarnation for h in world.hosts.values()} == incarnations, "no watchdog reset"
     assert not world.coordinators(), "nobody coordinates without the broker"
     settle(world, 20_000)
@@ -242,10 +242,10 @@ def test_broker_outage_moves_nothing_and_fences_nobody() -> None:
 @pytest.mark.timeout(30)
 def test_coordinator_loss_mid_drain_a_new_coordinator_finishes() -> None:
     sim = _drain_cluster(4)
-    world = World(7, Schedule(faults=faults("3000:drain:h4"), heal_ms=40_000), sim)
-    world.run(2900)
+    world = World(7, Schedule(faults=faults("4000:drain:h4"), heal_ms=40_000), sim)
+    world.run(3900)
     assert list(world.coordinators()) == ["h1"]
-    t = 3000
+    t = 4000
     while not world.migrations_done and t < 10_000:
         t += 50
         world.run(t)
@@ -265,10 +265,10 @@ def test_coordinator_loss_mid_drain_a_new_coordinator_finishes() -> None:
 
 @pytest.mark.timeout(20)
 def test_split_into_halves_decides_nothing() -> None:
-    cuts = [f"3000:cut2:{a}:{b}" for a in ("h1", "h2") for b in ("h3", "h4")]
+    cuts = [f"4000:cut2:{a}:{b}" for a in ("h1", "h2") for b in ("h3", "h4")]
     world = scenario(*cuts, until_ms=9000, heal_ms=9000)
     assert not world.fences
-    assert not [s for s in world.starts if s[0] > 3000], "no side may start anything"
+    assert not [s for s in world.starts if s[0] > 4000], "no side may start anything"
     # Without quorum the hosts stop petting: the watchdogs reset them (self-fencing).
     assert {h for _at, h, why in world.power_offs if why == "watchdog"} == {"h1", "h2", "h3", "h4"}
     settle(world, 9000 + LIVENESS_BOUND_MS)
@@ -277,7 +277,7 @@ def test_split_into_halves_decides_nothing() -> None:
 @pytest.mark.timeout(20)
 def test_split_with_a_witness_the_majority_side_recovers() -> None:
     sim = SimConfig(witness=True)
-    cuts = [f"3000:cut2:{a}:{b}" for a in ("h1", "h2", "w") for b in ("h3", "h4")]
+    cuts = [f"4000:cut2:{a}:{b}" for a in ("h1", "h2", "w") for b in ("h3", "h4")]
     world = scenario(*cuts, until_ms=15_000, heal_ms=40_000, sim=sim)
     assert {t for _at, _by, t in world.fences} == {"h3", "h4"}
     assert set(owners(world)) == set(world.vm_names)
@@ -286,36 +286,36 @@ def test_split_with_a_witness_the_majority_side_recovers() -> None:
 
 @pytest.mark.timeout(20)
 def test_flapping_links_never_double_a_vm() -> None:
-    flaps = [f"{t}:{'cut2' if i % 2 == 0 else 'heal'}:h2:h3" for i, t in enumerate(range(3000, 11_000, 400))]
-    flaps += [f"{t}:{'cut' if i % 2 == 0 else 'heal'}:h1:h4" for i, t in enumerate(range(3100, 11_000, 700))]
-    world = scenario(*flaps, until_ms=11_000)
+    flaps = [f"{t}:{'cut2' if i % 2 == 0 else 'heal'}:h2:h3" for i, t in enumerate(range(4000, 12_000, 400))]
+    flaps += [f"{t}:{'cut' if i % 2 == 0 else 'heal'}:h1:h4" for i, t in enumerate(range(4100, 12_000, 700))]
+    world = scenario(*flaps, until_ms=12_000)
     assert not world.fences, "hosts others still hear are never declared dead"
-    settle(world, 11_000 + LIVENESS_BOUND_MS)
+    settle(world, 12_000 + LIVENESS_BOUND_MS)
 
 
 @pytest.mark.timeout(20)
 def test_watchdog_self_fencing_without_fence_devices() -> None:
     sim = SimConfig(fence_devices=False)
-    world = scenario("3000:isolate:h2", until_ms=14_000, heal_ms=30_000, sim=sim)
-    lost = vms_of(world, "h2", 3000)
+    world = scenario("4000:isolate:h2", until_ms=14_000, heal_ms=30_000, sim=sim)
+    lost = vms_of(world, "h2", 4000)
     assert lost and not world.fences
     reset = [at for at, h, why in world.power_offs if h == "h2" and why == "watchdog"]
     assert reset, "h2 lost quorum, stopped petting and was reset"
     t = sim.timing
-    restarted = [at for at, _h, vm in world.starts if vm in lost and at > 3000]
+    restarted = [at for at, _h, vm in world.starts if vm in lost and at > 4000]
     assert restarted and min(restarted) >= reset[0]
     # Others wait the watchdog timeout and margin after declaring h2 dead (which takes dead_timeout).
     wait_ms = sim.detector.dead_timeout_ms + t.watchdog_timeout_ms + t.watchdog_margin_ms
-    assert min(restarted) >= 3000 + wait_ms
+    assert min(restarted) >= 4000 + wait_ms
     assert set(owners(world)) == set(world.vm_names)
 
 
 @pytest.mark.timeout(20)
 def test_agent_restart_keeps_the_vms_running() -> None:
-    world = scenario(until_ms=2900)
+    world = scenario(until_ms=3900)
     before = owners(world)
-    world = scenario("3000:agent-restart:h2", "3100:agent-restart:h1", until_ms=9000, heal_ms=30_000)
+    world = scenario("4000:agent-restart:h2", "4100:agent-restart:h1", until_ms=9000, heal_ms=30_000)
     assert owners(world) == before
     assert not world.fences and not world.power_offs
-    assert not [s for s in world.starts if s[0] > 3000]
+    assert not [s for s in world.starts if s[0] > 4000]
     assert world.hosts["h2"].incarnation > 1 and world.hosts["h2"].agent is not None

@@ -11,7 +11,8 @@ must be on stable storage before any `Send` after it.  The agent's rules:
   decisions need the broker kind (votes and acks travel through it).
 - grants: a VM is started only when the committed state names this host its owner,
   this agent follows a live coordinator of its highest term that committed that
-  state in its own term, holds quorum (so its
+  state in its own term (for `grant_settle_ms` without a break, and no change to
+  that VM is proposed), holds quorum (so its
   watchdog is being petted) and is not fenced.  A local VM without a grant is
   reported, never stopped on this agent's own initiative.
 - watchdog: petted while this agent holds quorum, or while nothing runs here.
@@ -384,6 +385,11 @@ class ClusterAgent:
 
     # ---- obeying the committed state -------------------------------------------------
 
+    def _settled(self, now: int) -> bool:
+        if self.election.role is Role.COORDINATOR:
+            return True
+        return now - self.election.following_since_ms >= self.config.timing.grant_settle_ms
+
     def _busy(self, vm: str) -> bool:
         return any(cmd.vm == vm for _at, cmd in self.commands.values())
 
@@ -425,12 +431,15 @@ class ClusterAgent:
             elif qemu == "running" and owner == self.me and rec is not None and rec.desired == "stopped":
                 out.append(StopVm(id=self._id(), vm=vm, term=term, reason="desired stopped"))
             elif qemu == "running" and mig is not None and mig.source == self.me and rec is not None \
-                    and rec.generation == mig.generation and vm not in self.migration_reports:
+                    and rec.generation == mig.generation and vm not in self.migration_reports \
+                    and self._settled(now) and self.accepted.migrations.get(vm) == mig:
                 out.append(MigrateVm(id=self._id(), vm=vm, target=mig.target, generation=mig.generation,
                                      term=term))
-        may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced)
+        may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced
+                     and self._settled(now))
         for vm, grant in sorted(state.vms.items()):
             if (may_start and grant.owner == self.me and grant.desired == "running"
+                    and self.accepted.vms.get(vm) == grant      # no change to it under way
                     and vm not in self.local_vms and vm not in self.failed_vms and not self._busy(vm)):
                 out.append(StartVm(id=self._id(), vm=vm, generation=grant.generation, term=term))
         return [self._vm_command(cmd) for cmd in out]

@@ -31,6 +31,7 @@ class Election:
         self.role = Role.FOLLOWER
         self.coordinator: str | None = None      # followed in `term`
         self.lease_until_ms = -1
+        self.following_since_ms = -1             # start of the current unbroken lease
         self.grants: set[str] = set()
         self.started_ms = -1                     # when this agent last stood
 
@@ -90,6 +91,8 @@ class Election:
     def follow(self, coordinator: str, term: int, now_ms: int) -> None:
         self.observe_term(term)
         if term == self.term and self.role is not Role.COORDINATOR:
+            if not self.lease_valid(now_ms) or self.coordinator != coordinator:
+                self.following_since_ms = now_ms
             self.role, self.coordinator = Role.FOLLOWER, coordinator
             self.lease_until_ms = now_ms + self.lease_ms
 

@@ -47,6 +47,9 @@ class ClusterTiming:
     fence_timeout_ms: int = 3000    # a fence command without result by then counts as failed
     fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
     max_local_restarts: int = 3
+    # After (re)joining a coordinator, wait this long before starting or moving VMs: a change
+    # proposed before we joined (our VMs released while we were cut off) reaches us by then.
+    grant_settle_ms: int = 1000
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -120,6 +120,11 @@ def test_a_failing_run_shrinks_and_prints_its_reproduction(capsys: pytest.Captur
     assert Schedule.decode(shrunk.encode()) == shrunk
     assert main(["--seed", "3"]) == 0
     assert "seed 3: ok" in capsys.readouterr().out
+    code = main(["--seed", "5", "--no-fence-devices", "--schedule", schedule.encode()],
+                agent_class=_NoFenceAgent)
+    printed = capsys.readouterr().out
+    assert code == 1 and "seed 5: safety: invariant 1" in printed
+    assert "shrunk to 1 faults: python -m haguard.sim --seed 5 --no-fence-devices --schedule" in printed
 
 
 # ---- named scenarios -------------------------------------------------------------------

@@ -37,8 +37,8 @@ class RunResult:
     def ok(self) -> bool:
         return self.failure is None
 
-    def command(self, shrunk: Schedule | None = None) -> str:
-        cmd = f"python -m haguard.sim --seed {self.seed}"
+    def command(self, shrunk: Schedule | None = None, flags: str = "") -> str:
+        cmd = f"python -m haguard.sim --seed {self.seed}{flags}"
         if shrunk is not None:
             cmd += f" --schedule '{shrunk.encode()}'"
         return cmd
@@ -87,18 +87,28 @@ def shrink(result: RunResult, *, sim: SimConfig | None = None, agent_class: Agen
     return schedule
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, agent_class: AgentFactory = ClusterAgent) -> int:
     parser = argparse.ArgumentParser(prog="python -m haguard.sim", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed on")
     parser.add_argument("--schedule", help="a fault schedule as printed by a failing run")
+    parser.add_argument("--hosts", type=int, default=SimConfig.hosts)
+    parser.add_argument("--witness", action="store_true", help="add a host that only votes")
+    parser.add_argument("--no-fence-devices", action="store_true", help="recover by watchdog deadline")
+    parser.add_argument("--isolation", choices=["keep", "shutdown", "self-fence"], default="keep")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     schedule = Schedule.decode(args.schedule) if args.schedule else None
+    sim = SimConfig(hosts=args.hosts, witness=args.witness, fence_devices=not args.no_fence_devices,
+                    isolation=args.isolation)
+    flags = "".join([f" --hosts {args.hosts}" if args.hosts != SimConfig.hosts else "",
+                     " --witness" if args.witness else "",
+                     " --no-fence-devices" if args.no_fence_devices else "",
+                     f" --isolation {args.isolation}" if args.isolation != "keep" else ""])
     worst, code = 0, 0
     for seed in range(args.seed, args.seed + args.seeds):
-        result, _world = run(seed, schedule=schedule)
+        result, _world = run(seed, schedule=schedule, sim=sim, agent_class=agent_class)
         if result.ok:
             worst = max(worst, result.converged_ms or 0)
             if args.verbose or args.seeds == 1:
@@ -107,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         print(f"seed {seed}: {result.failure}: {result.message}")
         print(f"schedule: {result.schedule.encode()}")
-        print(f"reproduce: {result.command(schedule)}")
+        print(f"reproduce: {result.command(schedule, flags)}")
         if not args.no_shrink:
-            shrunk = shrink(result)
-            print(f"shrunk to {len(shrunk.faults)} faults: {result.command(shrunk)}")
+            shrunk = shrink(result, sim=sim, agent_class=agent_class)
+            print(f"shrunk to {len(shrunk.faults)} faults: {result.command(shrunk, flags)}")
         code = max(code, EXIT[result.failure])
     if args.seeds > 1:
         print(f"{args.seeds} seeds, worst convergence {worst} ms after healing")

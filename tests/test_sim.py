@@ -324,3 +324,15 @@ def test_agent_restart_keeps_the_vms_running() -> None:
     assert not world.fences and not world.power_offs
     assert not [s for s in world.starts if s[0] > 4000]
     assert world.hosts["h2"].incarnation > 1 and world.hosts["h2"].agent is not None
+
+
+@pytest.mark.timeout(20)
+def test_a_vm_crashing_past_its_restart_budget_moves_to_another_host() -> None:
+    crashes = [f"{t}:qemu-crash:vm5" for t in range(4000, 6000, 400)]
+    world = scenario(*crashes, until_ms=9000, heal_ms=30_000)
+    first = vms_of(world, "h2", 4000)
+    assert "vm5" in first
+    restarts_here = [at for at, h, vm in world.starts if vm == "vm5" and h == "h2" and at >= 4000]
+    assert len(restarts_here) == SimConfig().timing.max_local_restarts, "restarted in place first"
+    assert owners(world)["vm5"] != "h2", "then relocated"
+    assert world.checker.newest.vms["vm5"].generation == 1

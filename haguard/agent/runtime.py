@@ -76,6 +76,12 @@ def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+def vm_poll_interval_s(hung_timeout_ms: int) -> float:
+    """How often a VM's watch monitor is asked: half the hung timeout, so a healthy VM
+    answers at least twice per timeout, within 0.2..2 s (each poll costs the agent CPU)."""
+    return min(2.0, max(0.2, hung_timeout_ms / 2000))
+
+
 # ---- configuration and secrets ----------------------------------------------------------
 
 def _line_of(path: Path, loc: tuple[str | int, ...]) -> int | None:
@@ -327,7 +333,7 @@ class Agent:
         if sent and wall - self._last_state_s >= STATE_EVERY_S:
             self._last_state_s = wall
             self.transport.publish("state", body)
-        data = self.node.status(now)
+        data = self.node.status(now, body)
         data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                     ready=self.ready, dropped=self.dropped, rejected=self.rejected)
         try:
@@ -388,7 +394,8 @@ class Agent:
                     continue
                 log.info("vm-watch", vm=name, owned=name in self.vms)
                 self._offer(VmExpected(vm=name, should_run=name in self.vms))
-                watcher = VmWatcher(name, base, self._offer, clock=monotonic_ms)
+                watcher = VmWatcher(name, base, self._offer, clock=monotonic_ms,
+                                    interval_s=vm_poll_interval_s(self.cfg.vm_restart.hung_timeout_ms))
                 self.watchers[name] = supervise.start(f"vmwatch-{name}", watcher.run)
 
     def _start_prober(self) -> None:

@@ -41,7 +41,7 @@ from haguard.core.probes import (
     ProbePolicy,
     ProbeTimedOut,
 )
-from haguard.core.vmhealth import VmHealth, VmHealthPolicy, VmInput, VmOutput, VmState
+from haguard.core.vmhealth import VmHealth, VmHealthPolicy, VmHealthView, VmInput, VmOutput, VmState
 
 HEARTBEAT = "heartbeat"
 STATE = "state"
@@ -166,9 +166,9 @@ class Node:
 
     # ---- views --------------------------------------------------------------------------
 
-    def capacity(self) -> dict[str, int]:
+    def capacity(self, snapshot: Mapping[str, VmHealthView] | None = None) -> dict[str, int]:
         used_mem = used_cpu = 0
-        for name, view in self.vms.snapshot().items():
+        for name, view in (self.vms.snapshot() if snapshot is None else snapshot).items():
             size = self.cfg.vm_sizes.get(name)
             if size is not None and view.state in _LOCAL:
                 used_mem += size.memory_mib
@@ -180,18 +180,20 @@ class Node:
     def heartbeat(self, now_ms: int) -> dict[str, Any]:
         """The body of this host's heartbeat (also the retained "state")."""
         health = self.probes.health()
+        snapshot = self.vms.snapshot()
         return {
             "health": str(health.status),
             "failing": [{"name": p.name, "reason": p.reason} for p in health.failing],
-            "capacity": self.capacity(),
-            "vms": {name: str(v.state) for name, v in self.vms.snapshot().items()},
+            "capacity": self.capacity(snapshot),
+            "vms": {name: str(v.state) for name, v in snapshot.items()},
             "hears": sorted(self.detector.hears(now_ms)),
             "reaches": sorted(self.detector.reaches(now_ms)),
         }
 
-    def status(self, now_ms: int) -> dict[str, Any]:
-        """Everything `haguard status` shows, as JSON data."""
-        mine = self.heartbeat(now_ms)
+    def status(self, now_ms: int, heartbeat: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Everything `haguard status` shows, as JSON data (`heartbeat`: this instant's
+        `heartbeat(now_ms)` when the caller has it already)."""
+        mine = self.heartbeat(now_ms) if heartbeat is None else heartbeat
         hosts: list[dict[str, Any]] = [{
             "name": self.cfg.me, "self": True, "state": "isolated" if self.detector.isolated else "alive",
             "reason": "this agent" + ("; isolated" if self.detector.isolated else ""),

@@ -285,6 +285,8 @@ class World:
             target.fenced_ms = self.now
             if target.powered:
                 self._power_off(target, "fenced")
+                if self.healed:             # once faults stop, the operator powers it on again
+                    self._at(self.now + self.sim.boot_ms, "boot", target.name)
         by_host = self.hosts[by]
         if by_host.incarnation == incarnation:
             self._feed(by_host, CommandResult(id=cmd.id, ok=ok, now_ms=self.now,

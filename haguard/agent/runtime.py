@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
 
 from haguard.adapters.hostprobe import HostProber
 from haguard.adapters.icmp import PeerPinger
@@ -37,7 +36,7 @@ from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart
 from haguard.agent import supervise
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
-from haguard.config.yamlsrc import parse_yaml
+from haguard.config.yamlsrc import line_of
 from haguard.core.detector import (
     BrokerStatus,
     DetectorTiming,
@@ -84,26 +83,6 @@ def vm_poll_interval_s(hung_timeout_ms: int) -> float:
 
 # ---- configuration and secrets ----------------------------------------------------------
 
-def _line_of(path: Path, loc: tuple[str | int, ...]) -> int | None:
-    """The line of the value at `loc` in a YAML file, for errors found after validation."""
-    try:
-        _, node = parse_yaml(path.read_text(), str(path))
-    except (OSError, ConfigError):
-        return None
-    line = None
-    for part in loc:
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-        if isinstance(node, yaml.MappingNode):
-            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
-            node = node.value[part]
-        else:
-            node = None
-    return node.start_mark.line + 1 if node is not None else line
-
-
 def check_secret(path: Path, what: str, config_path: Path) -> bytes:
     """Read a secret file, refusing one that every user can read."""
     try:
@@ -111,7 +90,7 @@ def check_secret(path: Path, what: str, config_path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}", file=str(config_path),
-                          line=_line_of(config_path, tuple(what.split("."))), field=what) from None
+                          line=line_of(config_path, tuple(what.split("."))), field=what) from None
     if st.st_mode & stat.S_IROTH:
         raise ConfigError(f"{path} is readable by every user (mode {stat.S_IMODE(st.st_mode):04o}): "
                           f"chmod o-r {path}", file=str(path), field=what)
@@ -123,13 +102,13 @@ def validate_agent_config(cfg: ClusterConfig, path: Path) -> str:
     try:
         me = cfg.this_host().name
     except ValueError as exc:
-        raise ConfigError(str(exc), file=str(path), line=_line_of(path, ("host",)), field="host") from None
+        raise ConfigError(str(exc), file=str(path), line=line_of(path, ("host",)), field="host") from None
     for i, h in enumerate(cfg.hosts):
         try:
             ipaddress.ip_address(h.address)
         except ValueError:
             raise ConfigError(f"{h.address!r} is not an IP address", file=str(path),
-                              line=_line_of(path, ("hosts", i, "address")),
+                              line=line_of(path, ("hosts", i, "address")),
                               field=f"hosts[{i}].address") from None
     return me
 

@@ -34,6 +34,16 @@ def _node_at(node: yaml.Node | None, loc: tuple[int | str, ...]) -> yaml.Node | 
     return node
 
 
+def line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
+    """The line of the value at `loc` in a YAML file (for checks made after validation)."""
+    try:
+        _, node = parse_yaml(path.read_text(), str(path))
+    except (OSError, ConfigError):
+        return None
+    target = _node_at(node, loc)
+    return target.start_mark.line + 1 if target is not None else None
+
+
 def _field_name(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:

@@ -10,7 +10,7 @@ A state is committed once hosts holding a majority of the weight have accepted i
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Literal
 
 from haguard.core.cluster.quorum import Quorum
@@ -62,11 +62,6 @@ class ClusterState:
 def initial_state(vms: list[str], hosts: list[str]) -> ClusterState:
     return ClusterState(vms={vm: VmRecord(owner=None) for vm in vms},
                         hosts={h: HostRecord() for h in hosts})
-
-
-def next_version(state: ClusterState, term: int, **changes: object) -> ClusterState:
-    """A successor of `state` written in `term`."""
-    return replace(state, term=term, version=state.version + 1, **changes)  # type: ignore[arg-type]
 
 
 class Proposer:

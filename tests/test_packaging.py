@@ -104,6 +104,8 @@ def debian_root(parent: Path) -> Iterator[Path]:
         resolv = root / "etc/resolv.conf"
         resolv.unlink(missing_ok=True)
         resolv.write_bytes(Path("/etc/resolv.conf").read_bytes())
+        # A throwaway root: dpkg need not fsync every file (minutes saved on QEMU's libraries).
+        (root / "etc/dpkg/dpkg.cfg.d/unsafe-io").write_text("force-unsafe-io\n")
         policy = root / "usr/sbin/policy-rc.d"  # no daemons started inside
         policy.write_text("#!/bin/sh\nexit 101\n")
         policy.chmod(0o755)

@@ -36,7 +36,11 @@ def add_subcommands(sub: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import faulthandler
+
     from haguard.agent.runtime import run_agent
+    # systemd's watchdog kills a wedged agent with SIGABRT: leave the stacks in the journal.
+    faulthandler.enable()
     return asyncio.run(run_agent(args.config, args.log_format, args.log_level))
 
 

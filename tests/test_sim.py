@@ -70,6 +70,22 @@ def test_random_schedules_keep_the_invariants_and_converge() -> None:
     print(f"{RANDOM_SEEDS} seeds: worst convergence {worst} ms after healing (bound {LIVENESS_BOUND_MS} ms)")
 
 
+VARIANTS = {
+    "watchdog-only": SimConfig(fence_devices=False),
+    "witness": SimConfig(witness=True),
+    "three-hosts-shutdown": SimConfig(hosts=3, isolation="shutdown"),
+    "self-fence": SimConfig(isolation="self-fence", fence_devices=False),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.timeout(40)
+def test_random_schedules_on_cluster_variants(variant: str) -> None:
+    for seed in range(500, 525):
+        result, _world = run(seed, sim=VARIANTS[variant])
+        assert result.ok, f"{result.failure}: {result.message}\nreproduce: {result.command()} ({variant})"
+
+
 @pytest.mark.timeout(20)
 def test_a_seed_replays_exactly() -> None:
     first, w1 = run(11)

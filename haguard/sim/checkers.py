@@ -9,7 +9,8 @@ why, every message published) and the agents' public views; it never steers them
 3 no decision without quorum: every committed state was accepted by a majority;
   at most one coordinator per term, each elected by a majority
 4 no command of an older term obeyed: a start names the owner and generation of the
-  newest committed state; a move is in it; an agent's commands never go back in term
+  newest committed state; a move is in it; a fence comes from the newest term that
+  elected a coordinator; an agent's commands never go back in term
 5 liveness: once faults stop, every VM runs exactly once within a bound
 """
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.state import ClusterState, StateKey
-from haguard.core.cluster.types import Ack, Message, MigrateVm, Proposal, StartVm, VoteGranted
+from haguard.core.cluster.types import Ack, FenceHost, Message, MigrateVm, Proposal, StartVm, VoteGranted
 
 if TYPE_CHECKING:
     from haguard.sim.world import World
@@ -105,6 +106,15 @@ class Checker:
                                                                               cmd.generation):
                     raise Violation(4, f"{host} moves {cmd.vm} to {cmd.target}, but the newest committed "
                                        f"state {self.newest.key} has {mig}", now)
+
+    def fence(self, host: str, cmd: FenceHost, is_coordinator: bool, quorate: bool, now: int) -> None:
+        """A fence is a decision: by a coordinator holding quorum, of the newest term elected."""
+        if not (is_coordinator and quorate):
+            raise Violation(3, f"{host} fences {cmd.host} without coordinating with quorum", now)
+        newest_term = max(self.coordinators, default=0)
+        if cmd.term < newest_term:
+            raise Violation(4, f"{host} fences {cmd.host} in term {cmd.term}; term {newest_term} has "
+                               f"coordinator {self.coordinators[newest_term]}", now)
 
     def _fenced_first(self, vm: str, host: str, now: int) -> None:
         run = self.last_run.get(vm)

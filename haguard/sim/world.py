@@ -254,6 +254,8 @@ class World:
                     self.checker.command(host.name, out, agent.term, self.now)
                     self._start_migration(host, out)
                 case FenceHost():
+                    self.checker.fence(host.name, out, agent.role == "coordinator",
+                                       agent.broker_quorate(self.now), self.now)
                     self.fences.append((self.now, host.name, out.host))
                     mode = self.hosts[out.host].fence_mode
                     if mode != "hang":

@@ -180,21 +180,23 @@ def test_a_proposal_of_an_older_term_is_refused() -> None:
     assert out == [] and agent.committed.key == (0, 0) and agent.term == 5
 
 
-def _follower_with_grant(owner: str | None, until_ms: int = 1300) -> ClusterAgent:
-    """h2 following h1 from 200 ms on, its committed state granting vm1 to `owner`."""
+def _follower_with_grant(owner: str | None, until_ms: int = 1300, confirm: bool = True) -> ClusterAgent:
+    """h2 following h1 from 150 ms on, its committed state granting vm1 to `owner`."""
     agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
     state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner=owner, generation=3)})
-    proposal = Proposal(sender="h1", term=1, state=state, committed=state)
     for now in range(100, until_ms, 200):
         hear_all(agent, now)
+        # From the second round on, the coordinator confirms it has h2's first ack (a read index).
+        confirmed = {"h2": (1, 1)} if confirm and now > 100 else {}
+        proposal = Proposal(sender="h1", term=1, state=state, committed=state, confirmed=confirmed)
         agent.step(MessageReceived(message=proposal, now_ms=now + 50))
     return agent
 
 
 def test_a_granted_vm_is_started_with_its_generation_and_term() -> None:
-    agent = _follower_with_grant("h2", until_ms=1000)
-    assert not [o for o in agent.tick(1000) if isinstance(o, StartVm)], "settling after joining"
+    agent = _follower_with_grant("h2", confirm=False)
+    assert not [o for o in agent.tick(1300) if isinstance(o, StartVm)], "no ack of ours confirmed yet"
     agent = _follower_with_grant("h2")
     out = agent.tick(1300)
     pets = [o for o in out if isinstance(o, PetWatchdog)]

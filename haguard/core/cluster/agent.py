@@ -11,8 +11,9 @@ must be on stable storage before any `Send` after it.  The agent's rules:
   decisions need the broker kind (votes and acks travel through it).
 - grants: a VM is started only when the committed state names this host its owner,
   this agent follows a live coordinator of its highest term that committed that
-  state in its own term (for `grant_settle_ms` without a break, and no change to
-  that VM is proposed), holds quorum (so its
+  state in its own term, that coordinator has confirmed an ack this agent sent since
+  it (re)joined (a read index: nothing decided while we were cut off is missing),
+  no change to that VM is proposed, and this agent holds quorum (so its
   watchdog is being petted) and is not fenced.  A local VM without a grant is
   reported, never stopped on this agent's own initiative.
 - watchdog: petted while this agent holds quorum, or while nothing runs here.
@@ -101,6 +102,10 @@ class ClusterAgent:
         self._next_id = 0
         self._last_beat_ms = -10**9
         self._last_proposal_ms = -10**9
+        self._ack_seq = 0
+        self._sync_seq: int | None = None                       # first ack since (re)joining
+        self._confirmed: tuple[int, int] = (-1, -1)             # what the coordinator has of ours
+        self._acks_seen: dict[str, tuple[int, int]] = {}        # coordinator: host -> newest ack
         self._persisted = self._durable()
 
     # ---- feeding --------------------------------------------------------------------
@@ -183,6 +188,11 @@ class ClusterAgent:
                         and message.term == self.election.term):
                     self.proposer.ack(message.sender, message.accepted)
                     self._committed(self.proposer.committed)
+                    seen = (message.incarnation, message.seq)
+                    self._acks_seen[message.sender] = max(seen, self._acks_seen.get(message.sender, seen))
+                    # An ack is proof of life too: a host it comes from is not declared dead.
+                    return self._detected(self.detector.step(GossipHeard(
+                        host=message.sender, incarnation=message.incarnation, now_ms=now)))
                 return []
         return []
 
@@ -199,12 +209,19 @@ class ClusterAgent:
         self.election.follow(p.sender, p.term, self.now_ms)
         if self.election.coordinator != p.sender:
             return []
+        if self.election.following_since_ms == self.now_ms:
+            self._sync_seq = None                   # (re)joined: wait for a fresh ack to be confirmed
+        self._confirmed = p.confirmed.get(self.me, (-1, -1))
         self._committed(p.committed)
         if p.state.key > self.accepted.key:
             self.accepted = p.state
         if self.accepted.key != p.state.key:
             return []
-        return [self._send(Ack(sender=self.me, term=p.term, accepted=p.state.key, to=p.sender))]
+        self._ack_seq += 1
+        if self._sync_seq is None:
+            self._sync_seq = self._ack_seq
+        return [self._send(Ack(sender=self.me, term=p.term, accepted=p.state.key, to=p.sender,
+                               incarnation=self.incarnation, seq=self._ack_seq))]
 
     def _committed(self, state: ClusterState) -> None:
         if state.key > self.committed.key:
@@ -219,6 +236,7 @@ class ClusterAgent:
         self.proposer = Proposer(self.quorum, self.me, self.committed, proposal)
         self.accepted = proposal
         self.coordinator = self.coordinator_class(self.config, term, self._id)
+        self._acks_seen = {}
         self._last_proposal_ms = -10**9
         return []
 
@@ -352,7 +370,8 @@ class ClusterAgent:
         if now - self._last_proposal_ms >= self.config.timing.heartbeat_ms:
             self._last_proposal_ms = now
             out.append(self._send(Proposal(sender=self.me, term=self.election.term,
-                                           state=self.proposer.proposal, committed=self.proposer.committed)))
+                                           state=self.proposer.proposal, committed=self.proposer.committed,
+                                           confirmed=dict(self._acks_seen))))
         return out
 
     def _views(self, now: int) -> dict[str, HostView]:
@@ -385,10 +404,11 @@ class ClusterAgent:
 
     # ---- obeying the committed state -------------------------------------------------
 
-    def _settled(self, now: int) -> bool:
+    def _synced(self) -> bool:
+        """The coordinator has an ack we sent since (re)joining: its committed state is current."""
         if self.election.role is Role.COORDINATOR:
             return True
-        return now - self.election.following_since_ms >= self.config.timing.grant_settle_ms
+        return self._sync_seq is not None and self._confirmed >= (self.incarnation, self._sync_seq)
 
     def _busy(self, vm: str) -> bool:
         return any(cmd.vm == vm for _at, cmd in self.commands.values())
@@ -432,11 +452,11 @@ class ClusterAgent:
                 out.append(StopVm(id=self._id(), vm=vm, term=term, reason="desired stopped"))
             elif qemu == "running" and mig is not None and mig.source == self.me and rec is not None \
                     and rec.generation == mig.generation and vm not in self.migration_reports \
-                    and self._settled(now) and self.accepted.migrations.get(vm) == mig:
+                    and self._synced() and self.accepted.migrations.get(vm) == mig:
                 out.append(MigrateVm(id=self._id(), vm=vm, target=mig.target, generation=mig.generation,
                                      term=term))
         may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced
-                     and self._settled(now))
+                     and self._synced())
         for vm, grant in sorted(state.vms.items()):
             if (may_start and grant.owner == self.me and grant.desired == "running"
                     and self.accepted.vms.get(vm) == grant      # no change to it under way

@@ -47,9 +47,6 @@ class ClusterTiming:
     fence_timeout_ms: int = 3000    # a fence command without result by then counts as failed
     fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
     max_local_restarts: int = 3
-    # After (re)joining a coordinator, wait this long before starting or moving VMs: a change
-    # proposed before we joined (our VMs released while we were cut off) reaches us by then.
-    grant_settle_ms: int = 1000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,6 +109,8 @@ class Proposal:
     term: int
     state: ClusterState                         # newest, maybe not yet committed
     committed: ClusterState
+    # host -> (incarnation, sequence) of the newest ack received from it in this term
+    confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     to: None = None
 
 
@@ -121,6 +120,8 @@ class Ack:
     term: int
     accepted: StateKey
     to: str                                     # the coordinator
+    incarnation: int = 0
+    seq: int = 0                                # numbers this agent's acks
 
 
 Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack

@@ -110,6 +110,53 @@ class VmRestartPolicy(_Strict):
     hung_timeout_ms: int = Field(default=3000, ge=100)
 
 
+class AlertsConfig(_Strict):
+    """Where alerts go besides journald and MQTT: Alertmanager-style webhooks."""
+
+    # e.g. http://alertmanager:9093/api/v2/alerts; each gets the same JSON list of alerts.
+    webhooks: tuple[str, ...] = ()
+    timeout_s: float = Field(default=5.0, gt=0, le=120)          # one POST
+    retry_attempts: int = Field(default=5, ge=1, le=100)          # per batch and webhook
+    retry_max_s: float = Field(default=60.0, gt=0, le=3600)       # give up a batch after this
+    repeat_interval_s: float = Field(default=300.0, ge=1)         # re-send of a still-firing alert
+    broker_unreachable_after_s: float = Field(default=30.0, ge=0)
+
+    @field_validator("webhooks")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            scheme, sep, rest = url.partition("://")
+            if not sep or scheme not in ("http", "https") or not rest:
+                raise ValueError(f"{url!r}: use http://HOST[:PORT]/PATH or https://...")
+        return v
+
+
+class MetricsConfig(_Strict):
+    """The Prometheus endpoint (GET /metrics).  Loopback by default: it tells what runs where."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"                                # HOST:PORT, [IPv6]:PORT
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        listen_address(v)
+        return v
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return listen_address(self.listen)
+
+
+def listen_address(text: str) -> tuple[str, int]:
+    """"HOST:PORT" (or "[V6]:PORT") -> (host, port); ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{text!r}: use HOST:PORT, e.g. 127.0.0.1:9464")
+    return host, int(port)
+
+
 class ClusterConfig(_Strict):
     cluster: str = Field(pattern=NAME_RE)
     host: str | None = None                 # this host's name; default: the hostname
@@ -122,6 +169,8 @@ class ClusterConfig(_Strict):
     state_dir: Path = Path("/var/lib/haguard")
     probes: tuple[HostProbe, ...] = ()
     vm_restart: VmRestartPolicy = VmRestartPolicy()
+    alerts: AlertsConfig = AlertsConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> ClusterConfig:

@@ -47,7 +47,8 @@ def line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
 def _field_name(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        name = str(part) if str(part).isprintable() and len(str(part)) <= 64 else _one_line(repr(part))[:64]
+        out += f"[{part}]" if isinstance(part, int) else (f".{name}" if out else name)
     return out
 
 
@@ -59,10 +60,34 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
-        raise ConfigError(f"invalid YAML: {exc.problem or exc}", file=source, line=line) from None
+        raise ConfigError(f"invalid YAML: {_one_line(exc.problem or exc)}", file=source, line=line) from None
+    except yaml.reader.ReaderError as exc:    # a control character: its message spans lines
+        line = text.count("\n", 0, exc.position) + 1
+        code = exc.character if isinstance(exc.character, int) else ord(exc.character)
+        raise ConfigError(f"invalid YAML: control character #x{code:04x} is not allowed",
+                          file=source, line=line) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file=source) from None
+        raise ConfigError(f"invalid YAML: {_one_line(exc)}", file=source) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML: nested too deep", file=source) from None
+    except ValueError:   # an integer past Python's digit limit
+        raise ConfigError("invalid YAML: a number has too many digits", file=source) from None
     return data, node
+
+
+def read_text(path: Path) -> str:
+    """The file's text, or ConfigError naming it (unreadable, not UTF-8)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8 text (byte {exc.start})", file=str(path)) from None
+
+
+def _one_line(value: object) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def validate(model: type[M], data: Any, node: yaml.Node | None, source: str,
@@ -84,11 +109,7 @@ def validate(model: type[M], data: Any, node: yaml.Node | None, source: str,
 
 
 def load_model(model: type[M], path: Path) -> M:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    data, node = parse_yaml(text, str(path))
+    data, node = parse_yaml(read_text(path), str(path))
     if data is None:
         raise ConfigError("file is empty", file=str(path))
     return validate(model, data, node, str(path))

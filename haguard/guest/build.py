@@ -65,9 +65,13 @@ _WORD = re.compile(r"0x([0-9a-f]{8})")
 
 def parse_status(xp_output: str) -> GuestStatus:
     """Parse `xp /12wx 0x7000` output (32-bit little-endian words)."""
+    if not isinstance(xp_output, str):
+        raise HaguardError(f"unexpected guest status dump: a {type(xp_output).__name__}, not text")
     words = [int(w, 16) for line in xp_output.splitlines() for w in _WORD.findall(line.split(":", 1)[-1])]
     if len(words) < 12:
-        raise HaguardError(f"unexpected guest status dump: {xp_output!r}")
+        shown = repr(xp_output)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        raise HaguardError(f"unexpected guest status dump: {shown}")
 
     def u64(i: int) -> int:
         return words[i] | (words[i + 1] << 32)

@@ -33,7 +33,7 @@ from haguard.core.strategy import (
     StartThrottling,
 )
 from haguard.errors import HaguardError, MigrationError, PreflightError, QmpCommandError, QmpError
-from haguard.migration import preflight
+from haguard.migration import preflight, replies
 from haguard.migration.features import QemuFeatures, detect
 from haguard.migration.options import MigrationOptions
 from haguard.migration.plan import Plan, apply_plan, make_plan
@@ -170,20 +170,7 @@ class Migration:
 
     async def _sample(self) -> tuple[MigrationSample, dict[str, Any]]:
         info = await self.source.cmd("query-migrate")
-        ram = info.get("ram", {})
-        page = int(ram.get("page-size", 4096) or 4096)
-        sample = MigrationSample(
-            now_ms=self._elapsed_ms(),
-            status=str(info.get("status", "none")),
-            passes=int(ram.get("dirty-sync-count", 0)),
-            transferred_bytes=int(ram.get("transferred", 0)),
-            remaining_bytes=int(ram.get("remaining", 0)),
-            total_bytes=int(ram.get("total", 0)),
-            dirty_rate_bps=int(ram.get("dirty-pages-rate", 0)) * page,
-            throughput_bps=int(float(ram.get("mbps", 0.0)) * 1e6 / 8),
-            expected_downtime_ms=info.get("expected-downtime"),
-        )
-        return sample, info
+        return replies.migration_sample(info, now_ms=self._elapsed_ms()), info
 
     async def _watch(self, plan: Plan, cancel: asyncio.Event) -> None:
         assert self._strategy is not None
@@ -193,6 +180,8 @@ class Migration:
             while True:
                 try:
                     sample, info = await self._sample()
+                except replies.MalformedReply as exc:
+                    raise MigrationError(f"cannot follow the migration: {exc}") from None
                 except QmpError as exc:
                     raise MigrationError(self._source_lost_message(exc)) from None
                 for action in strategy.observe(sample):
@@ -291,9 +280,9 @@ class Migration:
         figures = s if s.transferred_bytes or self._last_moving is None else self._last_moving
         res.transferred_bytes = figures.transferred_bytes
         res.passes = figures.passes
-        res.setup_time_ms = info.get("setup-time")
+        res.setup_time_ms = replies.optional_ms(info, "setup-time")
         if s.status == "completed":
-            res.downtime_ms = info.get("downtime")
+            res.downtime_ms = replies.optional_ms(info, "downtime")
             await self._verify_and_release()
             return
         if res.status not in ("aborted", "cancelled"):

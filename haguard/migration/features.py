@@ -22,18 +22,27 @@ class QemuFeatures:
         return name in self.parameters
 
 
-def _schema_lookup(schema: list[dict[str, Any]]) -> tuple[frozenset[str], frozenset[str]]:
-    """Commands, and the values of the multifd-compression enum, from query-qmp-schema."""
-    by_name = {e["name"]: e for e in schema}
-    commands = frozenset(e["name"] for e in schema if e.get("meta-type") == "command")
+def _schema_lookup(schema: object) -> tuple[frozenset[str], frozenset[str]]:
+    """Commands, and the values of the multifd-compression enum, from query-qmp-schema.
+
+    The schema is outside input: entries of the wrong shape are skipped, so a damaged
+    schema means fewer detected features (and clear preflight refusals), never a crash.
+    """
+    entries = [e for e in schema if isinstance(e, dict) and isinstance(e.get("name"), str)] \
+        if isinstance(schema, list) else []
+    by_name: dict[str, dict[str, Any]] = {e["name"]: e for e in entries}
+    commands = frozenset(e["name"] for e in entries if e.get("meta-type") == "command")
     values: frozenset[str] = frozenset()
-    cmd = by_name.get("migrate-set-parameters")
-    args = by_name.get(cmd["arg-type"]) if cmd else None
-    for member in (args or {}).get("members", []):
-        if member["name"] == "multifd-compression":
+    cmd = by_name.get("migrate-set-parameters", {})
+    args = by_name.get(cmd["arg-type"]) if isinstance(cmd.get("arg-type"), str) else None
+    members = (args or {}).get("members")
+    for member in members if isinstance(members, list) else []:
+        if isinstance(member, dict) and member.get("name") == "multifd-compression" \
+                and isinstance(member.get("type"), str):
             enum = by_name.get(member["type"], {})
-            values = frozenset(v["name"] if isinstance(v, dict) else v
-                               for v in enum.get("members", enum.get("values", [])))
+            listed = enum.get("members", enum.get("values", []))
+            values = frozenset(n for v in (listed if isinstance(listed, list) else [])
+                               if isinstance(n := v.get("name") if isinstance(v, dict) else v, str))
     return commands, values
 
 

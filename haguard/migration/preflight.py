@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from haguard.adapters.qmp import Qmp
 from haguard.errors import PreflightError, QmpCommandError
+from haguard.migration import replies
 from haguard.migration.features import QemuFeatures
 from haguard.migration.uri import MigrationUri
 
@@ -22,29 +24,54 @@ async def vm_identity(qmp: Qmp) -> dict[str, str | int]:
     mem = await qmp.cmd("query-memory-size-summary")
     machine = await qmp.cmd("qom-get", {"path": "/machine", "property": "type"})
     cpus = await qmp.cmd("query-cpus-fast")
+    with _readable():
+        cpu_path = replies.first_cpu_path(cpus)
     cpu_type = ""
-    if cpus:
-        cpu_type = await qmp.cmd("qom-get", {"path": cpus[0]["qom-path"], "property": "type"})
-    return {
-        "ram_bytes": int(mem["base-memory"]),
-        "machine": str(machine).removesuffix("-machine"),
-        "cpu": str(cpu_type).removesuffix("-x86_64-cpu").removesuffix("-i386-cpu"),
-    }
+    if cpu_path is not None:
+        cpu_type = await qmp.cmd("qom-get", {"path": cpu_path, "property": "type"})
+    return identity_from_replies(mem, machine, cpu_type)
+
+
+def identity_from_replies(mem: object, machine: object, cpu_type: object) -> dict[str, str | int]:
+    """The identity from the three replies; "" for the CPU when QEMU listed no vCPU."""
+    with _readable():
+        return {
+            "ram_bytes": replies.ram_size(mem),
+            "machine": replies.type_name(machine, "qom-get /machine").removesuffix("-machine"),
+            "cpu": "" if cpu_type == "" else replies.type_name(cpu_type, "qom-get cpu")
+            .removesuffix("-x86_64-cpu").removesuffix("-i386-cpu"),
+        }
+
+
+@contextlib.contextmanager
+def _readable() -> Iterator[None]:
+    # A reply we cannot read stops the move before anything was touched.
+    try:
+        yield
+    except replies.MalformedReply as exc:
+        raise PreflightError(f"{exc}: cannot check this QEMU before migrating") from None
 
 
 async def check_source(qmp: Qmp) -> str:
-    status = (await qmp.cmd("query-status"))["status"]
+    return source_state(await qmp.cmd("query-status"), await qmp.cmd("query-migrate"))
+
+
+def source_state(status_reply: object, migrate_reply: object) -> str:
+    """The source's run state if it can be migrated now, else PreflightError."""
+    with _readable():
+        status = replies.run_state(status_reply)
+        mig = replies.migration_sample(migrate_reply, now_ms=0).status
     if status not in ("running", "paused"):
         raise PreflightError(f"source VM is {status!r}, not running: nothing to migrate")
-    mig = await qmp.cmd("query-migrate")
-    if mig.get("status") in ACTIVE_MIGRATION:
-        raise PreflightError(f"source already has a migration in state {mig['status']!r}: "
+    if mig in ACTIVE_MIGRATION:
+        raise PreflightError(f"source already has a migration in state {mig!r}: "
                              "wait for it or cancel it with `haguard migrate --cancel`")
-    return str(status)
+    return status
 
 
 async def check_destination(qmp: Qmp) -> None:
-    status = (await qmp.cmd("query-status"))["status"]
+    with _readable():
+        status = replies.run_state(await qmp.cmd("query-status"))
     if status != "inmigrate":
         raise PreflightError(f"destination QEMU is {status!r}, not waiting for a migration: "
                              "start it with `-incoming defer` (haguard does this for defined VMs)")

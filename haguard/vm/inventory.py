@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from haguard.config.yamlsrc import parse_yaml, validate
+from haguard.config.yamlsrc import parse_yaml, read_text, validate
 from haguard.errors import ConfigError
 from haguard.vm.definition import VmDefinition
 
@@ -26,11 +26,7 @@ def vm_dir(explicit: str | Path | None = None) -> Path:
 
 
 def load_file(path: Path) -> list[VmDefinition]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"cannot read: {exc.strerror}", file=str(path)) from None
-    data, node = parse_yaml(text, str(path))
+    data, node = parse_yaml(read_text(path), str(path))
     if data is None:
         raise ConfigError("file is empty", file=str(path))
     if isinstance(data, dict) and "vms" in data:

@@ -175,7 +175,7 @@ class AlertNotifier:
                                                expire_after_ms=expire_ms)).encode()
         retrying = AsyncRetrying(
             retry=retry_if_exception_type(_Retryable),
-            wait=wait_exponential_jitter(initial=self._retry_initial_s, max=self._retry_cap_s,
+            wait=wait_exponential_jitter(multiplier=self._retry_initial_s, max=self._retry_cap_s,
                                          jitter=self._retry_initial_s),
             stop=stop_after_attempt(self.cfg.retry_attempts) | stop_after_delay(self.cfg.retry_max_s),
             before_sleep=lambda state: self._retrying(url, state.outcome),

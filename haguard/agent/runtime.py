@@ -28,8 +28,11 @@ from typing import Any
 
 import structlog
 
+from haguard.adapters import metrics as metrics_mod
+from haguard.adapters.alerts import AlertNotifier
 from haguard.adapters.hostprobe import HostProber
 from haguard.adapters.icmp import PeerPinger
+from haguard.adapters.metrics import AgentMetrics
 from haguard.adapters.mqtt import GossipTransport
 from haguard.adapters.systemd import Notifier, ProgressWatchdog, summary
 from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart_in_place
@@ -37,6 +40,7 @@ from haguard.agent import supervise
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
+from haguard.core.alerts import BrokerWatch, alerts_for
 from haguard.core.detector import (
     BrokerStatus,
     DetectorTiming,
@@ -208,6 +212,13 @@ class Agent:
                                          on_envelope=self._on_envelope, on_reject=self._on_reject,
                                          on_connection=self._on_connection)
         self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
+        self.metrics = AgentMetrics()
+        for peer in self._peer_addresses(cfg):
+            self.metrics.set_peer_state(peer, str(PeerState.UNKNOWN))
+        self.alerts = AlertNotifier(cfg.alerts, cluster=cfg.cluster, host=self.me,
+                                    publish=self.transport.publish, metrics=self.metrics)
+        self.broker_watch = BrokerWatch(self.me, int(cfg.alerts.broker_unreachable_after_s * 1000),
+                                        self.started_ms)
         loops = ["core", "tick", "heartbeat"]
         stale_s = max(5.0, 3 * cfg.timing.dead_timeout_ms / 1000)
         self.watchdog = ProgressWatchdog(self.notifier, loops, stale_s)
@@ -237,11 +248,13 @@ class Agent:
                 log.warning("queue-full", dropped=self.dropped, item=type(item).__name__)
 
     def _on_envelope(self, env: Envelope) -> None:
+        self.metrics.gossip_message("received")
         self._offer(GossipReceived(host=env.host, incarnation=env.incarnation, kind=env.kind,
                                    body=env.body, now_ms=monotonic_ms()))
 
     def _on_reject(self, topic: str, reason: str) -> None:
         self.rejected += 1        # the transport logs each one
+        self.metrics.gossip_message("rejected")
 
     def _on_connection(self, connected: bool, detail: str) -> None:
         log.info("broker", connected=connected, detail=detail)
@@ -256,35 +269,54 @@ class Agent:
             match item:
                 case _Tick():
                     outputs = self.node.tick(item.now_ms)
+                    for alert in self.broker_watch.tick(item.now_ms):
+                        self.alerts.raise_alert(alert)
                 case _Heartbeat():
                     self._heartbeat()
                     outputs = []
                 case _Apply():
                     self._apply(item.cfg, item.vms)
                     outputs = []
+                case BrokerStatus():
+                    outputs = self.node.step(item)
+                    self.metrics.broker_connected.set(1 if item.connected else 0)
+                    for alert in self.broker_watch.observe(item.connected, item.now_ms):
+                        self.alerts.raise_alert(alert)
                 case _:
                     outputs = self.node.step(item)
             for out in outputs:
                 self._execute(out)
+                for alert in alerts_for(out, me=self.me):
+                    self.alerts.raise_alert(alert)
 
     def _execute(self, out: NodeOutput) -> None:
         match out:
             case PeerStateChanged():
                 level = log.warning if out.new in (PeerState.DEAD, PeerState.AGENT_DOWN) else log.info
                 level("peer-state", host=out.host, old=str(out.old), new=str(out.new), reason=out.reason)
+                self.metrics.set_peer_state(out.host, str(out.new))
+                if out.new is PeerState.DEAD:
+                    self._record_detection(out.host, out.now_ms)
             case IsolationChanged():
                 log.warning("isolation", isolated=out.isolated, reason=out.reason)
+                self.metrics.isolated.set(1 if out.isolated else 0)
             case VmStateChanged():
                 level = log.warning if out.new in (VmState.CRASHED, VmState.HUNG) else log.info
                 level("vm-state", vm=out.vm, old=str(out.old), new=str(out.new), reason=out.reason)
+                self.metrics.set_vm_state(out.vm, str(out.new))
             case HostHealthChanged():
                 log.warning("host-health", health=out.new.summary())
             case RestartVmInPlace():
                 self._spawn(self._restart(out), f"restart-{out.vm}")
             case ReportVmForRelocation():
+                # The alert (journal, MQTT, webhooks) is raised by the core loop.
                 log.error("vm-relocation-needed", vm=out.vm, reason=out.reason)
-                self.transport.publish("alert", {"event": "vm-relocation-needed", "vm": out.vm,
-                                                 "host": self.me, "reason": out.reason})
+
+    def _record_detection(self, host: str, now_ms: int) -> None:
+        # Only on a death (rare): the detector's views are built on demand.
+        view = next((v for v in self.node.detector.views() if v.host == host), None)
+        if view is not None and view.last_gossip_ms is not None:
+            self.metrics.record_detection((now_ms - view.last_gossip_ms) / 1000)
 
     async def _restart(self, cmd: RestartVmInPlace) -> None:
         log.warning("vm-restart", vm=cmd.vm, attempt=cmd.attempt, reason=cmd.reason)
@@ -308,10 +340,13 @@ class Agent:
         now = monotonic_ms()
         body = self.node.heartbeat(now)
         sent = self.transport.publish("heartbeat", body)
+        if sent:
+            self.metrics.gossip_message("sent")
         wall = time.monotonic()
         if sent and wall - self._last_state_s >= STATE_EVERY_S:
             self._last_state_s = wall
-            self.transport.publish("state", body)
+            if self.transport.publish("state", body):
+                self.metrics.gossip_message("sent")
         data = self.node.status(now, body)
         data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                     ready=self.ready, dropped=self.dropped, rejected=self.rejected)
@@ -408,10 +443,15 @@ class Agent:
         await self.queue.put(_Apply(cfg, vms))
 
     def _apply(self, cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> None:
-        needs_restart = [f for f in ("cluster", "mqtt", "key_file", "run_dir", "state_dir")
+        needs_restart = [f for f in ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts",
+                                     "metrics")
                          if getattr(cfg, f) != getattr(self.cfg, f)]
         self.node.reconfigure(node_config(cfg, vms), monotonic_ms())
         self.pinger.set_peers(self._peer_addresses(cfg))
+        for gone in set(self._peer_addresses(self.cfg)) - set(self._peer_addresses(cfg)):
+            self.metrics.forget_peer(gone)
+        for peer in set(self._peer_addresses(cfg)) - set(self._peer_addresses(self.cfg)):
+            self.metrics.set_peer_state(peer, str(PeerState.UNKNOWN))
         self.pinger.interval_ms = cfg.timing.ping_interval_ms
         self.pinger.timeout_ms = cfg.timing.ping_timeout_ms
         probes_changed = cfg.probes != self.cfg.probes
@@ -441,8 +481,9 @@ class Agent:
         for name, factory in (("core", self._core), ("tick", self._tick_loop),
                               ("heartbeat", self._heartbeat_loop), ("gossip", self.transport.run),
                               ("ping", self.pinger.run), ("vm-scan", self._vm_scan_loop),
-                              ("watchdog", self.watchdog.run)):
+                              ("watchdog", self.watchdog.run), ("alerts", self.alerts.run)):
             self.tasks[name] = supervise.start(name, factory)
+        self._serve_metrics()
         self._start_prober()
         try:
             await self.stopping.wait()
@@ -450,8 +491,23 @@ class Agent:
             await self._shutdown()
         return EXIT_OK
 
+    def _serve_metrics(self) -> None:
+        """The metrics endpoint; a failure to bind is logged, never fatal (the agent matters more)."""
+        metrics_mod.install(self.metrics)
+        if not self.cfg.metrics.enabled:
+            return
+        host, port = self.cfg.metrics.address
+        try:
+            self.metrics.serve(host, port)
+        except OSError as exc:
+            log.error("metrics-failed", listen=self.cfg.metrics.listen, error=exc.strerror or str(exc))
+            return
+        log.info("metrics-listening", listen=f"{host}:{self.metrics.port}")
+
     async def _shutdown(self) -> None:
         log.info("agent-stopping", host=self.me)
+        await asyncio.to_thread(self.metrics.close)     # waits for its serving thread
+        metrics_mod.install(None)
         self.notifier.stopping("stopping: VMs keep running")
         # Peers learn at once; VMs are left alone (watchers are only cancelled).
         await self.transport.stop(timeout_s=3.0)

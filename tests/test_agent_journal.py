@@ -86,7 +86,10 @@ def test_agent_events_reach_journald_with_their_fields(running: tuple[LocalAgent
     for x in ours:
         assert x["HAGUARD_HOST"] == "h1", x
         assert x["MESSAGE_ID"] == message_id(x["HAGUARD_EVENT"]), x
-        assert x["PRIORITY"] in ("3", "4", "6"), x
+        # critical alerts are 2 (crit), errors 3, warnings 4, the rest 6 (info)
+        assert x["PRIORITY"] in ("2", "3", "4", "6"), x
+    alerts = [x for x in ours if x["HAGUARD_EVENT"] == "alert"]
+    assert all(x.get("HAGUARD_ALERT") for x in alerts), alerts
     vm_states = [x for x in ours if x["HAGUARD_EVENT"] == "vm-state"]
     assert len(vm_states) >= 2 and len({x["MESSAGE_ID"] for x in vm_states}) == 1
     assert all(x.get("HAGUARD_VM") == VM for x in vm_states)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from haguard.core.cluster.placement import HostCandidate, VmSpec, place
-from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery, with_vm
+from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery
 from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
 from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, RaiseAlert
 
@@ -167,19 +167,29 @@ class Coordinator:
     def _candidates(self, vms: Mapping[str, VmRecord], hosts: Mapping[str, HostRecord],
                     migrations: Mapping[str, MigrationRecord],
                     views: Mapping[str, HostView]) -> list[HostCandidate]:
+        # One pass over the VMs, not one per host: at 1,000 hosts x 20 VMs that is 20,000 steps
+        # instead of 20 million (measured by bench/simulate.py: 13 s per plan before).
+        holds: dict[str, list[VmSpec]] = {}          # host -> VMs it runs or receives
+        incoming: dict[str, int] = {}
+        for vm, rec in vms.items():
+            mig = migrations.get(vm)
+            for host in {rec.owner, mig.target if mig is not None else None} - {None}:
+                holds.setdefault(str(host), []).append(self.config.vms[vm])
+        for mig in migrations.values():
+            incoming[mig.target] = incoming.get(mig.target, 0) + 1
         out = []
         for name, spec in sorted(self.config.hosts.items()):
             view = views.get(name)
-            cand = HostCandidate(name=name, alive=view is not None and view.alive and not spec.witness,
-                                 memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                                 maintenance=hosts[name].maintenance, fenced=hosts[name].fenced,
-                                 groups=spec.groups, group_priority=spec.group_priority,
-                                 migrations_in_flight=sum(m.target == name for m in migrations.values()))
-            for vm, rec in sorted(vms.items()):
-                mig = migrations.get(vm)
-                if rec.owner == name or (mig is not None and mig.target == name):
-                    cand = with_vm(cand, self.config.vms[vm])
-            out.append(cand)
+            held = holds.get(name, [])
+            out.append(HostCandidate(
+                name=name, alive=view is not None and view.alive and not spec.witness,
+                memory_mib=spec.memory_mib, vcpus=spec.vcpus,
+                maintenance=hosts[name].maintenance, fenced=hosts[name].fenced,
+                groups=spec.groups, group_priority=spec.group_priority,
+                migrations_in_flight=incoming.get(name, 0),
+                used_memory_mib=sum(v.memory_mib for v in held), used_vcpus=sum(v.vcpus for v in held),
+                affinity_groups=frozenset(v.affinity for v in held if v.affinity),
+                anti_affinity_groups=frozenset(v.anti_affinity for v in held if v.anti_affinity)))
         return out
 
     def _drain(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],

@@ -16,7 +16,8 @@ from typing import Any
 from haguard import __version__, cli_agent
 from haguard.core.strategy import ConvergencePolicy
 from haguard.errors import ConfigError, HaguardError
-from haguard.migration.engine import MigrationOptions, run_migration
+from haguard.migration.engine import run_migration
+from haguard.migration.options import MigrationOptions
 from haguard.migration.result import MigrationResult
 from haguard.migration.uri import parse_uri
 

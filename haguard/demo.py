@@ -24,12 +24,13 @@ from haguard.adapters.qmp import Qmp
 from haguard.core.strategy import ConvergencePolicy
 from haguard.errors import HaguardError
 from haguard.guest.build import XP_COMMAND, GuestStatus, build_guest, parse_status
-from haguard.migration.engine import MigrationOptions
 from haguard.migration.managed import migrate_vm
+from haguard.migration.options import MigrationOptions
 from haguard.migration.result import MigrationResult
 from haguard.migration.uri import MigrationUri
 from haguard.ui.progress import MigrationDisplay, result_table
 from haguard.vm import launcher
+from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
 
 DIRTY_RATE_MIB_S = 200
@@ -67,7 +68,7 @@ class Demo:
     def live_instances(self) -> int:
         count = 0
         for d in self.run_dir.iterdir():
-            if d.is_dir() and not d.is_symlink() and launcher.read_pid(launcher.InstancePaths(d)):
+            if d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d)):
                 count += 1
         return count
 
@@ -119,7 +120,7 @@ class Demo:
         if self.run_dir.exists():
             for d in self.run_dir.iterdir():
                 if d.is_dir() and not d.is_symlink():
-                    await launcher.stop(launcher.InstancePaths(d))
+                    await launcher.stop(InstancePaths(d))
 
 
 async def _main(console: Console, body: Callable[[Demo], Awaitable[bool]]) -> bool:

@@ -16,7 +16,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from haguard.errors import MigrationError, VmError
-from haguard.migration.engine import AlertFn, MigrationOptions, ProgressFn, run_migration
+from haguard.migration.engine import AlertFn, ProgressFn, run_migration
+from haguard.migration.options import MigrationOptions
 from haguard.migration.result import MigrationResult
 from haguard.migration.uri import MigrationUri
 from haguard.vm import launcher

@@ -6,7 +6,7 @@ import sys
 from types import TracebackType
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, Task, TextColumn
+from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, TextColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -48,7 +48,7 @@ class MigrationDisplay:
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self._bar: Progress | None = None
-        self._task = 0
+        self._task = TaskID(0)
         self._last_step = ""
 
     def __enter__(self) -> MigrationDisplay:

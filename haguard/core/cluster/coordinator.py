@@ -86,9 +86,9 @@ class Coordinator:
                 del migrations[vm]
 
         for host, paused in sorted(beats.items()):                    # moved to a host now fenced
-            for vm, qemu in sorted(paused.vms.items()):
+            for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):
                 # The guest left this host; without a move in flight its destination was fenced.
-                if qemu == "postmigrate" and vm in vms and vms[vm].owner == host and vm not in migrations:
+                if vm in vms and vms[vm].owner == host and vm not in migrations:
                     vms[vm] = replace(vms[vm], owner=None, generation=vms[vm].generation + 1)
 
         for host, view in sorted(views.items()):                      # dead hosts: fence first
@@ -149,7 +149,8 @@ class Coordinator:
     def _release(self, host: str, vms: dict[str, VmRecord], migrations: dict[str, MigrationRecord],
                  kills: dict[str, str], beats: Mapping[str, Heartbeat]) -> None:
         """`host` is fenced: its VMs are free; a move whose target already runs the VM completes."""
-        for vm, rec in list(vms.items()):
+        involved = {vm for vm, mig in migrations.items() if host in (mig.source, mig.target)}
+        for vm, rec in [(vm, rec) for vm, rec in vms.items() if rec.owner == host or vm in involved]:
             mig = migrations.get(vm)
             if mig is not None and host in (mig.source, mig.target):
                 del migrations[vm]
@@ -172,9 +173,11 @@ class Coordinator:
         holds: dict[str, list[VmSpec]] = {}          # host -> VMs it runs or receives
         incoming: dict[str, int] = {}
         for vm, rec in vms.items():
-            mig = migrations.get(vm)
-            for host in {rec.owner, mig.target if mig is not None else None} - {None}:
-                holds.setdefault(str(host), []).append(self.config.vms[vm])
+            if rec.owner is not None:
+                holds.setdefault(rec.owner, []).append(self.config.vms[vm])
+        for vm, mig in migrations.items():
+            if vm in vms and mig.target != vms[vm].owner:
+                holds.setdefault(mig.target, []).append(self.config.vms[vm])
         for mig in migrations.values():
             incoming[mig.target] = incoming.get(mig.target, 0) + 1
         out = []

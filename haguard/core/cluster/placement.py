@@ -107,10 +107,11 @@ def place(vm: VmSpec, hosts: Iterable[HostCandidate], limits: PlacementLimits, *
         else:
             reasons[host.name] = why
     # Sorting by name first, then a stable sort by rank, breaks ties by name.
+    ranks = {id(h): rank(vm, h, limits) for h in eligible}        # once per host: 1,000s of hosts
     eligible.sort(key=lambda h: h.name)
-    eligible.sort(key=lambda h: rank(vm, h, limits), reverse=True)
+    eligible.sort(key=lambda h: ranks[id(h)], reverse=True)
     for i, host in enumerate(eligible):
-        prio, near, free = rank(vm, host, limits)
+        prio, near, free = ranks[id(host)]
         detail = f"group priority {prio}, affinity {'yes' if near else 'no'}, {free} MiB free after"
         reasons[host.name] = ("chosen: " if i == 0 else "eligible, ranked lower: ") + detail
     return Placement(vm=vm.name, host=eligible[0].name if eligible else None, reasons=reasons)

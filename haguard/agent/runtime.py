@@ -69,7 +69,8 @@ log = structlog.get_logger("haguard.agent")
 
 QUEUE_SIZE = 4096
 TICK_S = 0.1
-STATE_EVERY_S = 5.0          # the retained "state" is information: refresh it now and then
+STATE_EVERY_S = 5.0
+STATUS_EVERY_S = 1.0          # the retained "state" is information: refresh it now and then
 SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -230,6 +231,8 @@ class Agent:
         self.dropped = 0
         self.rejected = 0
         self._last_state_s = 0.0
+        self._last_status_s = 0.0
+        self._status_changed = True
         self._last_sd_status_s = 0.0
 
     @staticmethod
@@ -290,6 +293,8 @@ class Agent:
                     self.alerts.raise_alert(alert)
 
     def _execute(self, out: NodeOutput) -> None:
+        if isinstance(out, PeerStateChanged | IsolationChanged | VmStateChanged | HostHealthChanged):
+            self._status_changed = True  # the status file shows it at the next heartbeat
         match out:
             case PeerStateChanged():
                 level = log.warning if out.new in (PeerState.DEAD, PeerState.AGENT_DOWN) else log.info
@@ -347,13 +352,17 @@ class Agent:
             self._last_state_s = wall
             if self.transport.publish("state", body):
                 self.metrics.gossip_message("sent")
-        data = self.node.status(now, body)
-        data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
-                    ready=self.ready, dropped=self.dropped, rejected=self.rejected)
-        try:
-            write_status(self.status_file, data)
-        except OSError as exc:
-            log.warning("status-file-failed", path=str(self.status_file), error=str(exc))
+        # With many VMs the status file is a large part of the agent's work: write it when
+        # a state changed, else once per STATUS_EVERY_S (its age is shown by `haguard status`).
+        if self._status_changed or wall - self._last_status_s >= STATUS_EVERY_S:
+            self._status_changed, self._last_status_s = False, wall
+            data = self.node.status(now, body)
+            data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
+                        ready=self.ready, dropped=self.dropped, rejected=self.rejected)
+            try:
+                write_status(self.status_file, data)
+            except OSError as exc:
+                log.warning("status-file-failed", path=str(self.status_file), error=str(exc))
         if not self.ready:
             waited = now - self.started_ms
             if sent:

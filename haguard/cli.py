@@ -22,7 +22,7 @@ from haguard.migration.result import MigrationResult
 from haguard.migration.uri import parse_uri
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_POSTCOPY_PAUSED = 0, 1, 2, 3
-OVIRT_DOWNTIME_STEPS_MS = (100, 150, 200, 300, 400, 500)
+DOWNTIME_STEPS_MS = ConvergencePolicy().downtime_steps_ms
 
 
 def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bandwidth cap (default: none)")
     m.add_argument("--downtime-limit", type=_positive(int), metavar="ms", default=500,
                    help="largest pause the guest may see at switchover; the limit is raised "
-                        "towards it in steps from 100 ms (default 500)")
+                        "towards it in steps from 30 ms (default 500)")
     m.add_argument("--postcopy", choices=["never", "auto", "always"], default="auto")
     m.add_argument("--timeout", type=_positive(float), metavar="s",
                    help="completion deadline (default: 150 s per GiB of RAM, at least 10 s)")
@@ -167,7 +167,7 @@ async def _vm_state(name: str, base: Path) -> dict[str, Any]:
 # ---- migrate -------------------------------------------------------------------------
 
 def policy_from_args(args: argparse.Namespace) -> ConvergencePolicy:
-    steps = tuple(s for s in OVIRT_DOWNTIME_STEPS_MS if s < args.downtime_limit)
+    steps = tuple(s for s in DOWNTIME_STEPS_MS if s < args.downtime_limit)
     steps = (*steps, args.downtime_limit)
     return ConvergencePolicy(
         postcopy=args.postcopy,

@@ -24,7 +24,11 @@ MIB = 2**20
 GIB = 2**30
 
 
+OVIRT_STEPS = (100, 150, 200, 300, 400, 500)
+
+
 def strat(**kw: object) -> ConvergenceStrategy:
+    kw.setdefault("downtime_steps_ms", OVIRT_STEPS)
     return ConvergenceStrategy(ConvergencePolicy(**kw), ram_bytes=GIB, started_ms=0)  # type: ignore[arg-type]
 
 
@@ -38,12 +42,14 @@ def sample(now_ms: int, passes: int, remaining_mib: int, *, status: str = "activ
 
 
 def test_ladders_follow_policy() -> None:
-    never = build_ladder(ConvergencePolicy(postcopy="never"))
+    assert ConvergencePolicy().downtime_steps_ms[:2] == (30, 50)
+    never = build_ladder(ConvergencePolicy(postcopy="never", downtime_steps_ms=OVIRT_STEPS))
     assert [type(r).__name__ for r in never] == ["_Downtime", "_Downtime", "_Throttle", "_Downtime",
                                                  "_Downtime", "_Downtime"]
-    auto = build_ladder(ConvergencePolicy(postcopy="auto"))
+    auto = build_ladder(ConvergencePolicy(postcopy="auto", downtime_steps_ms=OVIRT_STEPS))
     assert [type(r).__name__ for r in auto] == ["_Downtime", "_Downtime", "_Postcopy"]
-    assert build_ladder(ConvergencePolicy(postcopy="never", auto_converge=False))[2].ms == 300  # type: ignore[union-attr]
+    assert build_ladder(ConvergencePolicy(postcopy="never", auto_converge=False,
+                                          downtime_steps_ms=OVIRT_STEPS))[2].ms == 300  # type: ignore[union-attr]
 
 
 def test_converging_migration_takes_no_step() -> None:

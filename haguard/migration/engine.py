@@ -110,7 +110,7 @@ class Migration:
     async def _preflight(self) -> Plan:
         self._step = "preflight"
         self._source_was = await preflight.check_source(self.source)
-        src_feats = await detect(self.source)
+        src_feats = await detect(self.source, compressions=self.opts.compression != "none")
         self._src_commands = src_feats.commands
         dst_feats: QemuFeatures | None = None
         ram_bytes = 0
@@ -118,7 +118,7 @@ class Migration:
         ram_bytes = int(src_id["ram_bytes"])
         if self.dest:
             await preflight.check_destination(self.dest)
-            dst_feats = await detect(self.dest)
+            dst_feats = await detect(self.dest, compressions=self.opts.compression != "none")
             preflight.compare_identity(src_id, await preflight.vm_identity(self.dest))
         plan = make_plan(self.opts, src_feats, dst_feats)
         self._strategy = ConvergenceStrategy(plan.policy, ram_bytes, _ms(self.clock() - self._t0))

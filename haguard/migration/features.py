@@ -46,21 +46,27 @@ def _schema_lookup(schema: object) -> tuple[frozenset[str], frozenset[str]]:
     return commands, values
 
 
-async def detect(qmp: Qmp) -> QemuFeatures:
+async def detect(qmp: Qmp, *, compressions: bool = False) -> QemuFeatures:
+    """Capabilities, parameters and commands; the compression methods (from the large
+    QMP schema, a tenth of a second to fetch) only when asked for."""
     ver = await qmp.cmd("query-version")
     q = ver["qemu"]
     caps = await qmp.cmd("query-migrate-capabilities")
     params = await qmp.cmd("query-migrate-parameters")
-    try:
-        schema = await qmp.cmd("query-qmp-schema", timeout_s=15.0)
-        commands, compressions = _schema_lookup(schema)
-    except QmpCommandError:
-        commands, compressions = frozenset(), frozenset()
+    commands = frozenset(str(c.get("name")) for c in await qmp.cmd("query-commands")
+                         if isinstance(c, dict))
+    methods: frozenset[str] = frozenset()
+    if compressions:
+        try:
+            schema = await qmp.cmd("query-qmp-schema", timeout_s=15.0)
+            _, methods = _schema_lookup(schema)
+        except QmpCommandError:
+            pass
     return QemuFeatures(
         version=f"{q['major']}.{q['minor']}.{q['micro']}",
         capabilities=frozenset(c["capability"] for c in caps),
         parameters=frozenset(params),
-        multifd_compressions=compressions,
+        multifd_compressions=methods,
         commands=commands,
         oob=qmp.has_oob,
     )

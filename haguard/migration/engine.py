@@ -66,6 +66,7 @@ class Migration:
         self._source_was: str = "running"
         self._step = "preflight"
         self._recovery: PostcopyRecovery | None = None
+        self._completed = False  # QEMU said "completed": the destination may run the guest
         self._migrate_started = False
         self._src_commands: frozenset[str] = frozenset()
         self._last_moving: MigrationSample | None = None  # last sample before the final state
@@ -282,6 +283,7 @@ class Migration:
         res.passes = figures.passes
         res.setup_time_ms = replies.optional_ms(info, "setup-time")
         if s.status == "completed":
+            self._completed = True
             res.downtime_ms = replies.optional_ms(info, "downtime")
             await self._verify_and_release()
             return
@@ -312,21 +314,15 @@ class Migration:
         res = self._result
         want = "running" if self._source_was == "running" else "paused"
         if self.dest is not None:
-            status = ""
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(10):
-                    while True:
-                        status = (await self.dest.cmd("query-status"))["status"]
-                        if status == want:
-                            break
-                        await asyncio.sleep(0.05)
+            status = await self._settle(self.dest, want, 10.0)
             if status != want:
                 res.status = "failed"
                 res.error = f"migration completed but the destination is {status!r}, not {want!r}"
                 return  # the source stays in postmigrate for the operator: never run twice
             if self._mirror:
                 await self._mirror.release_destination()
-        src = (await self.source.cmd("query-status"))["status"]
+        # "completed" comes a moment before the source's run state leaves finish-migrate.
+        src = await self._settle(self.source, "postmigrate", 5.0)
         if src != "postmigrate":
             res.status = "failed"
             res.error = f"migration completed but the source is {src!r}, not 'postmigrate'"
@@ -335,6 +331,16 @@ class Migration:
         if self.opts.quit_source:
             with contextlib.suppress(HaguardError):
                 await self.source.cmd("quit")
+
+    @staticmethod
+    async def _settle(qmp: Qmp, want: str, timeout_s: float) -> str:
+        """Poll a QEMU's run state until it is `want` (or the time is up); the last state."""
+        status = ""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while (status := replies.run_state(await qmp.cmd("query-status"))) != want:
+                    await asyncio.sleep(0.02)
+        return status
 
     async def _cancel_qemu(self) -> None:
         """migrate_cancel, and `yank` the migration's sockets if the cancel hangs.
@@ -372,18 +378,35 @@ class Migration:
         await self._after_failure()
 
     async def _after_failure(self) -> None:
-        """Pre-copy failed or was cancelled: source running, destination gone."""
-        if self._strategy and self._strategy.postcopy_started:
-            return  # never touch either side once postcopy started
+        """Pre-copy failed or was cancelled: destination gone, source running again.
+
+        The source is resumed only when the destination provably cannot run the guest:
+        never after the migration completed (the destination may be running it), never
+        once postcopy started, and only after the destination QEMU is gone.
+        """
+        if self._completed or (self._strategy and self._strategy.postcopy_started):
+            return
         if self._mirror:
             await self._mirror.abort()
+        dest_gone = await self._quit_destination()
         with contextlib.suppress(HaguardError):
-            status = (await self.source.cmd("query-status"))["status"]
-            if status in ("paused", "postmigrate") and self._source_was == "running":
+            mig = (await self.source.cmd("query-migrate")).get("status")
+            status = replies.run_state(await self.source.cmd("query-status"))
+            safe = dest_gone or mig in ("failed", "cancelled")
+            if mig != "completed" and status == "paused" and self._source_was == "running" and safe:
                 await self.source.cmd("cont")
-        if self.dest is not None:
-            with contextlib.suppress(HaguardError):
-                await self.dest.cmd("quit", timeout_s=3)
+
+    async def _quit_destination(self) -> bool:
+        """Quit the destination QEMU; True once its monitor has gone (the process with it)."""
+        if self.dest is None:
+            return False
+        with contextlib.suppress(HaguardError):
+            await self.dest.cmd("quit", timeout_s=3)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                while self.dest.connected:
+                    await asyncio.sleep(0.02)
+        return not self.dest.connected
 
     def _source_lost_message(self, exc: Exception) -> str:
         if self._strategy and self._strategy.postcopy_started:

@@ -92,7 +92,7 @@ def migration_sample(reply: object, *, now_ms: int) -> MigrationSample:
         remaining_bytes=counter(ram, "remaining", cmd, prefix="ram."),
         total_bytes=counter(ram, "total", cmd, prefix="ram."),
         dirty_rate_bps=min(pages_rate * page, _MAX_COUNTER),
-        throughput_bps=int(_rate(ram, "mbps", cmd, prefix="ram.") * 1e6 / 8),
+        throughput_bps=min(int(_rate(ram, "mbps", cmd, prefix="ram.") * 1e6 / 8), _MAX_COUNTER),
         expected_downtime_ms=None if expected is None else counter(info, "expected-downtime", cmd),
     )
 

@@ -36,6 +36,15 @@ def cluster() -> Iterator[Cluster]:
         c.close()
 
 
+@pytest.fixture(autouse=True)
+def no_crashed_loops(cluster: Cluster) -> Iterator[None]:
+    """A supervised loop that crashes is restarted, which can hide a bug: fail on it."""
+    yield
+    for host in cluster.hosts:
+        crashes = cluster.events(host, "task-crashed")
+        assert not crashes, f"{host}: {crashes[0].get('error')}"
+
+
 def _never(c: Cluster, observers: tuple[str, ...], target: str, state: str, seconds: float) -> None:
     end = time.monotonic() + seconds
     while time.monotonic() < end:

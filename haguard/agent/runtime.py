@@ -233,6 +233,7 @@ class Agent:
         self._last_state_s = 0.0
         self._last_status_s = 0.0
         self._status_changed = True
+        self._status: dict[str, Any] | None = None  # what the status file last said
         self._last_sd_status_s = 0.0
 
     @staticmethod
@@ -356,7 +357,7 @@ class Agent:
         # a state changed, else once per STATUS_EVERY_S (its age is shown by `haguard status`).
         if self._status_changed or wall - self._last_status_s >= STATUS_EVERY_S:
             self._status_changed, self._last_status_s = False, wall
-            data = self.node.status(now, body)
+            self._status = data = self.node.status(now, body)
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected)
             try:
@@ -371,7 +372,7 @@ class Agent:
                 self._set_ready("no broker yet")
         if wall - self._last_sd_status_s >= SYSTEMD_STATUS_EVERY_S:
             self._last_sd_status_s = wall
-            self.notifier.status(self.summary(data))
+            self.notifier.status(self.summary(self._status or self.node.status(now, body)))
 
     def _set_ready(self, how: str) -> None:
         self.ready = True

@@ -428,11 +428,14 @@ class Migration:
             downtime_limit_ms=strategy.downtime_ms if strategy else 0, step=self._step))
 
 
-async def run_migration(source_qmp: str, dest_qmp: str | None, opts: MigrationOptions, *,
+async def run_migration(source_qmp: str, dest_qmp: str | Qmp | None, opts: MigrationOptions, *,
                         on_progress: ProgressFn | None = None, on_alert: AlertFn | None = None,
                         cancel: asyncio.Event | None = None,
                         qmp_timeout_s: float = 10.0) -> MigrationResult:
-    """Connect to both monitors and run one migration; the one entry point used everywhere."""
+    """Connect to both monitors and run one migration; the one entry point used everywhere.
+
+    `dest_qmp` is a socket path, or a monitor object speaking `Qmp`'s interface (the
+    agent passes one that relays to the destination host's agent)."""
     try:
         source = Qmp(source_qmp, timeout_s=qmp_timeout_s, name="haguard-migrate-src")
         await source.connect()
@@ -441,8 +444,11 @@ async def run_migration(source_qmp: str, dest_qmp: str | None, opts: MigrationOp
                                error=f"source: {exc}")
     dest: Qmp | None = None
     try:
-        if dest_qmp:
-            dest = Qmp(dest_qmp, timeout_s=qmp_timeout_s, name="haguard-migrate-dst")
+        if isinstance(dest_qmp, str):
+            dest = Qmp(dest_qmp, timeout_s=qmp_timeout_s, name="haguard-migrate-dst") if dest_qmp else None
+        else:
+            dest = dest_qmp
+        if dest is not None:
             try:
                 await dest.connect()
             except QmpError as exc:

@@ -352,3 +352,34 @@ def test_a_vm_crashing_past_its_restart_budget_moves_to_another_host() -> None:
     assert len(restarts_here) == SimConfig().timing.max_local_restarts, "restarted in place first"
     assert owners(world)["vm5"] != "h2", "then relocated"
     assert world.checker.newest.vms["vm5"].generation == 1
+
+
+# ---- regressions found by bench/simulate.py -----------------------------------------------
+
+# A drained host's move switched over (guest running on the target), then the source lost power
+# before the coordinator committed the new owner; rebooted, the source still held the committed
+# grant of the moving VM and started it again: two copies.  Now nobody starts a VM with a move in
+# flight, and the coordinator completes a move whose source came back without a copy.
+SWITCHED_THEN_SOURCE_LOST = {
+    "crash-reboot": (1994, "heal=15000,2291:loss:5,2825:cut:h3:h2,3079:cut2:h1:h3,5639:drain:h4,"
+                           "6563:crash:h4,7850:boot:h4"),
+    "broker-down-watchdog": (6938, "heal=15000,4430:drain:h4,4990:broker-down,8897:cut:h4:h1,"
+                                   "12140:crash:h2"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SWITCHED_THEN_SOURCE_LOST))
+@pytest.mark.timeout(20)
+def test_a_move_switched_over_before_its_source_rebooted_is_not_run_twice(case: str) -> None:
+    seed, text = SWITCHED_THEN_SOURCE_LOST[case]
+    result, world = run(seed, schedule=Schedule.decode(text))
+    assert result.ok, f"{result.failure}: {result.message}"
+    assert world is not None
+    moved = [(at, dst, vm) for at, src, dst, vm in world.migrations_done if src == "h4"]
+    assert moved, "the drain moved a VM off h4"
+    switched_at, dst, vm = moved[0]
+    assert any(h == "h4" and at > switched_at for at, h, _why in world.power_offs), "h4 lost power"
+    # The move stands: the target keeps the guest, the new owner is committed, nothing restarted it.
+    assert owners(world)[vm] == dst
+    assert world.checker.newest.vms[vm].owner == dst and vm not in world.checker.newest.migrations
+    assert not [at for at, _h, started in world.starts if started == vm and at > switched_at]

@@ -460,6 +460,9 @@ class ClusterAgent:
         for vm, grant in sorted(state.vms.items()):
             if (may_start and grant.owner == self.me and grant.desired == "running"
                     and self.accepted.vms.get(vm) == grant      # no change to it under way
+                    # A move in flight may have switched over already: the guest may run on the
+                    # target while this host, rebooted since, no longer has a copy.
+                    and vm not in state.migrations and vm not in self.accepted.migrations
                     and vm not in self.local_vms and vm not in self.failed_vms and not self._busy(vm)):
                 out.append(StartVm(id=self._id(), vm=vm, generation=grant.generation, term=term))
         return [self._vm_command(cmd) for cmd in out]

@@ -84,6 +84,12 @@ class Coordinator:
             elif report is not None:
                 self.failed_targets.setdefault(vm, set()).add(mig.target)
                 del migrations[vm]
+            elif source_beat is not None and vm not in source_beat.vms and target_beat is not None:
+                # The source lost its copy (rebooted, QEMU died) with the result unreported: a target
+                # that runs the guest has it; otherwise the move is over and the source restarts it.
+                if target_beat.vms.get(vm) == "running":
+                    vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
+                del migrations[vm]
 
         for host, paused in sorted(beats.items()):                    # moved to a host now fenced
             for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):

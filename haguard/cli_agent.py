@@ -33,6 +33,14 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the status file's JSON")
     p = sub.add_parser("check-config", help="validate the cluster configuration and VM inventory")
     _config_arg(p)
+    for action, text in (("drain", "put HOST in maintenance: its VMs move away live"),
+                         ("undrain", "take HOST out of maintenance")):
+        p = sub.add_parser(action, help=text)
+        _config_arg(p)
+        p.add_argument("host", metavar="HOST")
+        p.add_argument("--no-wait", action="store_true", help="return once the request is accepted")
+        p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
+                       help="give up waiting after S seconds (default 1800; the drain goes on)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -74,5 +82,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_admin(args: argparse.Namespace) -> int:
+    """`haguard drain|undrain HOST`: ask the local agent, then follow the cluster state."""
+    from haguard.agent.control import control_path, request
+    from haguard.config.cluster import load_cluster_config
+    cfg = load_cluster_config(args.config)
+    if cfg.peer(args.host) is None:
+        print(f"haguard: error: {args.host!r} is not a host of cluster {cfg.cluster} "
+              f"({', '.join(h.name for h in cfg.hosts)})", file=sys.stderr)
+        return EXIT_CONFIG
+    path = control_path(cfg.run_dir)
+    try:
+        reply = asyncio.run(request(path, {"action": args.command, "host": args.host}))
+    except (OSError, TimeoutError) as exc:
+        print(f"haguard: error: cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
+              "(is haguard run active on this host?)", file=sys.stderr)
+        return EXIT_FAILED
+    if not reply.get("ok"):
+        print(f"haguard: error: {reply.get('error', 'refused')}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.no_wait:
+        print(f"{args.command} {args.host}: requested")
+        return EXIT_OK
+    from haguard.ui.drain import follow
+    return EXIT_OK if follow(cfg, args.host, drain=args.command == "drain", timeout_s=args.timeout) \
+        else EXIT_FAILED
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config}
+    "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config,
+    "drain": cmd_admin, "undrain": cmd_admin}

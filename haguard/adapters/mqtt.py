@@ -68,15 +68,20 @@ KINDS: dict[str, KindPolicy] = {
     "probe-request": KindPolicy(channel="probe", qos=0, retain=False, expiry_s=10),
     "probe-reply": KindPolicy(channel="probe", qos=0, retain=False, expiry_s=10),
     "alert": KindPolicy(channel="alerts", qos=1, retain=False, expiry_s=3600),
+    # The cluster core's messages: broadcasts (heartbeats, votes asked, proposals) and the
+    # ones for one host (votes granted, acks, migration requests and replies) in its inbox.
+    "cluster": KindPolicy(channel="cluster", qos=0, retain=False, expiry_s=10),
+    "direct": KindPolicy(channel="inbox", qos=1, retain=False, expiry_s=30),
 }
-CHANNELS = ("heartbeat", "state", "probe", "alerts")
+CHANNELS = ("heartbeat", "state", "probe", "alerts", "cluster", "inbox")
+_HOST_CHANNELS = ("heartbeat", "state", "probe", "cluster")
 _CHANNEL_KINDS = {ch: frozenset(k for k, p in KINDS.items() if p.channel == ch) for ch in CHANNELS}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Topics:
-    """`{prefix}/{cluster}/hosts/{host}/{heartbeat,state,probe}`, `{prefix}/{cluster}/alerts`;
-    `{prefix}/{cluster}/coord/...` is reserved for the coordinator."""
+    """`{prefix}/{cluster}/hosts/{host}/{heartbeat,state,probe,cluster}`, `{prefix}/{cluster}/alerts`,
+    `{prefix}/{cluster}/inbox/{to}/{from}`; `{prefix}/{cluster}/coord/...` is reserved."""
 
     prefix: str
     cluster: str
@@ -102,23 +107,35 @@ class Topics:
     def host(self, host: str, channel: str) -> str:
         return f"{self.base}/hosts/{host}/{channel}"
 
-    def for_kind(self, host: str, kind: str) -> str:
+    def inbox(self, to: str, sender: str) -> str:
+        return f"{self.base}/inbox/{to}/{sender}"
+
+    def for_kind(self, host: str, kind: str, to: str | None = None) -> str:
         channel = KINDS[kind].channel
+        if channel == "inbox":
+            if to is None:
+                raise ValueError(f"a {kind!r} message needs a recipient")
+            return self.inbox(to, host)
         return self.alerts if channel == "alerts" else self.host(host, channel)
 
-    def subscriptions(self) -> list[str]:
-        return [self.host("+", ch) for ch in ("heartbeat", "state", "probe")] + [self.alerts]
+    def subscriptions(self, me: str | None = None) -> list[str]:
+        topics = [self.host("+", ch) for ch in ("heartbeat", "state", "probe")] + [self.alerts]
+        if me is not None:
+            topics += [self.host("+", "cluster"), self.inbox(me, "+")]
+        return topics
 
-    def parse(self, topic: str) -> tuple[str, str | None] | None:
-        """(channel, host) of a topic this transport subscribes to; host is None for alerts."""
+    def parse(self, topic: str, me: str | None = None) -> tuple[str, str | None] | None:
+        """(channel, sending host) of a topic this transport subscribes to; None for alerts."""
         head = self.base + "/"
         if not topic.startswith(head):
             return None
         parts = topic[len(head):].split("/")
         if parts == ["alerts"]:
             return "alerts", None
-        if len(parts) == 3 and parts[0] == "hosts" and parts[2] in ("heartbeat", "state", "probe"):
+        if len(parts) == 3 and parts[0] == "hosts" and parts[2] in _HOST_CHANNELS:
             return parts[2], parts[1]
+        if len(parts) == 3 and parts[0] == "inbox" and me is not None and parts[1] == me:
+            return "inbox", parts[2]
         return None
 
 
@@ -195,7 +212,7 @@ class GossipTransport:
         return self._guard
 
     def publish(self, kind: str, body: dict[str, Any], *, retain: bool | None = None,
-                expiry_s: int | None = None) -> bool:
+                expiry_s: int | None = None, to: str | None = None) -> bool:
         """Sign `body` as a `kind` message with the next seq and queue it on the live connection.
 
         `retain`/`expiry_s` default to the kind's policy (KINDS).  Returns False, dropping
@@ -211,7 +228,7 @@ class GossipTransport:
             self._last_state = body
         if self._client is None or self._stopping:
             return False
-        out = _Outgoing(topic=self.topics.for_kind(self.host, kind), payload=payload, qos=policy.qos,
+        out = _Outgoing(topic=self.topics.for_kind(self.host, kind, to), payload=payload, qos=policy.qos,
                         retain=policy.retain if retain is None else retain,
                         expiry_s=policy.expiry_s if expiry_s is None else expiry_s)
         try:
@@ -379,9 +396,10 @@ class GossipTransport:
 
     async def _subscribe(self, client: aiomqtt.Client) -> None:
         # noLocal: the broker does not echo our own messages back to us.
-        topics = [(t, SubscribeOptions(qos=1, noLocal=True)) for t in self.topics.subscriptions()]
+        wanted = self.topics.subscriptions(self.host)
+        topics = [(t, SubscribeOptions(qos=1, noLocal=True)) for t in wanted]
         codes = await client.subscribe(topics)
-        refused = [t for t, code in zip(self.topics.subscriptions(), codes, strict=False)
+        refused = [t for t, code in zip(wanted, codes, strict=False)
                    if _code(code) >= 0x80]
         if refused:
             raise aiomqtt.MqttError(f"the broker refused the subscription to {', '.join(refused)}")
@@ -445,7 +463,7 @@ class GossipTransport:
             self._deliver(message.topic.value, data, retained=bool(message.retain))
 
     def _deliver(self, topic: str, data: bytes, *, retained: bool) -> None:
-        where = self.topics.parse(topic)
+        where = self.topics.parse(topic, self.host)
         if where is None:
             self._reject(topic, "unexpected topic")
             return

@@ -37,16 +37,20 @@ from haguard.adapters.mqtt import GossipTransport
 from haguard.adapters.systemd import Notifier, ProgressWatchdog, summary
 from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart_in_place
 from haguard.agent import supervise
+from haguard.agent.cluster import ClusterRuntime
+from haguard.agent.control import ControlServer, control_path
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
-from haguard.core.alerts import BrokerWatch, alerts_for
+from haguard.core.alerts import Alert, BrokerWatch, alerts_for
+from haguard.core.cluster.types import AdminRequested, CommandResult
 from haguard.core.detector import (
     BrokerStatus,
     DetectorTiming,
     IsolationChanged,
     PeerState,
     PeerStateChanged,
+    PingObserved,
 )
 from haguard.core.node import GossipReceived, Node, NodeConfig, NodeInput, NodeOutput, VmSize
 from haguard.core.probes import HostHealthChanged
@@ -54,9 +58,11 @@ from haguard.core.vmhealth import (
     ReportVmForRelocation,
     RestartVmInPlace,
     VmExpected,
+    VmProcessGone,
     VmRestartFailed,
     VmState,
     VmStateChanged,
+    VmStatusReplied,
 )
 from haguard.core.wire import Envelope
 from haguard.errors import ConfigError
@@ -192,7 +198,14 @@ class _Apply:
     vms: dict[str, VmDefinition]
 
 
-_Item = NodeInput | _Tick | _Heartbeat | _Apply
+@dataclass(frozen=True)
+class _ClusterMessage:
+    env: Envelope
+    now_ms: int
+
+
+_Item = NodeInput | _Tick | _Heartbeat | _Apply | _ClusterMessage | CommandResult | AdminRequested
+CLUSTER_KINDS = frozenset({"cluster", "direct"})
 
 
 class Agent:
@@ -220,6 +233,13 @@ class Agent:
                                     publish=self.transport.publish, metrics=self.metrics)
         self.broker_watch = BrokerWatch(self.me, int(cfg.alerts.broker_unreachable_after_s * 1000),
                                         self.started_ms)
+        # Cluster mode: the coordinator decides where the inventory's VMs run.
+        self.cluster: ClusterRuntime | None = None
+        if cfg.ha.enabled:
+            self.cluster = ClusterRuntime(cfg, vms, incarnation=incarnation, now_ms=self.started_ms,
+                                          publish=self.transport.publish, offer=self._offer,
+                                          alert=self._raise_alert, clock=monotonic_ms, rescan=self._scan_vms)
+        self.control = ControlServer(control_path(cfg.run_dir), self._control)
         loops = ["core", "tick", "heartbeat"]
         stale_s = max(5.0, 3 * cfg.timing.dead_timeout_ms / 1000)
         self.watchdog = ProgressWatchdog(self.notifier, loops, stale_s)
@@ -253,6 +273,10 @@ class Agent:
 
     def _on_envelope(self, env: Envelope) -> None:
         self.metrics.gossip_message("received")
+        if env.kind in CLUSTER_KINDS:
+            if self.cluster is not None:
+                self._offer(_ClusterMessage(env, monotonic_ms()))
+            return
         self._offer(GossipReceived(host=env.host, incarnation=env.incarnation, kind=env.kind,
                                    body=env.body, now_ms=monotonic_ms()))
 
@@ -275,6 +299,8 @@ class Agent:
                     outputs = self.node.tick(item.now_ms)
                     for alert in self.broker_watch.tick(item.now_ms):
                         self.alerts.raise_alert(alert)
+                    if self.cluster is not None:
+                        self.cluster.tick(item.now_ms)
                 case _Heartbeat():
                     self._heartbeat()
                     outputs = []
@@ -286,8 +312,25 @@ class Agent:
                     self.metrics.broker_connected.set(1 if item.connected else 0)
                     for alert in self.broker_watch.observe(item.connected, item.now_ms):
                         self.alerts.raise_alert(alert)
+                    if self.cluster is not None:
+                        self.cluster.step(item)
+                case _ClusterMessage():
+                    if self.cluster is not None:
+                        self.cluster.on_envelope(item.env, item.now_ms)
+                    outputs = []
+                case CommandResult() | AdminRequested():
+                    if self.cluster is not None:
+                        self.cluster.step(item)
+                    outputs = []
                 case _:
                     outputs = self.node.step(item)
+                    if self.cluster is not None:
+                        if isinstance(item, PingObserved):
+                            self.cluster.step(item)
+                        elif isinstance(item, VmStatusReplied):
+                            self.cluster.observe_qemu(item.vm, item.status)
+                        elif isinstance(item, VmProcessGone):
+                            self.cluster.observe_qemu(item.vm, None)
             for out in outputs:
                 self._execute(out)
                 for alert in alerts_for(out, me=self.me):
@@ -317,6 +360,22 @@ class Agent:
             case ReportVmForRelocation():
                 # The alert (journal, MQTT, webhooks) is raised by the core loop.
                 log.error("vm-relocation-needed", vm=out.vm, reason=out.reason)
+
+    def _raise_alert(self, alert: Alert) -> None:
+        self.alerts.raise_alert(alert)
+
+    async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """An operator's request on the control socket (`haguard drain|undrain HOST`)."""
+        action, host = request.get("action"), request.get("host")
+        if action in ("drain", "undrain"):
+            if self.cluster is None:
+                return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
+            if not isinstance(host, str) or self.cfg.peer(host) is None:
+                return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
+            log.warning("admin-request", action=action, host=host)
+            await self.queue.put(AdminRequested(action=action, host=host, now_ms=monotonic_ms()))
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
 
     def _record_detection(self, host: str, now_ms: int) -> None:
         # Only on a death (rare): the detector's views are built on demand.
@@ -358,6 +417,8 @@ class Agent:
         if self._status_changed or wall - self._last_status_s >= STATUS_EVERY_S:
             self._status_changed, self._last_status_s = False, wall
             self._status = data = self.node.status(now, body)
+            if self.cluster is not None:
+                data["cluster"] = self.cluster.status()
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected)
             try:
@@ -417,10 +478,14 @@ class Agent:
                 if live_pid(launcher.current_paths(name, base)) is None:
                     continue
                 log.info("vm-watch", vm=name, owned=name in self.vms)
-                self._offer(VmExpected(vm=name, should_run=name in self.vms))
+                self._offer(VmExpected(vm=name, should_run=self._restart_locally(name, self.vms)))
                 watcher = VmWatcher(name, base, self._offer, clock=monotonic_ms,
                                     interval_s=vm_poll_interval_s(self.cfg.vm_restart.hung_timeout_ms))
                 self.watchers[name] = supervise.start(f"vmwatch-{name}", watcher.run)
+
+    def _restart_locally(self, name: str, vms: dict[str, VmDefinition]) -> bool:
+        # In cluster mode the cluster core restarts (or relocates) VMs: never both.
+        return name in vms and self.cluster is None
 
     def _start_prober(self) -> None:
         old = self.tasks.pop("probes", None)
@@ -454,8 +519,11 @@ class Agent:
 
     def _apply(self, cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> None:
         needs_restart = [f for f in ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts",
-                                     "metrics")
+                                     "metrics", "ha", "hosts")
                          if getattr(cfg, f) != getattr(self.cfg, f)]
+        if self.cluster is not None and set(vms) != set(self.vms):
+            # Every agent must plan with the same VMs: the cluster keeps its set until a restart.
+            needs_restart.append("vm_dir (the cluster's VM set)")
         self.node.reconfigure(node_config(cfg, vms), monotonic_ms())
         self.pinger.set_peers(self._peer_addresses(cfg))
         for gone in set(self._peer_addresses(self.cfg)) - set(self._peer_addresses(cfg)):
@@ -468,7 +536,7 @@ class Agent:
         # Ownership follows the inventory for the VMs running here.
         for name in self.watchers:
             if (name in vms) != (name in self.vms):
-                self._offer(VmExpected(vm=name, should_run=name in vms))
+                self._offer(VmExpected(vm=name, should_run=self._restart_locally(name, vms)))
         self.cfg, self.vms = cfg, vms
         if probes_changed:
             self._start_prober()
@@ -495,6 +563,7 @@ class Agent:
             self.tasks[name] = supervise.start(name, factory)
         self._serve_metrics()
         self._start_prober()
+        await self.control.start()
         try:
             await self.stopping.wait()
         finally:
@@ -520,6 +589,9 @@ class Agent:
         metrics_mod.install(None)
         self.notifier.stopping("stopping: VMs keep running")
         # Peers learn at once; VMs are left alone (watchers are only cancelled).
+        await self.control.close()
+        if self.cluster is not None:
+            await self.cluster.close()
         await self.transport.stop(timeout_s=3.0)
         tasks = [*self.tasks.values(), *self.watchers.values(), *self.side_tasks]
         for task in tasks:

@@ -108,3 +108,40 @@ def render(data: dict[str, Any], console: Console) -> None:
         vms.add_row(str(v.get("name")), f"[{_STATE_STYLE.get(state, 'white')}]{state}[/]",
                     str(v.get("host")))
     console.print(vms if data.get("vms") else "No VMs known.")
+    cluster = data.get("cluster")
+    if isinstance(cluster, dict):
+        render_cluster(cluster, console)
+
+
+def render_cluster(cluster: dict[str, Any], console: Console) -> None:
+    """The committed cluster state: coordinator, owners, maintenance, moves and fences."""
+    coordinator = cluster.get("coordinator") or "none"
+    quorum = "quorate" if cluster.get("quorate") else "[bold red]no quorum[/]"
+    console.print(f"Cluster: term {cluster.get('term')}, coordinator [bold]{coordinator}[/], this agent "
+                  f"{cluster.get('role')}, {quorum}, watchdog {cluster.get('watchdog')}")
+    hosts = cluster.get("hosts") or {}
+    flags = [f"{h} ({', '.join(k for k in ('maintenance', 'fenced') if v.get(k))})"
+             for h, v in sorted(hosts.items())
+             if isinstance(v, dict) and (v.get("maintenance") or v.get("fenced"))]
+    if flags:
+        console.print("Hosts out of service: " + "; ".join(flags))
+    owners = Table(title="Placement (committed)", title_justify="left")
+    for col in ("VM", "owner", "generation", "desired"):
+        owners.add_column(col)
+    for vm, rec in sorted((cluster.get("vms") or {}).items()):
+        if isinstance(rec, dict):
+            owners.add_row(vm, str(rec.get("owner") or "[bold red]none[/]"), str(rec.get("generation")),
+                           str(rec.get("desired")))
+    console.print(owners)
+    moves = cluster.get("migrations") or []
+    if moves:
+        table = Table(title="Moves in flight", title_justify="left")
+        for col in ("VM", "from", "to", "progress"):
+            table.add_column(col)
+        for m in moves:
+            pct = m.get("percent")
+            table.add_row(str(m.get("vm")), str(m.get("source")), str(m.get("target")),
+                          "-" if pct is None else f"{pct:.0f}% {m.get('step', '')}")
+        console.print(table)
+    if cluster.get("fencing"):
+        console.print("Fencing: " + ", ".join(cluster["fencing"]))

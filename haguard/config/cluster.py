@@ -41,7 +41,9 @@ class HostConfig(_Strict):
     memory_mib: int | None = Field(default=None, gt=0)   # capacity override
     vcpus: int | None = Field(default=None, gt=0)
     group: str | None = None
-    priority: int = 0
+    priority: int = 0                       # placement and coordinator preference
+    weight: int = Field(default=1, ge=0, le=100)    # votes towards quorum
+    witness: bool = False                   # votes, runs no VMs (a two-host cluster's tie-breaker)
 
 
 class TlsConfig(_Strict):
@@ -157,6 +159,28 @@ def listen_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+class WatchdogConfig(_Strict):
+    """Self-fencing: the agent pets this device only while it holds quorum (or runs no VM)."""
+
+    device: Path = Path("/dev/watchdog")
+    timeout_s: float = Field(default=10.0, gt=0, le=600)   # what the device is set to reset after
+
+
+class HaConfig(_Strict):
+    """Cluster mode: the coordinator places the VMs of `vm_dir` (the same on every host)."""
+
+    enabled: bool = False
+    # A host cut off from the broker and every peer for timing.isolation_timeout_ms:
+    isolation: Literal["keep", "shutdown", "self-fence"] = "keep"
+    watchdog: WatchdogConfig | None = None
+    max_migrations_per_host: int = Field(default=1, ge=1, le=64)
+    max_migrations: int = Field(default=2, ge=1, le=1024)
+    memory_overcommit: float = Field(default=1.0, gt=0, le=10)
+    vcpu_overcommit: float = Field(default=4.0, gt=0, le=64)
+    migrate_on_shutdown: bool = False       # `haguard run` stopping waits until its VMs moved
+    shutdown_timeout_s: float = Field(default=600.0, gt=0)
+
+
 class ClusterConfig(_Strict):
     cluster: str = Field(pattern=NAME_RE)
     host: str | None = None                 # this host's name; default: the hostname
@@ -171,6 +195,7 @@ class ClusterConfig(_Strict):
     vm_restart: VmRestartPolicy = VmRestartPolicy()
     alerts: AlertsConfig = AlertsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    ha: HaConfig = HaConfig()
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> ClusterConfig:
@@ -181,6 +206,8 @@ class ClusterConfig(_Strict):
             seen.add(h.name)
         if self.host is not None and self.host not in seen:
             raise ValueError(f"host {self.host!r} is not in hosts")
+        if self.ha.enabled:
+            check_tie_breaker(self.hosts)
         return self
 
     def this_host(self) -> HostConfig:
@@ -192,6 +219,18 @@ class ClusterConfig(_Strict):
 
     def peer(self, name: str) -> HostConfig | None:
         return next((h for h in self.hosts if h.name == name), None)
+
+
+def check_tie_breaker(hosts: tuple[HostConfig, ...]) -> None:
+    """Refuse a cluster where losing one host always loses quorum although another could
+    decide: two equal voters and nothing else ("both decide" is never an option)."""
+    total = sum(h.weight for h in hosts)
+    if total <= 0:
+        raise ValueError("hosts: no host has a vote (weight)")
+    voters = [h for h in hosts if h.weight > 0]
+    if len(voters) == 2 and voters[0].weight == voters[1].weight:
+        raise ValueError("two hosts with equal votes cannot tell a dead peer from a cut link: add a "
+                         "witness host (witness: true) or give the preferred host weight: 2")
 
 
 def load_cluster_config(path: Path) -> ClusterConfig:

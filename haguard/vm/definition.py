@@ -75,7 +75,10 @@ class VmDefinition(_Strict):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     extra_args: tuple[str, ...] = ()
     # Placement and recovery hints, used by the cluster (ignored on a single host).
-    priority: int = Field(default=0, ge=0, le=1000)
+    priority: int = Field(default=0, ge=0, le=1000)       # recovered and moved first when higher
+    affinity: str | None = Field(default=None, pattern=NAME_RE)        # prefer hosts holding this group
+    anti_affinity: str | None = Field(default=None, pattern=NAME_RE)   # never two of it on one host
+    host_groups: tuple[str, ...] = ()                   # allowed host groups (hosts[].group); empty: any
 
     @field_validator("machine")
     @classmethod

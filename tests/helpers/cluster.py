@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.netns import sh
 
@@ -38,8 +40,12 @@ REPO = Path(__file__).resolve().parents[2]
 class Cluster:
     def __init__(self, hosts: tuple[str, ...] = ("h1", "h2", "h3"),
                  timing: dict[str, int] | None = None, *, keepalive_s: int = 2,
-                 default_timing: bool = False) -> None:
-        """`default_timing`: leave `timing:` out of the configs (the shipped defaults)."""
+                 default_timing: bool = False, extra: str = "",
+                 host_fields: dict[str, str] | None = None, vms: tuple[Any, ...] = ()) -> None:
+        """`default_timing`: leave `timing:` out of the configs (the shipped defaults).
+        `extra`: more YAML for every config (an `ha:` section, say); `host_fields`: more
+        fields of a host's entry in `hosts:` (`fence: {...}`); `vms`: VmDefinitions
+        written to every host's vm_dir."""
         tag = f"{os.getpid() % 100000}"
         self.hosts = hosts
         self.timing = {} if default_timing else dict(TIMING, **(timing or {}))
@@ -52,6 +58,9 @@ class Cluster:
         self.broker: Mosquitto | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.cluster = "c" + tag
+        self.extra = extra
+        self.host_fields = host_fields or {}
+        self.vms = vms
 
     # ---- set-up ----------------------------------------------------------------------
 
@@ -79,18 +88,24 @@ class Cluster:
         for h in self.hosts:
             self.config_path(h).write_text(self.config_text(h))
             (self.dir / h / "vms").mkdir(parents=True, exist_ok=True)
+            for vm in self.vms:
+                (self.dir / h / "vms" / f"{vm.name}.yaml").write_text(
+                    yaml.safe_dump(vm.model_dump(mode="json", exclude_defaults=True)))
         for h in self.hosts:
             self.start_agent(h)
 
     def config_text(self, host: str, **timing: int) -> str:
         t = dict(self.timing, **timing)
-        hosts = "\n".join(f"  - {{name: {h}, address: {self.addr[h]}}}" for h in self.hosts)
+        hosts = "\n".join(f"  - {{name: {h}, address: {self.addr[h]}"
+                          + (f", {self.host_fields[h]}" if h in self.host_fields else "") + "}"
+                          for h in self.hosts)
         d = self.dir / host
         return (f"cluster: {self.cluster}\nhost: {host}\nhosts:\n{hosts}\n"
                 f"key_file: {self.dir / 'key'}\n"
                 f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: {self.keepalive_s}\n"
                 + ("timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) if t else "") +
-                f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n")
+                f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n"
+                + self.extra)
 
     def config_path(self, host: str) -> Path:
         return self.dir / f"{host}.yaml"
@@ -194,6 +209,27 @@ class Cluster:
             parts.append(f"--- {h}\n" + "\n".join(text))
         return "\n".join(parts)
 
+    def run_dir(self, host: str) -> Path:
+        return self.dir / host / "run" / "vms"
+
+    def cluster_view(self, host: str) -> dict[str, Any]:
+        data = self.status(host) or {}
+        view = data.get("cluster")
+        return view if isinstance(view, dict) else {}
+
+    def owners(self, host: str) -> dict[str, str | None]:
+        return {vm: rec.get("owner") for vm, rec in (self.cluster_view(host).get("vms") or {}).items()}
+
+    def haguard(self, host: str, *args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        """`haguard ARGS --config <host's config>` inside the host's namespace."""
+        return subprocess.run(["ip", "netns", "exec", self.ns[host], sys.executable, "-m", "haguard",
+                               *args, "--config", str(self.config_path(host))],
+                              capture_output=True, text=True, timeout=timeout_s, cwd=REPO, check=False)
+
+    def kill_vms(self, host: str) -> None:
+        """SIGKILL every QEMU of `host` (a power cut)."""
+        subprocess.run(["pkill", "-KILL", "-f", str(self.run_dir(host))], check=False)
+
     def agent_pid(self, host: str) -> int | None:
         """The agent's own pid (the status file's; `ip netns exec` execs into it)."""
         data = self.status(host)
@@ -213,6 +249,8 @@ class Cluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
         self.procs.clear()
+        for h in self.hosts:                 # agents never stop VMs: the test does
+            self.kill_vms(h)
         if self.broker is not None:
             self.broker.stop()
         for ns in [*self.ns.values(), self.hub]:

@@ -50,6 +50,16 @@ def from_data(data: object) -> Message:
     return typing.cast(Message, message)
 
 
+def dump(value: object) -> object:
+    """Any message part (a ClusterState, say) as JSON data."""
+    return _encode(value)
+
+
+def load(tp: type[Any], data: object, what: str) -> Any:
+    """`data` as a `tp` (a dataclass of the core), checked like a message."""
+    return _decode(tp, data, what, 0)
+
+
 # ---- encoding ---------------------------------------------------------------------------
 
 def _encode(value: object) -> object:

@@ -1,0 +1,481 @@
+"""The agent's cluster side: the cluster core (`ClusterAgent`) wired to the outside.
+
+Runs inside the agent's core task (never concurrently with itself).  Inputs: cluster
+messages from the broker, the broker's and pings' news, the local QEMUs' run states
+and the results of the commands it started.  Outputs of the core, in order:
+
+    PersistState   written to state_dir (fsync, rename) before anything after it
+    Send           a signed "cluster" broadcast or a "direct" message to one host's inbox
+    StartVm/StopVm/KillVm/MigrateVm/FenceHost   a task each; its result comes back
+                   through the agent's queue as `CommandResult`
+    PetWatchdog/StopPettingWatchdog             the watchdog device, if configured
+    RaiseAlert     the alert pipeline (journal, MQTT, webhooks)
+
+A command the core repeats while an earlier one for the same VM still runs joins that
+one (a long migration outlives the core's command expiry); both get its result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from haguard.adapters.fence import fence
+from haguard.adapters.watchdog import Watchdog, WatchdogError
+from haguard.agent.migrate_rpc import DestinationServer, RemoteQmp, RpcClient, RpcError
+from haguard.config.cluster import ClusterConfig
+from haguard.core.alerts import Alert, coordinator_alert
+from haguard.core.cluster import codec
+from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.cluster.placement import PlacementLimits, VmSpec
+from haguard.core.cluster.state import ClusterState
+from haguard.core.cluster.types import (
+    ClusterInput,
+    ClusterOutput,
+    ClusterTiming,
+    CommandResult,
+    CoreConfig,
+    FenceHost,
+    HostSpec,
+    KillVm,
+    LocalVmsObserved,
+    MessageReceived,
+    MigrateVm,
+    PersistedState,
+    PersistState,
+    PetWatchdog,
+    QemuState,
+    RaiseAlert,
+    Send,
+    StartVm,
+    StopPettingWatchdog,
+    StopVm,
+)
+from haguard.core.detector import DetectorTiming
+from haguard.core.wire import Envelope
+from haguard.errors import ConfigError, HaguardError
+from haguard.migration.engine import run_migration
+from haguard.migration.options import MigrationOptions
+from haguard.migration.result import Progress
+from haguard.migration.uri import MigrationUri
+from haguard.vm import launcher
+from haguard.vm.definition import VmDefinition
+
+log = structlog.get_logger("haguard.cluster")
+
+STATE_FILE = "cluster-state.json"
+LOCAL_REPORT_S = 1.0            # re-report local QEMUs at least this often
+# QEMU run states -> what the cluster core counts.  Anything but these two is a copy that
+# holds the guest and could resume it: counted as running (the safe side).
+_QEMU_STATES: dict[str, QemuState] = {"inmigrate": "inmigrate", "postmigrate": "postmigrate",
+                                      "finish-migrate": "postmigrate"}
+
+Offer = Callable[[Any], None]
+Publish = Callable[..., bool]
+AlertSink = Callable[[Alert], None]
+
+
+def host_memory_mib() -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0
+
+
+def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
+    """The core's view of the configuration; every agent computes the same one."""
+    t, ha = cfg.timing, cfg.ha
+    # A host without a configured size is taken to be like this one (a uniform cluster).
+    default_memory, default_vcpus = host_memory_mib(), os.cpu_count() or 1
+    hosts = {}
+    for h in cfg.hosts:
+        hosts[h.name] = HostSpec(
+            name=h.name, weight=h.weight, priority=h.priority, witness=h.witness,
+            fence_device=h.fence is not None, memory_mib=h.memory_mib or default_memory,
+            vcpus=h.vcpus or default_vcpus, groups=frozenset({h.group} if h.group else ()),
+            group_priority=h.priority)
+    specs = {name: VmSpec(name=name, memory_mib=v.memory_mib, vcpus=v.vcpus, priority=v.priority,
+                          affinity=v.affinity, anti_affinity=v.anti_affinity,
+                          allowed_groups=frozenset(v.host_groups))
+             for name, v in vms.items()}
+    watchdog_ms = int(ha.watchdog.timeout_s * 1000) if ha.watchdog else 10_000
+    fence_s = max((h.fence.timeout_s for h in cfg.hosts if h.fence is not None), default=3.0)
+    timing = ClusterTiming(
+        tick_ms=100, heartbeat_ms=t.heartbeat_interval_ms, quorum_timeout_ms=t.suspect_timeout_ms,
+        lease_ms=t.dead_timeout_ms, election_timeout_ms=max(t.heartbeat_interval_ms * 3,
+                                                            t.dead_timeout_ms * 2 // 3),
+        watchdog_timeout_ms=watchdog_ms,
+        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
+        fence_timeout_ms=int(fence_s * 1000) + 2000)
+    return CoreConfig(
+        me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
+        detector=DetectorTiming(suspect_timeout_ms=t.suspect_timeout_ms, dead_timeout_ms=t.dead_timeout_ms,
+                                isolation_timeout_ms=t.isolation_timeout_ms),
+        limits=PlacementLimits(memory_overcommit=ha.memory_overcommit, vcpu_overcommit=ha.vcpu_overcommit,
+                               max_migrations_per_host=ha.max_migrations_per_host,
+                               max_migrations_cluster=ha.max_migrations),
+        isolation=ha.isolation)
+
+
+# ---- persistence --------------------------------------------------------------------------
+
+def load_persisted(path: Path) -> PersistedState | None:
+    """The votes and states saved before; a damaged file stops the agent (a forgotten vote
+    could elect two coordinators in one term)."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read the saved cluster state: {exc}; move it away only if this "
+                          "host's agent has been stopped for longer than the lease", file=str(path)) from None
+    try:
+        term, voted_for = data["term"], data["voted_for"]
+        if not isinstance(term, int) or not (voted_for is None or isinstance(voted_for, str)):
+            raise codec.CodecError("term/voted_for")
+        return PersistedState(term=term, voted_for=voted_for,
+                              accepted=codec.load(ClusterState, data["accepted"], "accepted"),
+                              committed=codec.load(ClusterState, data["committed"], "committed"))
+    except (KeyError, TypeError, codec.CodecError) as exc:
+        raise ConfigError(f"the saved cluster state is malformed ({exc})", file=str(path)) from None
+
+
+def save_persisted(path: Path, out: PersistState) -> None:
+    data = {"term": out.term, "voted_for": out.voted_for, "accepted": codec.dump(out.accepted),
+            "committed": codec.dump(out.committed), "saved_at": time.time()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(data, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ---- the runtime --------------------------------------------------------------------------
+
+@dataclass
+class _Running:
+    """A command's task, and every command id waiting for its result."""
+
+    task: asyncio.Task[None]
+    ids: list[str] = field(default_factory=list)
+    progress: Progress | None = None
+    target: str = ""
+
+
+class ClusterRuntime:
+    def __init__(self, cfg: ClusterConfig, vms: dict[str, VmDefinition], *, incarnation: int, now_ms: int,
+                 publish: Publish, offer: Offer, alert: AlertSink, clock: Callable[[], int],
+                 rescan: Callable[[], None]) -> None:
+        self.cfg, self.vms = cfg, vms
+        self.me = cfg.this_host().name
+        self.publish, self.offer, self.alert, self.clock, self.rescan = publish, offer, alert, clock, rescan
+        self.state_file = cfg.state_dir / STATE_FILE
+        self.core = ClusterAgent(core_config(cfg, vms), incarnation=incarnation, now_ms=now_ms,
+                                 persisted=load_persisted(self.state_file))
+        self.watchdog: Watchdog | None = None
+        if cfg.ha.watchdog is not None:
+            self.watchdog = Watchdog(cfg.ha.watchdog.device, timeout_s=cfg.ha.watchdog.timeout_s)
+        self.qemu: dict[str, str] = {}              # vm -> QEMU run state, from the VM watchers
+        self.gone: set[str] = set()                 # QEMUs that went away since the last report
+        self.stopping: set[str] = set()             # ... because we stopped or moved them
+        self.running: dict[str, _Running] = {}      # vm or "fence:HOST" -> its command's task
+        self._reported: tuple[dict[str, QemuState], frozenset[str]] | None = None
+        self._reported_ms = -10**9
+        self.rpc = RpcClient(self.me, lambda to, body: self.publish("direct", body, to=to))
+        self.server = DestinationServer(
+            me=self.me, address=cfg.this_host().address, base=cfg.run_dir, vms=lambda: self.vms,
+            authorise=self._authorise_incoming,
+            reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started)
+        self.rejected = 0
+
+    # ---- inputs ---------------------------------------------------------------------------
+
+    def step(self, event: ClusterInput) -> None:
+        self._execute(self.core.step(event))
+
+    def tick(self, now_ms: int) -> None:
+        self._report_local(now_ms)
+        self._execute(self.core.tick(now_ms))
+
+    def on_envelope(self, env: Envelope, now_ms: int) -> None:
+        body = env.body
+        if body.get("rpc") == "request":
+            self._spawn(f"rpc-{body.get('id')}", self.server.handle(env.host, body))
+            return
+        if body.get("rpc") == "reply":
+            self.rpc.on_reply(env.host, body)
+            return
+        try:
+            message = codec.from_data(body.get("msg"))
+        except codec.CodecError as exc:
+            self._reject(env, str(exc))
+            return
+        if message.sender != env.host:
+            self._reject(env, f"message of {message.sender!r} sent by {env.host!r}")
+            return
+        if message.to is not None and message.to != self.me:
+            self._reject(env, f"message for {message.to!r} delivered here")
+            return
+        if (env.kind == "direct") != (message.to is not None):
+            self._reject(env, "broadcast and direct messages mixed up")
+            return
+        self.step(MessageReceived(message=message, now_ms=now_ms))
+
+    def _reject(self, env: Envelope, why: str) -> None:
+        self.rejected += 1
+        log.warning("cluster-message-rejected", sender=env.host, kind=env.kind, reason=why)
+
+    def observe_qemu(self, vm: str, status: str | None) -> None:
+        """A VM watcher's news: a run state, or None when the QEMU process is gone."""
+        if status is None:
+            if self.qemu.pop(vm, None) is not None and vm not in self.stopping:
+                self.gone.add(vm)
+            self.stopping.discard(vm)
+        else:
+            self.qemu[vm] = status
+
+    def _report_local(self, now_ms: int) -> None:
+        local = {vm: _QEMU_STATES.get(s, "running") for vm, s in self.qemu.items()}
+        crashed = frozenset(self.gone)
+        due = now_ms - self._reported_ms >= LOCAL_REPORT_S * 1000
+        if (local, crashed) != self._reported or crashed or due:
+            self._reported, self._reported_ms = (local, crashed), now_ms
+            self.gone = set()
+            self._execute(self.core.step(LocalVmsObserved(vms=local, now_ms=now_ms, crashed=crashed)))
+
+    # ---- outputs --------------------------------------------------------------------------
+
+    def _execute(self, outputs: list[ClusterOutput]) -> None:
+        for out in outputs:
+            match out:
+                case PersistState():
+                    save_persisted(self.state_file, out)
+                case Send(message=message):
+                    body = {"msg": codec.to_data(message)}
+                    if message.to is None:
+                        self.publish("cluster", body)
+                    else:
+                        self.publish("direct", body, to=message.to)
+                case StartVm():
+                    self._command(out.vm, out.id, partial(self._start, out))
+                case StopVm():
+                    self._command(out.vm, out.id, partial(self._stop, out.vm, out.reason))
+                case KillVm():
+                    self._command(out.vm, out.id, partial(self._kill, out))
+                case MigrateVm():
+                    self._command(out.vm, out.id, partial(self._migrate, out), target=out.target)
+                case FenceHost():
+                    self._command(f"fence:{out.host}", out.id, partial(self._fence, out))
+                case PetWatchdog():
+                    self._pet()
+                case StopPettingWatchdog():
+                    log.critical("watchdog-stop-petting", reason=out.reason)
+                    if self.watchdog is not None:
+                        self.watchdog.stop_petting(out.reason)
+                case RaiseAlert():
+                    log.error("cluster-alert", kind=out.kind, reason=out.reason)
+                    alert = coordinator_alert(out.kind, out.reason, host=self.me)
+                    if alert is not None:
+                        self.alert(alert)
+
+    def _command(self, key: str, cid: str, factory: Callable[[], Awaitable[tuple[bool, str]]],
+                 target: str = "") -> None:
+        running = self.running.get(key)
+        if running is not None and not running.task.done():
+            running.ids.append(cid)             # the same work is under way: share its result
+            return
+        entry = _Running(task=asyncio.create_task(self._run(key, factory), name=f"cluster-{key}"),
+                         ids=[cid], target=target)
+        self.running[key] = entry
+
+    async def _run(self, key: str, factory: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
+        await asyncio.sleep(0)                  # let _command record the entry first
+        try:
+            ok, reason = await factory()
+        except HaguardError as exc:
+            ok, reason = False, str(exc)
+        except Exception as exc:                # a bug: report the command failed, keep the agent
+            log.exception("cluster-command-crashed", key=key)
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+        entry = self.running.pop(key, None)
+        for cid in entry.ids if entry is not None else []:
+            self.offer(CommandResult(id=cid, ok=ok, now_ms=self.clock(), reason=reason))
+
+    def _spawn(self, name: str, coro: Any) -> None:
+        key = f"side:{name}"
+        self.running[key] = _Running(task=asyncio.create_task(self._side(key, coro), name=name))
+
+    async def _side(self, key: str, coro: Any) -> None:
+        try:
+            await coro
+        except Exception:
+            log.exception("cluster-task-crashed", task=key)
+        finally:
+            self.running.pop(key, None)
+
+    # ---- commands -------------------------------------------------------------------------
+
+    async def _start(self, cmd: StartVm) -> tuple[bool, str]:
+        vm = self.vms.get(cmd.vm)
+        if vm is None:
+            return False, f"VM {cmd.vm} is not in this host's inventory"
+        log.info("vm-start", vm=cmd.vm, generation=cmd.generation, term=cmd.term)
+        instance = await asyncio.to_thread(launcher.start, vm, self.cfg.run_dir)
+        self.qemu[cmd.vm] = "running"
+        self.rescan()
+        log.info("vm-started", vm=cmd.vm, pid=instance.pid, generation=cmd.generation)
+        return True, ""
+
+    async def _stop(self, vm: str, reason: str) -> tuple[bool, str]:
+        paths = launcher.current_paths(vm, self.cfg.run_dir)
+        graceful = 0.0 if reason in ("moved away", "incoming move no longer wanted") else 30.0
+        log.info("vm-stop", vm=vm, reason=reason)
+        self.stopping.add(vm)
+        await launcher.stop(paths, graceful_timeout_s=graceful)
+        return True, ""
+
+    async def _kill(self, cmd: KillVm) -> tuple[bool, str]:
+        paths = launcher.current_paths(cmd.vm, self.cfg.run_dir)
+        log.warning("vm-kill", vm=cmd.vm, reason=cmd.reason)
+        self.stopping.add(cmd.vm)
+        await asyncio.to_thread(launcher.kill, paths)
+        await launcher.stop(paths)              # reaps it and removes its directory
+        return True, ""
+
+    async def _fence(self, cmd: FenceHost) -> tuple[bool, str]:
+        host = self.cfg.peer(cmd.host)
+        if host is None or host.fence is None:
+            return False, f"host {cmd.host} has no fence device"
+        log.warning("fence", host=cmd.host, term=cmd.term, agent=host.fence.agent)
+        result = await fence(host.fence, "off", host=cmd.host, confirm_off=True)
+        level = log.warning if result.ok else log.error
+        level("fence-result", host=cmd.host, ok=result.ok, detail=result.detail,
+              duration_s=round(result.duration_s, 3))
+        return result.ok, result.detail
+
+    async def _migrate(self, cmd: MigrateVm) -> tuple[bool, str]:
+        vm = self.vms.get(cmd.vm)
+        if vm is None:
+            return False, f"VM {cmd.vm} is not in this host's inventory"
+        log.info("migration-start", vm=cmd.vm, target=cmd.target, generation=cmd.generation)
+        try:
+            ask = {"op": "prepare", "vm": cmd.vm, "generation": cmd.generation, "term": cmd.term}
+            prep = await self.rpc.call(cmd.target, ask, timeout_s=40.0)
+        except RpcError as exc:
+            return False, str(exc)
+        if prep.get("ok") is not True:
+            why = (prep.get("error") or {}).get("desc", "refused") if isinstance(prep.get("error"), dict) \
+                else "refused"
+            log.warning("migration-refused", vm=cmd.vm, target=cmd.target, reason=why)
+            return False, f"{cmd.target} refused: {why}"
+        address, port, session = prep.get("address"), prep.get("port"), prep.get("session")
+        if not isinstance(address, str) or not isinstance(port, int) or not isinstance(session, str):
+            return False, f"{cmd.target} answered a malformed prepare"
+        opts = MigrationOptions(uri=MigrationUri("tcp", host=address, port=port), vm_name=cmd.vm,
+                                quit_source=False)   # the core stops the source once the move is committed
+        src = launcher.current_paths(cmd.vm, self.cfg.run_dir)
+        entry = self.running.get(cmd.vm)
+
+        def progress(p: Progress) -> None:
+            if entry is not None:
+                entry.progress = p
+
+        result = await run_migration(str(src.qmp), RemoteQmp(self.rpc, cmd.target, session), opts,
+                                     on_progress=progress,
+                                     on_alert=lambda kind, why: log.warning("migration-alert", vm=cmd.vm,
+                                                                            kind=kind, reason=why))
+        level = log.info if result.ok else log.error
+        level("migration-end", vm=cmd.vm, target=cmd.target, status=result.status, error=result.error,
+              total_ms=result.total_time_ms, downtime_ms=result.downtime_ms)
+        if not result.ok:
+            alert = coordinator_alert("migration-failed", f"{cmd.vm} to {cmd.target}: {result.error}",
+                                      host=self.me, vm=cmd.vm)
+            if alert is not None:
+                self.alert(alert)
+        return result.ok, result.error or ""
+
+    # ---- the destination side ---------------------------------------------------------------
+
+    def _authorise_incoming(self, vm: str, sender: str, generation: int) -> str | None:
+        for state in (self.core.committed, self.core.accepted):
+            mig = state.migrations.get(vm)
+            if mig is not None and (mig.source, mig.target, mig.generation) == (sender, self.me, generation):
+                return None
+        return f"no move of {vm} from {sender} to {self.me} (generation {generation}) in the cluster state"
+
+    def _incoming_started(self, vm: str) -> None:
+        self.qemu[vm] = "inmigrate"
+        self.rescan()
+
+    # ---- watchdog -----------------------------------------------------------------------------
+
+    def _pet(self) -> None:
+        if self.watchdog is None:
+            return
+        try:
+            if not self.watchdog.is_open:
+                self.watchdog.open()
+            self.watchdog.pet()
+        except WatchdogError as exc:
+            log.error("watchdog-failed", error=str(exc))
+
+    # ---- views and shutdown -------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        core, state = self.core, self.core.committed
+        now = self.clock()
+        migrations = []
+        for vm, mig in sorted(state.migrations.items()):
+            row: dict[str, Any] = {"vm": vm, "source": mig.source, "target": mig.target}
+            entry = self.running.get(vm)
+            if entry is not None and entry.progress is not None:
+                p = entry.progress
+                row.update(status=p.status, percent=round(p.percent, 1), step=p.step,
+                           transferred_bytes=p.transferred_bytes)
+            migrations.append(row)
+        return {
+            "role": str(core.role), "term": core.term, "coordinator": core.election.following(now),
+            "quorate": core.broker_quorate(now), "state_version": list(state.key),
+            "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
+                    for vm, rec in sorted(state.vms.items())},
+            "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced}
+                      for h in sorted(core.config.hosts)},
+            "migrations": migrations,
+            "fencing": sorted(k.split(":", 1)[1] for k in self.running if k.startswith("fence:")),
+            "watchdog": "petting" if core.petting else ("stopped" if self.watchdog else "none"),
+            "rejected": self.rejected,
+        }
+
+    def busy(self) -> list[str]:
+        return sorted(k for k, r in self.running.items() if not k.startswith("side:") and not r.task.done())
+
+    async def close(self) -> None:
+        """Agent going down: let commands end by themselves? No: cancel them (a migration
+        cancelled here is cancelled in QEMU by the engine: the VM stays on the source)."""
+        tasks = [r.task for r in self.running.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.server.close()
+        if self.watchdog is not None and self.watchdog.is_open and not self.core.local_vms:
+            with contextlib.suppress(WatchdogError):
+                self.watchdog.disarm()

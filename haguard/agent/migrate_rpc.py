@@ -1,0 +1,277 @@
+"""Live migration between hosts: the destination's monitor, relayed by its agent.
+
+The migration engine drives both QEMUs through their QMP monitors.  Across hosts the
+destination's monitor is a unix socket on the other machine, so the destination's
+agent relays it (libvirt's peer-to-peer migration works the same way):
+
+    source agent                                   destination agent
+    MigrateVm(vm, target) from the core
+    RpcClient.call(prepare) ------- inbox --------> DestinationServer: authorise (the
+                                                    cluster state holds this move from the
+                                                    sender to us), start QEMU -incoming defer,
+    <------------------------------ inbox --------  reply address + free port
+    run_migration(source, RemoteQmp) : each dest.cmd() is one `qmp` call, run on that
+                                       instance's control monitor, allow-listed commands only
+
+Every request and reply is a signed "direct" envelope in the recipient's inbox
+(haguard.adapters.mqtt); the body names its recipient, so a message moved to another
+inbox is refused.  The server only ever touches the QEMU instance it started for that
+session: it can never stop or change a VM that runs on its host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from haguard.adapters.qmp import Qmp
+from haguard.errors import HaguardError, QmpCommandError, QmpError, QmpTimeout
+from haguard.vm import launcher
+from haguard.vm.cmdline import InstancePaths
+from haguard.vm.definition import VmDefinition
+
+log = structlog.get_logger("haguard.migrate-rpc")
+
+Publish = Callable[[str, dict[str, Any]], bool]        # (to, body) -> sent
+Authorise = Callable[[str, str, int], str | None]      # (vm, sender, generation) -> why not, or None
+
+# What a source may run on the destination's QEMU: the engine's destination side.
+DEST_COMMANDS = frozenset({
+    "qom-get", "migrate-set-capabilities", "migrate-set-parameters", "migrate-incoming",
+    "migrate-recover", "migrate-pause", "quit", "yank", "nbd-server-start", "nbd-server-stop",
+    "block-export-add", "block-export-del", "blockdev-add",
+})
+CALL_TIMEOUT_S = 10.0
+PREPARE_TIMEOUT_S = 40.0
+
+
+class RpcError(HaguardError):
+    """The other agent did not answer, or refused."""
+
+
+# ---- source side --------------------------------------------------------------------------
+
+class RpcClient:
+    def __init__(self, me: str, publish: Publish) -> None:
+        self.me = me
+        self.publish = publish
+        self._ids = itertools.count(1)
+        self._pending: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+
+    async def call(self, to: str, body: dict[str, Any], timeout_s: float = CALL_TIMEOUT_S) -> dict[str, Any]:
+        rid = f"{self.me}-{next(self._ids)}"
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = (to, future)
+        try:
+            if not self.publish(to, {"rpc": "request", "id": rid, "to": to, **body}):
+                raise RpcError(f"cannot reach {to}: no broker connection")
+            async with asyncio.timeout(timeout_s):
+                reply = await future
+        except TimeoutError:
+            raise RpcError(f"{to} did not answer {body.get('op')} within {timeout_s:g} s") from None
+        finally:
+            self._pending.pop(rid, None)
+        return reply
+
+    def on_reply(self, sender: str, body: dict[str, Any]) -> None:
+        rid = body.get("id")
+        entry = self._pending.get(rid) if isinstance(rid, str) else None
+        if entry is None or entry[0] != sender or entry[1].done():
+            return                      # late, duplicate, or from someone we did not ask
+        entry[1].set_result(body)
+
+
+class RemoteQmp(Qmp):
+    """The destination's monitor as the engine sees it, relayed by the destination's agent."""
+
+    def __init__(self, rpc: RpcClient, host: str, session: str, *, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        super().__init__(f"{host}:{session}", timeout_s=timeout_s, name="haguard-migrate-remote")
+        self.rpc, self.host, self.session_id = rpc, host, session
+        self._connected = False
+        self._oob = False
+
+    async def _call(self, op: str, timeout_s: float, **body: Any) -> dict[str, Any]:
+        try:
+            reply = await self.rpc.call(self.host, {"op": op, "session": self.session_id, **body},
+                                        timeout_s=timeout_s + 2)
+        except RpcError as exc:
+            raise QmpTimeout(f"destination {self.host}: {exc}") from None
+        self._connected = bool(reply.get("connected"))
+        if reply.get("ok") is not True:
+            error = reply.get("error") or {}
+            if not isinstance(error, dict):
+                error = {}
+            cls, desc = str(error.get("class", "")), str(error.get("desc", "refused"))[:500]
+            if cls:
+                raise QmpCommandError(str(body.get("command", op)), cls, desc)
+            raise QmpError(f"destination {self.host}: {desc}")
+        return reply
+
+    async def connect(self) -> None:
+        reply = await self._call("connect", self.timeout_s)
+        self._oob = bool(reply.get("oob"))
+
+    async def reconnect(self) -> None:
+        await self.connect()
+
+    @property
+    def has_oob(self) -> bool:
+        return self._oob
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def cmd(self, command: str, args: dict[str, Any] | None = None, *,
+                  oob: bool = False, timeout_s: float | None = None) -> Any:
+        deadline = timeout_s if timeout_s is not None else self.timeout_s
+        reply = await self._call("qmp", deadline, command=command, args=args or {}, oob=oob,
+                                 timeout_ms=int(deadline * 1000))
+        return reply.get("return")
+
+    def listener(self, names: Iterable[str] = ()) -> contextlib.AbstractContextManager[Any]:
+        raise QmpError("events of a remote destination are not relayed")
+
+    async def close(self) -> None:
+        if self._connected:
+            with contextlib.suppress(HaguardError):
+                await self._call("close", 3.0)
+        self._connected = False
+
+
+# ---- destination side ---------------------------------------------------------------------
+
+@dataclass
+class _Session:
+    vm: str
+    source: str
+    generation: int
+    paths: InstancePaths
+    qmp: Qmp | None = None
+
+
+def free_port(address: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as s:
+        s.bind((address, 0))
+        return int(s.getsockname()[1])
+
+
+class DestinationServer:
+    """Answers migration requests addressed to this host's agent."""
+
+    def __init__(self, *, me: str, address: str, base: Path, vms: Callable[[], dict[str, VmDefinition]],
+                 authorise: Authorise, reply: Publish,
+                 started: Callable[[str], Awaitable[None] | None] | None = None) -> None:
+        self.me, self.address, self.base = me, address, base
+        self.vms = vms
+        self.authorise = authorise
+        self.reply = reply
+        self.started = started
+        self.sessions: dict[str, _Session] = {}
+        self._ids = itertools.count(1)
+
+    async def handle(self, sender: str, body: dict[str, Any]) -> None:
+        rid = body.get("id")
+        if not isinstance(rid, str) or body.get("to") != self.me:
+            log.warning("migration-request-refused", sender=sender, reason="no id, or not for this host")
+            return
+        try:
+            answer = await self._answer(sender, body)
+        except HaguardError as exc:
+            answer = {"ok": False, "error": {"desc": str(exc)}}
+        except (TypeError, ValueError, KeyError) as exc:
+            answer = {"ok": False, "error": {"desc": f"malformed request: {exc}"}}
+        self.reply(sender, {"rpc": "reply", "id": rid, "to": sender, **answer})
+
+    async def _answer(self, sender: str, body: dict[str, Any]) -> dict[str, Any]:
+        op = body.get("op")
+        if op == "prepare":
+            return await self._prepare(sender, body)
+        session = self.sessions.get(str(body.get("session")))
+        if session is None or session.source != sender:
+            return {"ok": False, "error": {"desc": "no such migration session"}}
+        why = self.authorise(session.vm, sender, session.generation)
+        if why is not None:
+            return {"ok": False, "error": {"desc": why}}
+        if op == "connect":
+            if session.qmp is None or not session.qmp.connected:
+                session.qmp = Qmp(session.paths.qmp, timeout_s=5.0, name="haguard-migrate-dst")
+                await session.qmp.connect()
+            return {"ok": True, "connected": True, "oob": session.qmp.has_oob}
+        if op == "close":
+            await self._close(body["session"])
+            return {"ok": True, "connected": False}
+        if op == "qmp":
+            return await self._qmp(session, body)
+        return {"ok": False, "error": {"desc": f"unknown operation {str(op)[:40]!r}"}}
+
+    async def _prepare(self, sender: str, body: dict[str, Any]) -> dict[str, Any]:
+        vm_name, generation = body["vm"], body["generation"]
+        if not isinstance(vm_name, str) or not isinstance(generation, int):
+            raise ValueError("vm and generation")
+        why = self.authorise(vm_name, sender, generation)
+        if why is not None:
+            return {"ok": False, "error": {"desc": why}}
+        vm = self.vms().get(vm_name)
+        if vm is None:
+            return {"ok": False, "error": {"desc": f"VM {vm_name} is not in this host's inventory"}}
+        current = launcher.current_paths(vm_name, self.base)
+        if launcher.read_pid(current) is not None:
+            return {"ok": False, "error": {"desc": f"a QEMU of {vm_name} already runs on {self.me}"}}
+        for sid, old in list(self.sessions.items()):        # an earlier attempt of the same move
+            if old.vm == vm_name:
+                await self._close(sid)
+        instance = await asyncio.to_thread(launcher.start, vm, self.base, incoming=True)
+        # Our agent watches it from now on (reported as `inmigrate`): a move that dies leaves
+        # a stray incoming QEMU that the cluster core has killed.
+        launcher.promote(vm_name, self.base, instance.paths)
+        sid = f"{vm_name}-{next(self._ids)}"
+        self.sessions[sid] = _Session(vm=vm_name, source=sender, generation=generation, paths=instance.paths)
+        log.info("migration-incoming", vm=vm_name, source=sender, session=sid, pid=instance.pid)
+        if self.started is not None:
+            maybe = self.started(vm_name)
+            if maybe is not None:
+                await maybe
+        return {"ok": True, "session": sid, "address": self.address, "port": free_port(self.address)}
+
+    async def _qmp(self, session: _Session, body: dict[str, Any]) -> dict[str, Any]:
+        command, args = body["command"], body.get("args") or {}
+        if not isinstance(command, str) or not isinstance(args, dict):
+            raise ValueError("command and args")
+        if command not in DEST_COMMANDS and not command.startswith("query-"):
+            return {"ok": False, "connected": True,
+                    "error": {"class": "GenericError", "desc": f"{command} is not allowed on a destination"}}
+        if session.qmp is None:
+            return {"ok": False, "connected": False, "error": {"desc": "not connected"}}
+        timeout_ms = body.get("timeout_ms", 10_000)
+        timeout_s = min(60.0, max(0.1, timeout_ms / 1000 if isinstance(timeout_ms, int) else 10.0))
+        try:
+            result = await session.qmp.cmd(command, args, oob=bool(body.get("oob")), timeout_s=timeout_s)
+        except QmpCommandError as exc:
+            return {"ok": False, "connected": session.qmp.connected,
+                    "error": {"class": exc.error_class, "desc": exc.desc}}
+        except QmpError as exc:
+            return {"ok": False, "connected": session.qmp.connected, "error": {"desc": str(exc)}}
+        if command == "quit":
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3):
+                    while session.qmp.connected:
+                        await asyncio.sleep(0.02)
+        return {"ok": True, "connected": session.qmp.connected, "return": result}
+
+    async def _close(self, sid: str) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is not None and session.qmp is not None:
+            await session.qmp.close()
+
+    async def close(self) -> None:
+        for sid in list(self.sessions):
+            await self._close(sid)

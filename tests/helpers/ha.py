@@ -1,0 +1,100 @@
+"""A 3-host cluster in HA mode: real agents in namespaces, real QEMU guests, a fence
+stand-in, and a thread that samples every host's QEMUs and records any instant at which
+one VM runs twice."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from haguard.vm.definition import VmDefinition
+from tests.helpers.cluster import Cluster
+from tests.helpers.vms import RunningOnceMonitor, guest_vm
+
+FENCE = Path(__file__).with_name("fence_standin.py")
+# Test timing: dead after 1.5 s without news; hosts take ~3 s to agree on a coordinator.
+HA_TIMING = {"heartbeat_interval_ms": 200, "suspect_timeout_ms": 800, "dead_timeout_ms": 1500,
+             "ping_interval_ms": 200, "ping_timeout_ms": 150, "isolation_timeout_ms": 5000}
+
+
+def ha_vms(n: int, **extra: Any) -> tuple[VmDefinition, ...]:
+    return tuple(guest_vm(f"vm{i + 1}", memory_mib=64, mib=8, rate=0, **extra) for i in range(n))
+
+
+class TwiceWatch:
+    """`RunningOnceMonitor` on every host's run dir, in its own thread and event loop."""
+
+    def __init__(self, run_dirs: list[Path], interval_s: float = 0.1) -> None:
+        self.monitor = RunningOnceMonitor(run_dirs, interval_s)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="twice-watch",
+                                        daemon=True)
+
+    async def _main(self) -> None:
+        async with self.monitor:
+            while not self._stop.is_set():
+                await asyncio.sleep(0.05)
+
+    def __enter__(self) -> TwiceWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def check(self) -> None:
+        self.monitor.assert_never_twice()
+
+
+@contextlib.contextmanager
+def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "",
+               timing: dict[str, int] | None = None) -> Iterator[Cluster]:
+    """Three agents with `ha.enabled`; every host gets the fence stand-in when `fence`."""
+    cluster_dir_hint: dict[str, str] = {}
+    c = Cluster(timing=dict(HA_TIMING, **(timing or {})), vms=vms,
+                extra="ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint)
+    if fence:
+        state = c.dir / "fence"
+        state.mkdir()
+        for h in c.hosts:
+            cluster_dir_hint[h] = (
+                f"fence: {{kind: command, agent: '{sys.executable} {FENCE}', timeout_s: 10, "
+                f"options: {{plug: {h}, state_dir: '{state}', kill_pattern: '{c.run_dir(h)}'}}}}")
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+def running_on(c: Cluster) -> dict[str, list[str]]:
+    """vm -> hosts whose agent reports its QEMU running (from the agents' status files)."""
+    out: dict[str, list[str]] = {}
+    for h in c.hosts:
+        for v in (c.status(h) or {}).get("vms", []):
+            if v.get("host") == h and v.get("state") == "running":
+                out.setdefault(str(v["name"]), []).append(h)
+    return out
+
+
+def wait_placed(c: Cluster, names: list[str], timeout_s: float = 60, *, avoid: tuple[str, ...] = ()) -> float:
+    def placed() -> bool:
+        where = running_on(c)
+        return all(len(where.get(n, [])) == 1 and where[n][0] not in avoid for n in names)
+    return c.wait_for(f"{names} running once each, not on {avoid}", placed, timeout_s)
+
+
+def fence_calls(c: Cluster) -> list[str]:
+    path = c.dir / "fence" / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def now() -> float:
+    return time.monotonic()

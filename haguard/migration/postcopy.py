@@ -1,11 +1,19 @@
 """Recovering a paused postcopy: the destination listens again, the source resumes.
 
-migrate-recover is accepted once per pause, and only once the destination has itself
-noticed the broken stream.  The destination is never queried while it pauses: on QEMU
-7.2, monitor traffic at that moment can crash its postcopy listen thread.  The
-source's resume is sent once per listener: a second one while the first still tries
-to connect would reach the destination as a second stream (the same crash), so the
-path is probed first, while nothing listens on the port.
+A paused destination takes *any* connection to one of its migration listeners as the
+recovery stream.  QEMU keeps the first `migrate-incoming` listener open for the whole
+move, and each `migrate-recover` listener until the next one replaces it.  A
+connection that then closes at once (a reachability probe) fails the recovery; QEMU
+7.2's destination cannot go from `postcopy-recover` back to `postcopy-paused` (fixed
+in 8.2) and its postcopy listen thread dereferences a NULL stream: the VM is lost.
+
+So haguard never connects to a port a QEMU of this move may listen on: each recovery
+listens on a port (or unix path) no listener of this move has used, the original
+port + 1, + 2, ...  Before `migrate-recover` that port is probed: `refused` means
+the path is back and the port free; `open` is some other program's listener, and the
+next port is taken.  `migrate-recover` is accepted once the destination has itself
+noticed the broken stream; the source's resume is sent once per listener (a second
+one while the first still connects would be a second stream).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ class PostcopyRecovery:
         self.source, self.dest, self.uri = source, dest, uri
         self.resumes = 0
         self._listening: MigrationUri | None = None
-        self._port_offset = 0
+        self._used = 0  # recovery listeners taken so far: the next one is uri + used + 1
         self._resume_sent_ms: int | None = None
 
     def stream_restored(self) -> None:
@@ -39,13 +47,15 @@ class PostcopyRecovery:
 
     async def attempt(self, now_ms: int) -> None:
         if self._listening is None:
-            uri = self._next_uri()
+            uri = self._recovery_uri(self._used + 1)
             if uri.scheme == "tcp":
+                # Only ports no QEMU of this move listens on are ever connected to.
                 probe = await asyncio.to_thread(preflight.tcp_probe, uri.host, uri.port, 2.0)
                 if probe == "open":
-                    self._port_offset += 1  # an old listener holds the port
+                    log.info("%s is taken on the destination: trying the next port", uri.where)
+                    self._used += 1
                 if probe != "refused":
-                    return  # the path is not back yet
+                    return  # the path is not back yet, or the port is taken
             try:
                 await self.dest.cmd("migrate-recover", {"uri": str(uri)}, oob=True, timeout_s=5)
             except QmpCommandError as exc:
@@ -54,6 +64,7 @@ class PostcopyRecovery:
             except HaguardError as exc:
                 log.info("migrate-recover failed: %s", exc)
                 return
+            self._used += 1
             self._listening, self._resume_sent_ms = uri, None
         if self._resume_sent_ms is not None and now_ms - self._resume_sent_ms < RESUME_RETRY_MS:
             return
@@ -65,8 +76,8 @@ class PostcopyRecovery:
         except HaguardError as exc:
             log.info("migrate resume not accepted yet: %s", exc)
 
-    def _next_uri(self) -> MigrationUri:
-        uri, n = self.uri, self._port_offset
+    def _recovery_uri(self, n: int) -> MigrationUri:
+        uri = self.uri
         if uri.scheme == "unix":
             return uri.with_path(f"{uri.path}.recover{n}")
-        return uri.with_port(uri.port + n) if n else uri
+        return uri.with_port(uri.port + n)

@@ -460,9 +460,12 @@ class ClusterRuntime:
             "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced}
                       for h in sorted(core.config.hosts)},
             "migrations": migrations,
+            "peers": {h: str(core.detector.state(h)) for h in sorted(core.config.hosts) if h != self.me},
             "fencing": sorted(k.split(":", 1)[1] for k in self.running if k.startswith("fence:")),
             "watchdog": "petting" if core.petting else ("stopped" if self.watchdog else "none"),
             "rejected": self.rejected,
+            "proposal_in_flight": (list(core.proposer.proposal.key)
+                                   if core.proposer is not None and core.proposer.in_flight else None),
         }
 
     def busy(self) -> list[str]:

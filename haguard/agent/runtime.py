@@ -53,7 +53,7 @@ from haguard.core.detector import (
     PingObserved,
 )
 from haguard.core.node import GossipReceived, Node, NodeConfig, NodeInput, NodeOutput, VmSize
-from haguard.core.probes import HostHealthChanged
+from haguard.core.probes import HostHealthChanged, PingResult
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
     RestartVmInPlace,
@@ -325,8 +325,9 @@ class Agent:
                 case _:
                     outputs = self.node.step(item)
                     if self.cluster is not None:
-                        if isinstance(item, PingObserved):
-                            self.cluster.step(item)
+                        if isinstance(item, PingResult):
+                            self.cluster.step(PingObserved(host=item.host, ok=item.ok, now_ms=item.now_ms,
+                                                           rtt_ms=item.rtt_ms))
                         elif isinstance(item, VmStatusReplied):
                             self.cluster.observe_qemu(item.vm, item.status)
                         elif isinstance(item, VmProcessGone):

@@ -208,6 +208,11 @@ class ClusterConfig(_Strict):
             raise ValueError(f"host {self.host!r} is not in hosts")
         if self.ha.enabled:
             check_tie_breaker(self.hosts)
+            unfenced = [h.name for h in self.hosts if h.fence is None and not h.witness]
+            if unfenced and self.ha.watchdog is None:
+                raise ValueError(f"host {unfenced[0]} has no fence device and ha.watchdog is not set: "
+                                 "a dead host must be fenced before its VMs restart elsewhere; give it "
+                                 "`fence:` or configure ha.watchdog (self-fencing)")
         return self
 
     def this_host(self) -> HostConfig:

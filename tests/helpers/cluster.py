@@ -59,7 +59,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.cluster = "c" + tag
         self.extra = extra
-        self.host_fields = host_fields or {}
+        self.host_fields = host_fields if host_fields is not None else {}
         self.vms = vms
 
     # ---- set-up ----------------------------------------------------------------------

@@ -37,7 +37,7 @@ from haguard.migration import preflight, replies
 from haguard.migration.features import QemuFeatures, detect
 from haguard.migration.options import MigrationOptions
 from haguard.migration.plan import Plan, apply_plan, make_plan
-from haguard.migration.postcopy import PostcopyRecovery
+from haguard.migration.postcopy import PostcopyRecovery, event_times, guest_pause_ms
 from haguard.migration.result import MigrationResult, Progress
 from haguard.migration.storage import DiskMirror
 
@@ -70,6 +70,9 @@ class Migration:
         self._migrate_started = False
         self._src_commands: frozenset[str] = frozenset()
         self._last_moving: MigrationSample | None = None  # last sample before the final state
+        # Run-state events, for the guest's real pause after a postcopy (see _finish).
+        self._src_events: Any = None
+        self._dst_events: Any = None
 
     # ---- public ---------------------------------------------------------------------
 
@@ -177,7 +180,13 @@ class Migration:
         assert self._strategy is not None
         strategy, res = self._strategy, self._result
         cancel_requested = False
-        with self.source.listener(["MIGRATION", "MIGRATION_PASS"]) as events:
+        with contextlib.ExitStack() as stack:
+            events = stack.enter_context(
+                self.source.listener(["MIGRATION", "MIGRATION_PASS", "STOP"]))
+            self._src_events = events
+            if self.dest is not None:
+                with contextlib.suppress(HaguardError):  # a relayed monitor has no events
+                    self._dst_events = stack.enter_context(self.dest.listener(["RESUME"]))
             while True:
                 try:
                     sample, info = await self._sample()
@@ -285,6 +294,13 @@ class Migration:
         if s.status == "completed":
             self._completed = True
             res.downtime_ms = replies.optional_ms(info, "downtime")
+            if res.postcopy:
+                # QEMU's figure for a postcopy ends when the source has queued the device
+                # state, before the destination has loaded it and started the guest (long
+                # before this point: the destination runs the guest during postcopy).
+                pause = guest_pause_ms(event_times(self._src_events, "STOP"),
+                                       event_times(self._dst_events, "RESUME"))
+                res.downtime_ms = pause if pause is not None else res.downtime_ms
             await self._verify_and_release()
             return
         if res.status not in ("aborted", "cancelled"):

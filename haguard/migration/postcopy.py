@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from haguard.adapters.qmp import Qmp
 from haguard.errors import HaguardError, QmpCommandError
@@ -81,3 +82,22 @@ class PostcopyRecovery:
         if uri.scheme == "unix":
             return uri.with_path(f"{uri.path}.recover{n}")
         return uri.with_port(uri.port + n)
+
+
+def event_times(listener: Any, name: str) -> list[float]:
+    """QEMU's own timestamps (seconds) of the `name` events a listener has seen."""
+    if listener is None:
+        return []
+    return [ev["timestamp"]["seconds"] + ev["timestamp"]["microseconds"] / 1e6
+            for ev in listener.history if ev.get("event") == name]
+
+
+def guest_pause_ms(stops: list[float], resumes: list[float]) -> int | None:
+    """How long the guest was paused by the switchover: from the source's last STOP to
+    the destination's first RESUME after it; None without both events."""
+    if not resumes:
+        return None
+    before = [t for t in stops if t <= resumes[0]]
+    if not before:
+        return None
+    return round((resumes[0] - before[-1]) * 1000)

@@ -110,7 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true")
 
     d = sub.add_parser("demo", help="run the demonstration")
-    d.add_argument("--keep-going", action="store_true", help="do not stop at the first failure")
+    d.add_argument("--keep-going", action="store_true",
+                   help="run the cluster act even when the migration act failed")
+    act = d.add_mutually_exclusive_group()
+    act.add_argument("--migration", action="store_true",
+                     help="only the migration act (one VM moved live between two local QEMUs)")
+    act.add_argument("--cluster", action="store_true",
+                     help="only the cluster act (3 hosts: drain, power-off, fenced recovery)")
     cli_agent.add_subcommands(sub)
     return ap
 
@@ -282,7 +288,7 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from haguard.demo import run_demo
-    return run_demo(keep_going=args.keep_going)
+    return run_demo(keep_going=args.keep_going, migration=not args.cluster, cluster=not args.migration)
 
 
 COMMANDS = {"vm": cmd_vm, "migrate": cmd_migrate, "guest-build": cmd_guest_build,

@@ -1,11 +1,16 @@
-"""`haguard demo`: live migration of a memory-dirtying VM, shown step by step.
+"""`haguard demo`: live migration, then a 3-host cluster, shown step by step.
 
-1. a move that converges in pre-copy;
-2. a move that cannot (bandwidth capped far below the guest's dirty rate) and so
-   escalates to postcopy;
-then a summary table.  Every step is checked (the guest kept its state and runs
-exactly once); the exit code is 0 only if all of them held.  Everything it starts
-lives in a temporary directory and is removed at the end, also on Ctrl-C.
+Act 1 (`--migration` alone): a VM with a memory-dirtying guest moved live between two
+local QEMUs: a move that converges in pre-copy, then one that cannot (bandwidth capped far
+below the guest's dirty rate) and so escalates to postcopy; a summary table.
+
+Act 2 (`--cluster` alone, haguard/lab/tour.py): three hosts (network namespaces when root,
+else loopback), a private mosquitto, six tiny VMs; the live cluster, a host drained with
+progress bars, another powered off and fenced, its VMs recovered elsewhere.
+
+Every step is checked (a guest kept its state; no VM ever ran twice; ...); the exit code is
+0 only if all of them held.  Everything it starts lives in temporary directories (and, for
+the cluster, namespaces) and is removed at the end, also on Ctrl-C and SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,16 +19,19 @@ import asyncio
 import contextlib
 import shutil
 import signal
+import sys
 import tempfile
-from collections.abc import Awaitable, Callable
+import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from haguard.adapters.qmp import Qmp
 from haguard.core.strategy import ConvergencePolicy
 from haguard.errors import HaguardError
 from haguard.guest.build import XP_COMMAND, GuestStatus, build_guest, parse_status
+from haguard.lab.tour import ClusterTour
 from haguard.migration.managed import migrate_vm
 from haguard.migration.options import MigrationOptions
 from haguard.migration.result import MigrationResult
@@ -37,19 +45,31 @@ DIRTY_RATE_MIB_S = 200
 CAPPED_BANDWIDTH_MIB_S = 24
 
 
-class Demo:
-    def __init__(self, console: Console, root: Path) -> None:
-        self.console = console
-        self.root = root
-        self.run_dir = root / "run"
-        self.checks: list[tuple[str, bool, str]] = []
-        self.moves: list[tuple[str, MigrationResult]] = []
+class Checks:
+    """Every step's verdict, printed as it comes and kept for the summary."""
 
-    def check(self, what: str, ok: bool, detail: str = "") -> bool:
-        self.checks.append((what, ok, detail))
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.results: list[tuple[str, bool, str]] = []
+
+    def __call__(self, what: str, ok: bool, detail: str = "") -> bool:
+        self.results.append((what, ok, detail))
         mark = "[green]✔[/]" if ok else "[red]✘[/]"
         self.console.print(f"  {mark} {what}" + (f" [dim]({detail})[/]" if detail else ""))
         return ok
+
+    @property
+    def all_held(self) -> bool:
+        return bool(self.results) and all(ok for _, ok, _ in self.results)
+
+
+class Demo:
+    def __init__(self, console: Console, root: Path, check: Checks) -> None:
+        self.console = console
+        self.root = root
+        self.run_dir = root / "run"
+        self.check = check
+        self.moves: list[tuple[str, MigrationResult]] = []
 
     async def guest(self, vm: VmDefinition) -> GuestStatus:
         paths = launcher.current_paths(vm.name, self.run_dir)
@@ -97,7 +117,7 @@ class Demo:
 
     async def run(self) -> bool:
         c = self.console
-        c.rule("[bold]haguard demo: live migration")
+        c.rule("[bold]haguard demo: live migration between two QEMUs")
         kernel = build_guest(self.root / "guest")
         vm = VmDefinition(name="demo-vm", memory_mib=256, machine="pc-i440fx-7.2", firmware="qboot",
                           kernel=kernel, append=f"mib=96 rate={DIRTY_RATE_MIB_S}")
@@ -114,7 +134,7 @@ class Demo:
             ConvergencePolicy(postcopy="auto", max_bandwidth_bps=CAPPED_BANDWIDTH_MIB_S << 20),
             expect_postcopy=True)
         c.print(result_table(self.moves, title="Summary"))
-        return ok and all(ok for _, ok, _ in self.checks)
+        return ok
 
     async def cleanup(self) -> None:
         if self.run_dir.exists():
@@ -123,19 +143,22 @@ class Demo:
                     await launcher.stop(InstancePaths(d))
 
 
-async def _main(console: Console, body: Callable[[Demo], Awaitable[bool]]) -> bool:
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM: the demo cleans up and stops."""
+
+
+async def _migration(console: Console, check: Checks) -> bool:
     root = Path(tempfile.mkdtemp(prefix="haguard-demo-"))
-    demo = Demo(console, root)
+    demo = Demo(console, root, check)
     task = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if task is not None:
         loop.add_signal_handler(signal.SIGINT, task.cancel)
         loop.add_signal_handler(signal.SIGTERM, task.cancel)
     try:
-        return await body(demo)
+        return await demo.run()
     except asyncio.CancelledError:
-        console.print("[yellow]interrupted: cleaning up[/]")
-        return False
+        raise Interrupted from None
     except HaguardError as exc:
         console.print(f"[red]demo failed:[/] {exc}")
         return False
@@ -145,8 +168,56 @@ async def _main(console: Console, body: Callable[[Demo], Awaitable[bool]]) -> bo
         shutil.rmtree(root, ignore_errors=True)
 
 
-def run_demo(*, keep_going: bool = False) -> int:
-    console = Console()
-    ok = asyncio.run(_main(console, lambda d: d.run()))
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+def _cluster(console: Console, check: Checks) -> bool:
+    root = Path(tempfile.mkdtemp(prefix="haguard-demo-cluster-"))
+    tour = ClusterTour(console, root, check)
+    old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return tour.run()
+    except HaguardError as exc:
+        console.print(f"[red]demo failed:[/] {exc}")
+        return False
+    finally:
+        # Cleaning up must finish: a second Ctrl-C would leave namespaces and QEMUs behind.
+        for s in old:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            tour.close()
+            shutil.rmtree(root, ignore_errors=True)
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+
+def run_demo(*, keep_going: bool = False, migration: bool = True, cluster: bool = True) -> int:
+    """Both acts by default; `keep_going` runs the cluster act even after a failed first act."""
+    # Without a terminal (a log, CI) rich would wrap at 80 columns: give the tables room.
+    console = Console() if sys.stdout.isatty() else Console(width=110)
+    check = Checks(console)
+    start = time.monotonic()
+    ok = True
+    try:
+        if migration:
+            ok = asyncio.run(_migration(console, check))
+        if cluster and (ok or keep_going):
+            ok &= _cluster(console, check)
+    except (Interrupted, KeyboardInterrupt):
+        console.print("[yellow]interrupted: everything the demo started is gone[/]")
+        return 130
+    failed = [(what, detail) for what, held, detail in check.results if not held]
+    if failed:
+        table = Table(title="Steps that did not hold", title_justify="left")
+        table.add_column("step")
+        table.add_column("detail")
+        for what, detail in failed:
+            table.add_row(what, detail)
+        console.print(table)
+    ok = ok and check.all_held
+    console.print(f"{len(check.results) - len(failed)}/{len(check.results)} checks held in "
+                  f"{time.monotonic() - start:.0f} s")
     console.print("[bold green]demo passed[/]" if ok else "[bold red]demo failed[/]")
     return 0 if ok else 1

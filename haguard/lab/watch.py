@@ -1,0 +1,72 @@
+"""Where every VM runs, sampled from the QEMUs themselves (not from the agents' word).
+
+`RunWatch` runs in its own thread and event loop: every `interval_s` it asks each live
+QEMU under each host's runtime directory for its run state over QMP (the operator
+socket, which the agents leave alone).  `where()` is the last sample (VM -> hosts on
+which it is running); `twice` keeps every instant at which one VM ran on two hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from pathlib import Path
+
+from haguard.adapters.qmp import Qmp
+from haguard.vm import launcher
+from haguard.vm.cmdline import InstancePaths
+
+
+class RunWatch:
+    def __init__(self, run_dirs: dict[str, Path], interval_s: float = 0.1) -> None:
+        self.run_dirs = run_dirs
+        self.interval_s = interval_s
+        self.samples = 0
+        self.twice: list[tuple[float, str, list[str]]] = []
+        self._where: dict[str, list[str]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), name="run-watch",
+                                        daemon=True)
+
+    def where(self) -> dict[str, list[str]]:
+        with self._lock:
+            return {vm: list(hosts) for vm, hosts in self._where.items()}
+
+    async def _state(self, d: Path) -> str | None:
+        with contextlib.suppress(Exception):
+            async with Qmp.session(InstancePaths(d).ops, timeout_s=1.0) as qmp:
+                return str((await qmp.cmd("query-status"))["status"])
+        return None
+
+    async def sample(self) -> None:
+        running: dict[str, list[str]] = {}
+        for host, base in self.run_dirs.items():
+            if not base.exists():
+                continue
+            for d in sorted(base.iterdir()):
+                live = d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d))
+                if live and await self._state(d) == "running":
+                    running.setdefault(d.name.split("@", 1)[0], []).append(host)
+        with self._lock:
+            self._where = running
+            self.samples += 1
+        for vm, hosts in running.items():
+            if len(hosts) > 1:
+                self.twice.append((time.time(), vm, hosts))
+
+    async def _main(self) -> None:
+        while not self._stop.is_set():
+            await self.sample()
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> RunWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)

@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only the migration act (one VM moved live between two local QEMUs)")
     act.add_argument("--cluster", action="store_true",
                      help="only the cluster act (3 hosts: drain, power-off, fenced recovery)")
+    d.add_argument("--loopback", action="store_true",
+                   help="cluster hosts on 127.0.0.{1,2,3}, no namespaces (the default without root)")
     cli_agent.add_subcommands(sub)
     return ap
 
@@ -288,7 +290,8 @@ def cmd_guest_build(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from haguard.demo import run_demo
-    return run_demo(keep_going=args.keep_going, migration=not args.cluster, cluster=not args.migration)
+    return run_demo(keep_going=args.keep_going, migration=not args.cluster, cluster=not args.migration,
+                    loopback=args.loopback)
 
 
 COMMANDS = {"vm": cmd_vm, "migrate": cmd_migrate, "guest-build": cmd_guest_build,

@@ -172,9 +172,9 @@ def _interrupt(signum: int, frame: object) -> None:
     raise Interrupted
 
 
-def _cluster(console: Console, check: Checks) -> bool:
+def _cluster(console: Console, check: Checks, loopback: bool) -> bool:
     root = Path(tempfile.mkdtemp(prefix="haguard-demo-cluster-"))
-    tour = ClusterTour(console, root, check)
+    tour = ClusterTour(console, root, check, namespaces=False if loopback else None)
     old = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         return tour.run()
@@ -193,8 +193,10 @@ def _cluster(console: Console, check: Checks) -> bool:
                 signal.signal(s, handler)
 
 
-def run_demo(*, keep_going: bool = False, migration: bool = True, cluster: bool = True) -> int:
-    """Both acts by default; `keep_going` runs the cluster act even after a failed first act."""
+def run_demo(*, keep_going: bool = False, migration: bool = True, cluster: bool = True,
+             loopback: bool = False) -> int:
+    """Both acts by default; `keep_going` runs the cluster act even after a failed first act;
+    `loopback` puts the cluster on loopback addresses even as root."""
     # Without a terminal (a log, CI) rich would wrap at 80 columns: give the tables room.
     console = Console() if sys.stdout.isatty() else Console(width=110)
     check = Checks(console)
@@ -204,7 +206,7 @@ def run_demo(*, keep_going: bool = False, migration: bool = True, cluster: bool 
         if migration:
             ok = asyncio.run(_migration(console, check))
         if cluster and (ok or keep_going):
-            ok &= _cluster(console, check)
+            ok &= _cluster(console, check, loopback)
     except (Interrupted, KeyboardInterrupt):
         console.print("[yellow]interrupted: everything the demo started is gone[/]")
         return 130

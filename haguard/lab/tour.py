@@ -35,8 +35,11 @@ def demo_vms(kernel: Path) -> tuple[VmDefinition, ...]:
 
 
 class ClusterTour:
-    def __init__(self, console: Console, root: Path, check: Check) -> None:
+    def __init__(self, console: Console, root: Path, check: Check, *,
+                 namespaces: bool | None = None) -> None:
+        """`namespaces`: None for namespaces when root, else loopback."""
         self.console = console
+        self.namespaces = namespaces
         self.root = root
         self.check = check
         self.lab: Lab | None = None
@@ -87,8 +90,10 @@ class ClusterTour:
             extra.append(f"[bold red]fencing: {', '.join(cluster['fencing'])}[/]")
         return Group(t, *extra) if extra else t
 
-    def wait(self, what: str, done: Callable[[], bool], timeout_s: float) -> float:
-        """Poll `done` (showing the live cluster on a terminal); seconds taken, or HaguardError."""
+    def wait(self, what: str, done: Callable[[], bool], timeout_s: float,
+             tick: Callable[[], None] | None = None) -> float:
+        """Poll `done` (showing the live cluster on a terminal), calling `tick` on each round;
+        seconds taken, or HaguardError."""
         start = time.monotonic()
         live = Live(self.table(), console=self.console, refresh_per_second=8, transient=True) \
             if self.console.is_terminal else None
@@ -96,6 +101,8 @@ class ClusterTour:
             if live:
                 live.start()
             while time.monotonic() - start < timeout_s:
+                if tick:
+                    tick()
                 if done():
                     return time.monotonic() - start
                 if live:
@@ -124,9 +131,9 @@ class ClusterTour:
         c.rule("[bold]haguard demo: a 3-host cluster")
         vms = demo_vms(build_guest(self.root / "guest"))
         self.names = [v.name for v in vms]
-        self.lab = lab = Lab(self.root / "lab", vms)
+        self.lab = lab = Lab(self.root / "lab", vms, namespaces=self.namespaces)
         how = ("network namespaces joined by a bridge, 198.18.7.0/24" if lab.net.namespaces else
-               "loopback addresses (not root: no namespaces, so no link to cut)")
+               "loopback addresses (no namespaces, so no link to cut)")
         c.print(f"Hosts [bold]{', '.join(lab.hosts)}[/] on {how}; a private mosquitto; "
                 f"{len(vms)} VMs of 64 MiB ({', '.join(self.names)}; db1 and db2 never share a host); "
                 "each host runs [bold]haguard run[/] with HA on and a fence device stand-in.")
@@ -156,7 +163,8 @@ class ClusterTour:
         victim = max(lab.hosts, key=lambda h: (len(self.on(h)), h))
         moving = self.on(victim)
         c.rule(f"[bold]Drain {victim}: move its VMs live ({', '.join(moving)})")
-        c.print(f"[bold]$ haguard drain {victim}[/]   [dim](inside {victim}, with its config)[/]")
+        where = f"inside {victim}'s namespace" if lab.net.namespaces else "on loopback"
+        c.print(f"[bold]$ haguard drain {victim}[/]   [dim]({where}, with {victim}'s config)[/]")
         start = time.monotonic()
         out = lab.haguard(victim, "drain", victim, "--timeout", "120", capture=not c.is_terminal)
         for line in (out.stdout or "").splitlines() + (out.stderr or "").splitlines():
@@ -184,17 +192,35 @@ class ClusterTour:
         lost = self.on(victim)
         c.rule(f"[bold]Power-off {victim}: fence, then recover ({', '.join(lost)})")
         if not lab.net.can_cut:
-            c.print(f"[yellow]Without root there is no link to cut: {victim}'s address still answers "
+            c.print(f"[yellow]On loopback there is no link to cut: {victim}'s address still answers "
                     "pings, so the cluster would (rightly) see only its agent down and not recover. "
-                    "Run the demo as root (it uses network namespaces) to see the fenced recovery.[/]")
+                    "Run the demo as root without --loopback (network namespaces) to see the fenced "
+                    "recovery.[/]")
             return True
         c.print(f"Cutting {victim}'s link and SIGKILLing its agent and QEMUs (a power cut)…")
         cut_wall, cut = time.time(), time.monotonic()
+        seen: dict[str, float] = {}          # milestone -> seconds after the cut, first seen
+
+        def tick() -> None:
+            now = time.monotonic() - cut
+            _, data = self.coordinator_view()
+            for h in data.get("hosts", []):
+                if h.get("name") == victim and h.get("state") not in ("alive", None):
+                    seen.setdefault(f"{victim} {h['state']}", now)
+            where = self.watch.where() if self.watch else {}
+            for vm in lost:
+                if (hs := where.get(vm)) and victim not in hs:
+                    seen.setdefault(f"{vm} running on {hs[0]}", now)
+
         lab.power_off(victim)
-        self.wait(f"{', '.join(lost)} running again elsewhere", lambda: self.placed(victim), 45)
+        self.wait(f"{', '.join(lost)} running again elsewhere", lambda: self.placed(victim), 45, tick)
         self.recovery_s = took = time.monotonic() - cut
         calls = [line.split() for line in lab.fence_calls()]
         fenced = [float(w[0]) - cut_wall for w in calls if w[1:] == ["off", victim, "0"]]
+        if fenced:
+            seen[f"fence device: off {victim} done"] = fenced[0]
+        for what, at in sorted(seen.items(), key=lambda kv: kv[1]):
+            c.print(f"  [dim]{at:5.2f} s[/]  {what}")
         ok = self.check(f"{victim} fenced (fence device: off {victim})", bool(fenced),
                         f"{fenced[0]:.2f} s after the cut" if fenced else f"calls: {calls}")
         ok &= self.check(f"{len(lost)} VMs recovered, each running once, none on {victim}", True,

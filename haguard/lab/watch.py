@@ -42,14 +42,15 @@ class RunWatch:
         return None
 
     async def sample(self) -> None:
+        live = [(host, d) for host, base in self.run_dirs.items() if base.exists()
+                for d in sorted(base.iterdir())
+                if d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d))]
+        # All at once: one sample is one instant, not a walk across the hosts.
+        states = await asyncio.gather(*(self._state(d) for _, d in live))
         running: dict[str, list[str]] = {}
-        for host, base in self.run_dirs.items():
-            if not base.exists():
-                continue
-            for d in sorted(base.iterdir()):
-                live = d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d))
-                if live and await self._state(d) == "running":
-                    running.setdefault(d.name.split("@", 1)[0], []).append(host)
+        for (host, d), state in zip(live, states, strict=True):
+            if state == "running":
+                running.setdefault(d.name.split("@", 1)[0], []).append(host)
         with self._lock:
             self._where = running
             self.samples += 1

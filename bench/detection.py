@@ -13,12 +13,16 @@ suspect 900 ms, dead 1500 ms, pings every 250 ms, MQTT keepalive 5 s):
   cost         one agent on loopback watching N local QEMU VMs (kernel-less qboot
                guests of 16 MiB whose vCPU halts: QMP-wise a running VM, but no CPU
                taken from the agent); CPU = utime + stime from /proc/PID/stat over the
-               interval, as % of one core; RSS from /proc/PID/status
+               interval, as % of one core; RSS from /proc/PID/status.  With
+               --baseline REV the agent of that git revision (git archive, run with
+               PYTHONPATH) and the current one take turns on the same VMs, --rounds
+               times each, alternating which goes first: medians of the turns
 
 Anchors, not measured here: corosync 3.1 with its defaults drops a cut node after
 7.9 s (median) on this kind of machine; Proxmox VE's HA stack acts after about a minute.
 
 Usage: .venv/bin/python bench/detection.py [--quick] [--cuts N] [--loss-s S] [--vms N]
+           [--cost-only] [--baseline REV [--rounds N]]
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from rich.table import Table
 from bench.common import base_parser, emit_result, log, scratch_dir
 from haguard.vm import launcher
 from haguard.vm.definition import VmDefinition
-from tests.helpers.cluster import Cluster, DeathWatch, LocalAgent
+from tests.helpers.cluster import REPO, Cluster, DeathWatch, LocalAgent
 from tests.helpers.mosquitto import Mosquitto
 
 LOSS = 0.3
@@ -175,82 +179,161 @@ def tiny_vm(i: int) -> VmDefinition:
     return VmDefinition(name=f"b{i:03d}", memory_mib=16, firmware="qboot")
 
 
-def cost_phase(root: Path, want: int, measure_s: float, idle_s: float) -> dict[str, Any]:
+class TreeAgent(LocalAgent):
+    """A LocalAgent run from another source tree (a baseline revision), same config and files."""
+
+    def __init__(self, root: Path, port: int, tree: Path | None, **kw: Any) -> None:
+        super().__init__(root, port, **kw)
+        self.tree = tree
+
+    def start(self) -> None:
+        if self.tree is None:
+            super().start()
+            return
+        env = {**self.env, "PYTHONPATH": str(self.tree)}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "haguard", "run", "--config", str(self.config),
+                 "--log-format", self.log_format], stdin=subprocess.DEVNULL, stdout=out,
+                stderr=subprocess.STDOUT, cwd=self.tree, env=env, start_new_session=True)
+
+
+def extract_tree(rev: str, into: Path) -> Path:
+    """The repository at `rev` as plain files (git archive: the repository is not touched)."""
+    into.mkdir()
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", rev], capture_output=True,
+                             check=True, timeout=60).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True, timeout=60)
+    return into
+
+
+def start_vms(root: Path, want: int) -> tuple[int, str, int]:
+    """Start up to `want` tiny VMs; (started, why it stopped, their RSS in KiB)."""
+    started, why = 0, f"all {want} started"
+    (root / "vms").mkdir(exist_ok=True)
+    qemu_rss = 0
+    with ThreadPoolExecutor(max_workers=4) as pool:   # QEMU start-up is mostly waiting
+        for first in range(0, want, 4):
+            if mem_available_mib() < MIN_FREE_MIB:
+                why = f"stopped at {started}: less than {MIN_FREE_MIB} MiB available"
+                break
+            vms = [tiny_vm(i) for i in range(first, min(want, first + 4))]
+            for vm in vms:
+                (root / "vms" / f"{vm.name}.yaml").write_text(
+                    f"name: {vm.name}\nmemory_mib: 16\nfirmware: qboot\n")
+            try:
+                for inst in pool.map(lambda vm: launcher.start(vm, root / "run"), vms):
+                    started += 1
+                    qemu_rss += status_kib(inst.pid, "VmRSS")
+            except Exception as exc:  # any refusal ends the ramp: report how many fit
+                why = f"stopped at {started}: {exc}"
+                break
+    return started, why, qemu_rss
+
+
+def running_vms(agent: LocalAgent) -> int:
+    return sum(1 for v in (agent.status() or {}).get("vms", []) if v["state"] == "running")
+
+
+def measure_agent(agent: LocalAgent, seconds: float) -> dict[str, Any]:
+    """CPU % of one core over `seconds`, peak RSS and HWM in KiB, VMs seen running at the end."""
+    pid = agent.proc.pid if agent.proc else 0
+    c0, t0 = cpu_seconds(pid), time.monotonic()
+    rss_max = 0
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1.0)
+        rss_max = max(rss_max, status_kib(pid, "VmRSS"))
+    cpu = 100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+    return {"cpu": cpu, "rss": rss_max, "hwm": status_kib(pid, "VmHWM"), "running": running_vms(agent)}
+
+
+def restart_agent(agent: LocalAgent, vms: int) -> None:
+    """Start `agent` afresh on the running VMs; return once it sees them all running."""
+    agent.stop()
+    agent.status_file.unlink(missing_ok=True)   # the last agent's status would pass the wait
+    agent.start()
+    agent.wait_for(f"{vms} VMs running in the status", lambda: running_vms(agent) >= vms, 60)
+    time.sleep(2.0)
+
+
+def cost_phase(root: Path, want: int, measure_s: float, idle_s: float, baseline: str | None,
+               rounds: int) -> dict[str, Any]:
+    """The agent's cost with no VM, then with `want` VMs.  With a baseline revision the two
+    agents take turns on the same VMs, `rounds` times each (alternating which goes first),
+    so that both see the same machine; the figures are medians of the turns."""
     broker = Mosquitto()
-    agent: LocalAgent | None = None
+    agent: TreeAgent | None = None
+    base_agent: TreeAgent | None = None
     try:
         broker.start()
-        agent = LocalAgent(root, broker.port, keepalive_s=5)
+        agent = TreeAgent(root, broker.port, None, keepalive_s=5)
         agent.start()
         agent.wait_for("agent ready", lambda: bool((agent.status() or {}).get("ready")), 20)
         pid = agent.proc.pid if agent.proc else 0
         time.sleep(2.0)
-        c0, t0 = cpu_seconds(pid), time.monotonic()
-        time.sleep(idle_s)
-        idle_cpu = 100 * (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
+        idle_cpu = measure_agent(agent, idle_s)["cpu"]
         idle_rss = status_kib(pid, "VmRSS") / 1024
         log(f"agent with no VM: {idle_cpu:.2f} % of a core, RSS {idle_rss:.1f} MiB")
-        started, why = 0, f"all {want} started"
-        (root / "vms").mkdir(exist_ok=True)
-        qemu_rss = 0
-        with ThreadPoolExecutor(max_workers=4) as pool:   # QEMU start-up is mostly waiting
-            for first in range(0, want, 4):
-                if mem_available_mib() < MIN_FREE_MIB:
-                    why = f"stopped at {started}: less than {MIN_FREE_MIB} MiB available"
-                    break
-                vms = [tiny_vm(i) for i in range(first, min(want, first + 4))]
-                for vm in vms:
-                    (root / "vms" / f"{vm.name}.yaml").write_text(
-                        f"name: {vm.name}\nmemory_mib: 16\nfirmware: qboot\n")
-                try:
-                    for inst in pool.map(lambda vm: launcher.start(vm, root / "run"), vms):
-                        started += 1
-                        qemu_rss += status_kib(inst.pid, "VmRSS")
-                except Exception as exc:  # any refusal ends the ramp: report how many fit
-                    why = f"stopped at {started}: {exc}"
-                    break
+        started, why, qemu_rss = start_vms(root, want)
         log(f"{started} QEMUs running ({why}); {qemu_rss / 1024:.0f} MiB RSS in all")
         os.kill(pid, signal.SIGHUP)     # the inventory grew: the agent owns them now
-
-        def all_running() -> bool:
-            vms = (agent.status() or {}).get("vms", []) if agent else []
-            return sum(1 for v in vms if v["state"] == "running") >= started
-        agent.wait_for(f"{started} VMs running in the status", all_running, 60)
+        agent.wait_for(f"{started} VMs running in the status", lambda: running_vms(agent) >= started, 60)
         time.sleep(2.0)
-        c0, t0 = cpu_seconds(pid), time.monotonic()
-        rss_max = 0
-        while time.monotonic() - t0 < measure_s:
-            time.sleep(1.0)
-            rss_max = max(rss_max, status_kib(pid, "VmRSS"))
-        took = time.monotonic() - t0
-        cpu = 100 * (cpu_seconds(pid) - c0) / took
-        running = sum(1 for v in (agent.status() or {}).get("vms", []) if v["state"] == "running")
-        log(f"agent with {started} VMs: {cpu:.2f} % of a core over {took:.0f} s, "
+        turns: dict[str, list[dict[str, Any]]] = {"current": [], "baseline": []}
+        if baseline is None:
+            turns["current"].append(measure_agent(agent, measure_s))
+        else:
+            tree = extract_tree(baseline, root / "baseline")
+            base_agent = TreeAgent(root, broker.port, tree, keepalive_s=5)
+            agent.stop()
+            for i in range(rounds):
+                order = [("baseline", base_agent), ("current", agent)]
+                for name, a in order if i % 2 == 0 else order[::-1]:
+                    restart_agent(a, started)
+                    turns[name].append(m := measure_agent(a, measure_s))
+                    a.stop()
+                    log(f"turn {i + 1}/{rounds} {name}: {m['cpu']:.2f} % of a core")
+        cur = turns["current"]
+        cpu = statistics.median(m["cpu"] for m in cur)
+        rss_max = max(m["rss"] for m in cur)
+        log(f"agent with {started} VMs: {cpu:.2f} % of a core ({len(cur)} x {measure_s:.0f} s), "
             f"RSS {rss_max / 1024:.1f} MiB")
-        return {"vms_wanted": want, "vms_running": started, "vms_seen_running": running, "why": why,
+        base_cpu = statistics.median(m["cpu"] for m in turns["baseline"]) if turns["baseline"] else None
+        if base_cpu is not None:
+            log(f"baseline {baseline} with {started} VMs: {base_cpu:.2f} % of a core")
+        return {"vms_wanted": want, "vms_running": started,
+                "vms_seen_running": min(m["running"] for m in cur), "why": why,
                 "cpu_pct": round(cpu, 2), "rss_mib": round(rss_max / 1024, 1),
-                "hwm_mib": round(status_kib(pid, "VmHWM") / 1024, 1),
+                "cpu_turns": [round(m["cpu"], 2) for m in cur],
+                "baseline": baseline, "baseline_cpu_pct": None if base_cpu is None else round(base_cpu, 2),
+                "baseline_cpu_turns": [round(m["cpu"], 2) for m in turns["baseline"]],
+                "hwm_mib": round(max(m["hwm"] for m in cur) / 1024, 1),
                 "idle_cpu_pct": round(idle_cpu, 2), "idle_rss_mib": round(idle_rss, 1),
                 "qemu_rss_mib_each": round(qemu_rss / 1024 / max(1, started), 1),
-                "measure_s": round(took, 1),
+                "measure_s": round(measure_s, 1),
                 "dropped": (agent.status() or {}).get("dropped")}
     finally:
-        if agent is not None:
-            agent.stop()
+        for a in (agent, base_agent):
+            if a is not None:
+                a.stop()
         broker.stop()
 
 
 # ---- report ---------------------------------------------------------------------------
 
-def figures(cl: dict[str, Any], cost: dict[str, Any], quick: bool) -> dict[str, Any]:
-    lat = cl["latencies"]
+def figures(cl: dict[str, Any] | None, cost: dict[str, Any], quick: bool) -> dict[str, Any]:
+    """Every figure; with `cl` None (--cost-only) the cluster's are None and not targets."""
+    lat = cl["latencies"] if cl else []
+    missed = cl["missed"] if cl else 0
     p50 = statistics.median(lat) if lat else None
     p99 = percentile(lat, 99)
-    loss = cl["loss"]
+    loss: dict[str, Any] = cl["loss"] if cl else dict.fromkeys(
+        ("seconds", "false_deaths", "dead_samples", "samples", "suspect_transitions",
+         "ping_loss_seen", "cluster_agent_cpu_pct"))
     f: dict[str, Any] = {
         "quick": quick,
         "timing": "defaults: heartbeat 300 ms, suspect 900 ms, dead 1500 ms, ping 250 ms, keepalive 5 s",
-        "cuts": len(lat) + cl["missed"], "cuts_missed": cl["missed"],
+        "cuts": len(lat) + missed if cl else None, "cuts_missed": missed if cl else None,
         "detect_p50_s": None if p50 is None else round(p50, 3),
         "detect_p99_s": None if p99 is None else round(p99, 3),
         "detect_min_s": round(min(lat), 3) if lat else None,
@@ -262,17 +345,22 @@ def figures(cl: dict[str, Any], cost: dict[str, Any], quick: bool) -> dict[str, 
         "cluster_agent_cpu_pct": loss["cluster_agent_cpu_pct"],
         "vms_wanted": cost["vms_wanted"], "vms_running": cost["vms_running"],
         "vms_seen_running": cost["vms_seen_running"], "vms_limit": cost["why"],
-        "agent_cpu_pct": cost["cpu_pct"], "agent_rss_mib": cost["rss_mib"], "agent_hwm_mib": cost["hwm_mib"],
+        "agent_cpu_pct": cost["cpu_pct"], "agent_cpu_turns": cost["cpu_turns"],
+        "baseline_rev": cost["baseline"], "baseline_agent_cpu_pct": cost["baseline_cpu_pct"],
+        "baseline_agent_cpu_turns": cost["baseline_cpu_turns"],
+        "agent_rss_mib": cost["rss_mib"], "agent_hwm_mib": cost["hwm_mib"],
         "agent_idle_cpu_pct": cost["idle_cpu_pct"], "agent_idle_rss_mib": cost["idle_rss_mib"],
         "qemu_rss_mib_each": cost["qemu_rss_mib_each"], "cost_measure_s": cost["measure_s"],
         "agent_dropped": cost["dropped"],
         "anchor_corosync_median_s": COROSYNC_MEDIAN_S, "anchor_proxmox_s": PROXMOX_S,
     }
-    f["targets"] = {
-        "detect_p99_le_2s": {"ok": p99 is not None and p99 <= TARGET_P99_S and not cl["missed"],
-                             "p99_s": f["detect_p99_s"], "missed": cl["missed"]},
+    f["targets"] = {} if cl is None else {
+        "detect_p99_le_2s": {"ok": p99 is not None and p99 <= TARGET_P99_S and not missed,
+                             "p99_s": f["detect_p99_s"], "missed": missed},
         "no_false_deaths": {"ok": loss["false_deaths"] == 0 and loss["dead_samples"] == 0,
                             "false_deaths": loss["false_deaths"]},
+    }
+    f["targets"] |= {
         "cpu_le_2pct": {"ok": cost["cpu_pct"] <= TARGET_CPU_PCT, "cpu_pct": cost["cpu_pct"],
                         "vms": cost["vms_running"]},
         "rss_le_80mib": {"ok": cost["rss_mib"] <= TARGET_RSS_MIB, "rss_mib": cost["rss_mib"]},
@@ -288,6 +376,26 @@ def _s(v: float | None) -> str:
 
 def print_tables(f: dict[str, Any]) -> None:
     con = Console(width=120, highlight=False)
+    if f["cuts"] is not None:
+        print_cluster(con, f)
+    con.print(f"agent cost: {f['vms_running']} VMs ({f['vms_limit']}): {f['agent_cpu_pct']:.2f} % of a core "
+              f"(turns {f['agent_cpu_turns']}), RSS {f['agent_rss_mib']:.1f} MiB "
+              f"(peak {f['agent_hwm_mib']:.1f}); with no VM {f['agent_idle_cpu_pct']:.2f} %, "
+              f"{f['agent_idle_rss_mib']:.1f} MiB; "
+              f"each QEMU {f['qemu_rss_mib_each']:.1f} MiB RSS")
+    if f["baseline_rev"]:
+        con.print(f"baseline {f['baseline_rev']} on the same VMs, turns interleaved: "
+                  f"{f['baseline_agent_cpu_pct']:.2f} % of a core (turns {f['baseline_agent_cpu_turns']})")
+    tt = Table(title="Targets")
+    for col in ("target", "result", "figures"):
+        tt.add_column(col)
+    for name, t in f["targets"].items():
+        tt.add_row(name, "[green]PASS[/]" if t["ok"] else "[red]FAIL[/]",
+                   ", ".join(f"{k}={v}" for k, v in t.items() if k != "ok"))
+    con.print(tt)
+
+
+def print_cluster(con: Console, f: dict[str, Any]) -> None:
     tab = Table(title=f"Detection of a cut host ({f['cuts']} cuts, {f['timing']})")
     for col in ("system", "p50", "p99", "min", "max", "false deaths"):
         tab.add_column(col, justify="left" if col == "system" else "right")
@@ -299,17 +407,6 @@ def print_tables(f: dict[str, Any]) -> None:
     con.print(f"under loss: {f['loss_suspect_transitions']} suspect transitions, {f['loss_samples']} "
               f"status samples, ping loss seen {f['loss_ping_loss_seen']}; agents' CPU meanwhile "
               f"{f['cluster_agent_cpu_pct']} % of a core")
-    con.print(f"agent cost: {f['vms_running']} VMs ({f['vms_limit']}): {f['agent_cpu_pct']:.2f} % of a core, "
-              f"RSS {f['agent_rss_mib']:.1f} MiB (peak {f['agent_hwm_mib']:.1f}); with no VM "
-              f"{f['agent_idle_cpu_pct']:.2f} %, {f['agent_idle_rss_mib']:.1f} MiB; "
-              f"each QEMU {f['qemu_rss_mib_each']:.1f} MiB RSS")
-    tt = Table(title="Targets")
-    for col in ("target", "result", "figures"):
-        tt.add_column(col)
-    for name, t in f["targets"].items():
-        tt.add_row(name, "[green]PASS[/]" if t["ok"] else "[red]FAIL[/]",
-                   ", ".join(f"{k}={v}" for k, v in t.items() if k != "ok"))
-    con.print(tt)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -321,6 +418,10 @@ def main() -> int:
     ap.add_argument("--cuts", type=int, help="hard failures to time (default 20; --quick 5)")
     ap.add_argument("--loss-s", type=float, help="seconds of 30%% loss (default 600; --quick 60)")
     ap.add_argument("--vms", type=int, default=100, help="local VMs for the cost (default 100)")
+    ap.add_argument("--cost-only", action="store_true", help="only the agent's cost with local VMs")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also measure the agent of git revision REV on the same VMs, turns interleaved")
+    ap.add_argument("--rounds", type=int, default=3, help="turns per agent with --baseline (default 3)")
     args = ap.parse_args()
     cuts = args.cuts or (5 if args.quick else 20)
     loss_s = args.loss_s or (60.0 if args.quick else 600.0)
@@ -331,8 +432,9 @@ def main() -> int:
     t0 = time.monotonic()
     try:
         with scratch_dir("det") as root:
-            cost = cost_phase(root, args.vms, measure_s, idle_s=measure_s / 2)
-            cl = cluster_phases(cuts, loss_s)
+            cost = cost_phase(root, args.vms, measure_s, idle_s=measure_s / 2,
+                              baseline=args.baseline, rounds=args.rounds)
+            cl = None if args.cost_only else cluster_phases(cuts, loss_s)
     except KeyboardInterrupt:
         print("interrupted: agents, namespaces, QEMUs and temp dirs removed", file=sys.stderr)
         return 130

@@ -15,8 +15,15 @@ from pathlib import Path
 
 import pytest
 
-from haguard.adapters.qmp import Qmp
-from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, monotonic_ms, restart_in_place
+from haguard.adapters.qmp import LeanQmp, Qmp
+from haguard.adapters.vmwatch import (
+    VmWatcher,
+    health_policy,
+    live_pid,
+    monotonic_ms,
+    poll_delay_s,
+    restart_in_place,
+)
 from haguard.config.cluster import VmRestartPolicy
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
@@ -27,11 +34,13 @@ from haguard.core.vmhealth import (
     VmHealthPolicy,
     VmInput,
     VmOutput,
+    VmProcessGone,
     VmRestarted,
     VmRestartFailed,
     VmState,
     VmStatusTimedOut,
 )
+from haguard.errors import QmpError, QmpTimeout
 from haguard.guest.build import XP_COMMAND, build_guest, parse_status
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
@@ -111,12 +120,13 @@ class Agent:
 
 @contextlib.asynccontextmanager
 async def agent_for(vm: VmDefinition, base: Path, *, owned: bool = True, max_restarts: int = 3,
-                    start_watcher: bool = True) -> AsyncIterator[Agent]:
-    core = VmHealth(VmHealthPolicy(max_restarts=max_restarts, window_ms=60_000, hung_timeout_ms=HUNG_MS))
+                    start_watcher: bool = True, interval_s: float = INTERVAL_S,
+                    hung_ms: int = HUNG_MS) -> AsyncIterator[Agent]:
+    core = VmHealth(VmHealthPolicy(max_restarts=max_restarts, window_ms=60_000, hung_timeout_ms=hung_ms))
     core.step(VmExpected(vm=vm.name, should_run=owned))
     agent = Agent(vm, base, core)
     facts: asyncio.Queue[VmFact] = agent.queue  # type: ignore[assignment]
-    watcher = VmWatcher(vm.name, base, facts, interval_s=INTERVAL_S, reply_timeout_s=0.3)
+    watcher = VmWatcher(vm.name, base, facts, interval_s=interval_s, reply_timeout_s=0.3)
     tasks = [asyncio.create_task(agent.drive())]
     if start_watcher:
         tasks.append(asyncio.create_task(watcher.run()))
@@ -250,3 +260,92 @@ async def test_restart_in_place_never_doubles_a_live_vm(vm: VmDefinition, base: 
 def test_health_policy_from_the_cluster_config() -> None:
     p = health_policy(VmRestartPolicy(max_restarts=2, window_s=90.5, hung_timeout_ms=1500))
     assert (p.max_restarts, p.window_ms, p.hung_timeout_ms, p.restart_on_panic) == (2, 90_500, 1500, True)
+
+
+@pytest.mark.timeout(20)
+async def test_a_crash_is_seen_when_the_monitor_closes_not_at_the_next_poll(
+        vm: VmDefinition, base: Path) -> None:
+    inst = launcher.start(vm, base)
+    # Polls 10 s apart: only the monitor's end can tell the watcher this early.
+    async with agent_for(vm, base, max_restarts=0, interval_s=10.0, hung_ms=30_000) as agent:
+        await agent.wait_state(VmState.RUNNING, 3)
+        await asyncio.sleep(0.5)
+        killed = time.monotonic()
+        os.kill(inst.pid, signal.SIGKILL)
+        await agent.wait_state(VmState.CRASHED, 3)
+        took = time.monotonic() - killed
+        assert took < 1.0, f"crash seen after {took:.2f} s"
+        gone = [f for f in agent.facts if isinstance(f, VmProcessGone)]
+        assert gone and "monitor closed" in gone[0].reason
+        assert not agent.restarts()
+
+
+@pytest.mark.timeout(20)
+async def test_lean_qmp_drops_a_late_reply_and_reports_the_end(vm: VmDefinition, base: Path) -> None:
+    inst = launcher.start(vm, base)
+    events: list[dict[str, object]] = []
+    qmp = LeanQmp(inst.paths.watch, timeout_s=2.0, on_event=events.append)
+    await qmp.connect()
+    try:
+        assert (await qmp.cmd("query-status"))["status"] == "running"
+        os.kill(inst.pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(QmpTimeout):
+                await qmp.cmd("query-name", timeout_s=0.3)
+        finally:
+            os.kill(inst.pid, signal.SIGCONT)
+        # query-name's late reply arrives first and must not pass for query-status's.
+        assert (await qmp.cmd("query-status"))["status"] == "running"
+        async with Qmp.session(inst.paths.qmp) as ctl:
+            await ctl.cmd("stop")
+            deadline = time.monotonic() + 2
+            while not any(e.get("event") == "STOP" for e in events):
+                assert time.monotonic() < deadline, events
+                await asyncio.sleep(0.02)
+        assert not qmp.closed.done()
+        os.kill(inst.pid, signal.SIGKILL)
+        async with asyncio.timeout(2):
+            await qmp.closed
+        with pytest.raises(QmpError):
+            await qmp.cmd("query-status")
+    finally:
+        qmp.close()
+
+
+@pytest.mark.timeout(10)
+async def test_lean_qmp_closes_on_a_broken_monitor() -> None:
+    """A monitor that sends something other than JSON lines (no QEMU does this: a socket
+    server stands in for one) ends the session instead of confusing it."""
+    d = Path(tempfile.mkdtemp(prefix="hg-lq-"))
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
+        await reader.readline()
+        writer.write(b'{"return": {}, "id": 1}\r\n')
+        await reader.readline()
+        writer.write(b"<html>not a monitor</html>\r\n")
+        await writer.drain()
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_unix_server(serve, path=str(d / "m.sock"))
+    try:
+        qmp = LeanQmp(d / "m.sock", timeout_s=2.0)
+        await qmp.connect()
+        with pytest.raises(QmpError, match="connection lost"):
+            await qmp.cmd("query-status")
+        assert qmp.closed.done()
+    finally:
+        server.close()
+        await server.wait_closed()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.timeout(5)
+def test_every_watcher_polls_on_the_same_grid() -> None:
+    for interval in (0.2, 1.5, 2.0):
+        for now in (0.0, 0.01, 7.31, 1234.5678, 98765.4321):
+            delay = poll_delay_s(now, interval)
+            assert 0 < delay <= interval
+            phase = (now + delay) % interval
+            assert min(phase, interval - phase) < 1e-6

@@ -7,6 +7,12 @@ core facts (haguard/core/vmhealth.py): `VmStatusReplied`, `VmStatusTimedOut`,
 `VmEventSeen`, `VmProcessGone`.  It follows the VM's link, so a QEMU restarted in
 place or migrated in is picked up at the next poll.
 
+Cost: the session is `LeanQmp` (one write and one read per poll, no tasks), and every
+watcher polls on the same time grid (`poll_delay_s`), so a hundred VMs wake the agent
+once per interval instead of a hundred times.  A crash is seen when the monitor's
+connection ends (QEMU's sockets close as it exits), not at the next poll: the poll
+is only the hung check, so its interval follows the hung timeout alone.
+
 A SIGSTOPped QEMU still accepts connections at the kernel level but never greets:
 the connect deadline turns that into `VmStatusTimedOut` (hung), never an error.
 
@@ -24,10 +30,9 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
-from qemu.qmp import EventListener
-
-from haguard.adapters.qmp import Qmp
+from haguard.adapters.qmp import LeanQmp, Qmp
 from haguard.config.cluster import VmRestartPolicy
 from haguard.core.vmhealth import (
     VmEventSeen,
@@ -79,24 +84,33 @@ def _alive(pid: int) -> bool:
     return bool(fields) and fields[0] not in ("Z", "X")
 
 
+def poll_delay_s(now_s: float, interval_s: float) -> float:
+    """Seconds until the next multiple of `interval_s` on the loop's clock.  Every watcher
+    polls on that same grid, so the agent wakes once per interval for all its VMs: on a
+    VM host (this test machine is one) each wake-up costs more than the poll itself."""
+    return interval_s - now_s % interval_s
+
+
 class VmWatcher:
     def __init__(self, vm: str, base: Path, sink: FactSink, *, interval_s: float = 1.0,
                  reply_timeout_s: float = 1.0, clock: Clock = monotonic_ms,
-                 session_max_s: float = 3600.0) -> None:
+                 exit_grace_s: float = 1.0) -> None:
         self.vm = vm
         self.base = base
         self.interval_s = interval_s
         self.reply_timeout_s = reply_timeout_s
         self.clock = clock
-        # qemu.qmp's default listener keeps every event of a session: start a fresh one now and then.
-        self.session_max_s = session_max_s
+        # After the monitor closed, how long QEMU may take to exit before it is asked again.
+        self.exit_grace_s = exit_grace_s
+        self._link = base / vm
         self._emit: Callable[[VmFact], Awaitable[None]] = _emitter(sink)
 
     async def run(self) -> None:
         """Watch until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
             if not await self._round():
-                await asyncio.sleep(self.interval_s)
+                await asyncio.sleep(poll_delay_s(loop.time(), self.interval_s))
 
     async def _round(self) -> bool:
         """One connect-and-watch attempt; True when the VM's link moved (look again now)."""
@@ -110,7 +124,12 @@ class VmWatcher:
             await self._emit(VmProcessGone(vm=self.vm, now_ms=seen_ms,
                                            reason=f"watch socket {paths.watch} gone"))
             return False
-        qmp = Qmp(paths.watch, timeout_s=self.reply_timeout_s)
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+        def on_event(ev: dict[str, Any]) -> None:
+            if ev.get("event") in WATCHED_EVENTS:
+                events.put_nowait(ev)
+        qmp = LeanQmp(paths.watch, timeout_s=self.reply_timeout_s, on_event=on_event)
         try:
             await qmp.connect()
         except QmpError as exc:
@@ -123,31 +142,32 @@ class VmWatcher:
                 log.debug("VM %s: %s", self.vm, exc)
                 await self._emit(VmStatusTimedOut(vm=self.vm, now_ms=self.clock()))
             return False
+        pump = asyncio.create_task(self._pump_events(events), name=f"vmwatch-events-{self.vm}")
         try:
-            with qmp.listener(WATCHED_EVENTS) as listener:
-                pump = asyncio.create_task(self._pump_events(listener), name=f"vmwatch-events-{self.vm}")
-                try:
-                    return await self._poll(qmp, paths, pid)
-                finally:
-                    pump.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await pump
+            moved = await self._poll(qmp, paths)
         finally:
-            await qmp.close()
+            qmp.close()
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        while not events.empty():   # what QEMU said before it closed the monitor
+            await self._emit(self._event_fact(events.get_nowait()))
+        if moved is None:
+            return await self._monitor_closed(pid)
+        return moved
 
-    async def _poll(self, qmp: Qmp, paths: InstancePaths, pid: int) -> bool:
-        opened = time.monotonic()
+    async def _poll(self, qmp: LeanQmp, paths: InstancePaths) -> bool | None:
+        """Poll until the link moves (True), a malformed reply (False) or the monitor
+        closes (None)."""
+        loop = asyncio.get_running_loop()
+        link = self._read_link()
+        if link is None or self.base / link != paths.dir:
+            return True
         while True:
-            started = time.monotonic()
-            seen_ms = self.clock()
-            if launcher.current_paths(self.vm, self.base) != paths:
+            if self._read_link() != link:
                 return True
-            if not _alive(pid):
-                await self._emit(VmProcessGone(vm=self.vm, now_ms=seen_ms,
-                                               reason=f"QEMU process {pid} gone"))
-                return False
             try:
-                reply = await qmp.cmd("query-status", timeout_s=self.reply_timeout_s)
+                reply = await qmp.cmd("query-status")
                 status = reply["status"]
                 if not isinstance(status, str):
                     raise TypeError(status)
@@ -155,24 +175,46 @@ class VmWatcher:
                 await self._emit(VmStatusTimedOut(vm=self.vm, now_ms=self.clock()))
             except QmpError as exc:
                 log.debug("VM %s: %s", self.vm, exc)
-                return False  # connection lost: the next round says why
+                return None
             except (TypeError, KeyError) as exc:
                 log.warning("VM %s: malformed query-status reply (%r), reconnecting", self.vm, exc)
                 return False
             else:
                 await self._emit(VmStatusReplied(vm=self.vm, now_ms=self.clock(), status=status))
-            if time.monotonic() - opened >= self.session_max_s:
-                return True
-            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
+            # The monitor's end wakes this at once: a crash is seen without waiting for a poll.
+            await qmp.idle_until(loop.time() + poll_delay_s(loop.time(), self.interval_s))
+            if qmp.closed.done():
+                return None
 
-    async def _pump_events(self, listener: EventListener) -> None:
-        async for ev in listener:
-            name = str(ev.get("event", ""))
-            data = ev.get("data") or {}
-            detail = ""
-            if isinstance(data, dict):
-                detail = str(data.get("reason") or data.get("action") or "")
-            await self._emit(VmEventSeen(vm=self.vm, now_ms=self.clock(), event=name, detail=detail))
+    def _read_link(self) -> str | None:
+        try:
+            return os.readlink(self._link)
+        except OSError:
+            return None
+
+    async def _monitor_closed(self, pid: int) -> bool:
+        """The monitor closed: QEMU exited (or is exiting).  Report it gone as soon as the
+        process is; if it still lives after the grace, look again (False: at the next poll)."""
+        deadline = time.monotonic() + self.exit_grace_s
+        while _alive(pid):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.02)
+        await self._emit(VmProcessGone(vm=self.vm, now_ms=self.clock(),
+                                       reason=f"QEMU process {pid} gone (its monitor closed)"))
+        return False
+
+    async def _pump_events(self, events: asyncio.Queue[dict[str, Any]]) -> None:
+        while True:
+            await self._emit(self._event_fact(await events.get()))
+
+    def _event_fact(self, ev: dict[str, Any]) -> VmEventSeen:
+        name = str(ev.get("event", ""))
+        data = ev.get("data") or {}
+        detail = ""
+        if isinstance(data, dict):
+            detail = str(data.get("reason") or data.get("action") or "")
+        return VmEventSeen(vm=self.vm, now_ms=self.clock(), event=name, detail=detail)
 
 
 def _emitter(sink: FactSink) -> Callable[[VmFact], Awaitable[None]]:

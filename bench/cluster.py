@@ -23,7 +23,7 @@ pings every 250 ms, MQTT keepalive 5 s) and the shipped migration limits
              the rate pages move at, no fixed costs in it.  Bytes that must move =
              N x R MiB (what the guest dirties during a move is not added: the
              bound stays a lower bound).
-  recovery   a fresh cluster per repetition with 4 small VMs; a host holding VMs
+  recovery   a fresh cluster per repetition with 6 small VMs; a host holding VMs
              (never the coordinator's) is powered off: its link cut, its agent and
              its QEMUs SIGKILLed.  Clock: from the cut to the last of its VMs
              running elsewhere (the new host's `vm-started`, logged when its QEMU
@@ -209,8 +209,8 @@ def ts(rec: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(rec["timestamp"])).timestamp()
 
 
-def events_since(c: Cluster, host: str, event: str, since: float, **match: object) -> list[dict[str, Any]]:
-    return [e for e in c.events(host, event)
+def events_since(c: Cluster, on: str, event: str, since: float, **match: object) -> list[dict[str, Any]]:
+    return [e for e in c.events(on, event)
             if ts(e) >= since and all(e.get(k) == v for k, v in match.items())]
 
 
@@ -431,7 +431,7 @@ def measure_drain(root: Path, n: int, mib: int, rate: int, per_host: int, cluste
 # ---- recovery ----------------------------------------------------------------------------
 
 def recover_once(root: Path, rep: int, test_timing: bool) -> dict[str, Any]:
-    vms = tuple(bench_vm(f"r{i + 1}", 128, 8, 0) for i in range(4))
+    vms = tuple(bench_vm(f"r{i + 1}", 128, 8, 0) for i in range(6))   # two per host
     names = [v.name for v in vms]
     c = BenchCluster(root, f"rec{rep}", vms, test_timing=test_timing)
     with running(c):

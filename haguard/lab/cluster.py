@@ -142,7 +142,7 @@ class Lab:
         if self.net.can_cut:
             self.net.cut(host)
         proc = self.agents.pop(host, None)
-        if proc is not None:
+        if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
         for pid in qemus_naming(str(self.run_dir(host))):
@@ -156,8 +156,9 @@ class Lab:
 
     def close(self) -> None:
         for proc in self.agents.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            if proc.poll() is None:             # once reaped, its pid may be someone else's
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
         deadline = time.monotonic() + 5
         for proc in self.agents.values():
             try:

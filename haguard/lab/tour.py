@@ -131,7 +131,7 @@ class ClusterTour:
         c.rule("[bold]haguard demo: a 3-host cluster")
         vms = demo_vms(build_guest(self.root / "guest"))
         self.names = [v.name for v in vms]
-        self.lab = lab = Lab(self.root / "lab", vms, namespaces=self.namespaces)
+        self.lab = lab = Lab(self.root, vms, namespaces=self.namespaces)
         how = ("network namespaces joined by a bridge, 198.18.7.0/24" if lab.net.namespaces else
                "loopback addresses (no namespaces, so no link to cut)")
         c.print(f"Hosts [bold]{', '.join(lab.hosts)}[/] on {how}; a private mosquitto; "

@@ -9,12 +9,11 @@ which it is running); `twice` keeps every instant at which one VM ran on two hos
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from pathlib import Path
 
-from haguard.adapters.qmp import Qmp
+from haguard.adapters.qmp import LeanQmp
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
 
@@ -36,10 +35,15 @@ class RunWatch:
             return {vm: list(hosts) for vm, hosts in self._where.items()}
 
     async def _state(self, d: Path) -> str | None:
-        with contextlib.suppress(Exception):
-            async with Qmp.session(InstancePaths(d).ops, timeout_s=1.0) as qmp:
-                return str((await qmp.cmd("query-status"))["status"])
-        return None
+        # The lean client: a QEMU killed mid-sample (the power-off) is just "not running".
+        qmp = LeanQmp(InstancePaths(d).ops, timeout_s=1.0)
+        try:
+            await qmp.connect()
+            return str((await qmp.cmd("query-status"))["status"])
+        except Exception:
+            return None
+        finally:
+            qmp.close()
 
     async def sample(self) -> None:
         live = [(host, d) for host, base in self.run_dirs.items() if base.exists()

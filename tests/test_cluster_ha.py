@@ -4,6 +4,8 @@ and fails on any instant at which a VM runs on two hosts."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.helpers.ha import TwiceWatch, fence_calls, ha_cluster, ha_vms, now, running_on, wait_placed
@@ -61,3 +63,82 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         assert starts, c.log_tail()
         watch.check()
         assert fenced_at > 0
+
+
+@pytest.mark.timeout(150)
+def test_failed_fence_recovers_nothing_and_alerts_then_recovers_once_it_works() -> None:
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        coordinator = c.cluster_view("h1").get("coordinator")
+        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+        lost = _owned_by(c, victim)
+        (c.dir / "fence" / "mode").write_text("fail")
+        c.cut(victim)
+        c.kill_vms(victim)
+        c.wait_for("two failed fence attempts",
+                   lambda: sum(f" off {victim} 1" in line for line in fence_calls(c)) >= 2, 20)
+        time.sleep(2)
+        where = running_on(c)
+        assert not any(set(where.get(vm, [])) - {victim} for vm in lost), f"recovered unfenced: {where}"
+        alerts = [e for h in c.hosts if h != victim for e in c.events(h, "alert")
+                  if e.get("alert") == "fencing-failed"]
+        assert alerts, c.log_tail()
+        (c.dir / "fence" / "mode").write_text("ok")
+        wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
+        ok_at = min(float(line.split()[0]) for line in fence_calls(c) if f" off {victim} 0" in line)
+        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        assert starts and all(_wall(e) >= ok_at for e in starts), (starts, ok_at)
+        watch.check()
+
+
+def _wall(event: dict[str, object]) -> float:
+    from datetime import datetime
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
+
+
+@pytest.mark.timeout(150)
+def test_broker_outage_moves_nothing_and_fences_nobody() -> None:
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        before = running_on(c)
+        assert c.broker is not None
+        c.broker.kill()
+        outage_at = time.time()
+        time.sleep(30)
+        assert running_on(c) == before
+        c.broker.start()
+        time.sleep(5)
+        assert running_on(c) == before, (before, running_on(c))
+        assert not fence_calls(c)
+        for h in c.hosts:
+            for event in ("vm-start", "vm-stop", "vm-kill", "migration-start", "fence"):
+                late = [e for e in c.events(h, event) if _wall(e) >= outage_at]
+                assert not late, (h, late)
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_coordinator_killed_mid_drain_a_new_one_finishes_it() -> None:
+    vms = ha_vms(4)
+    with ha_cluster(vms, ha="  max_migrations_per_host: 1\n  max_migrations: 1\n") as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        coordinator = str(c.cluster_view("h1").get("coordinator"))
+        term = int(c.cluster_view("h1").get("term") or 0)
+        drained = max((h for h in c.hosts if h != coordinator), key=lambda h: len(_owned_by(c, h)))
+        assert _owned_by(c, drained), running_on(c)
+        out = c.haguard(drained, "drain", drained, "--no-wait", timeout_s=30)
+        assert out.returncode == 0, out.stdout + out.stderr
+        c.wait_for("the first move to start", lambda: c.events(drained, "migration-start"), 30)
+        c.cut(coordinator)             # the coordinator's host loses power mid-drain
+        c.kill_vms(coordinator)
+        c.kill9(coordinator)
+        survivor = next(h for h in c.hosts if h not in (drained, coordinator))
+        wait_placed(c, [v.name for v in vms], timeout_s=60, avoid=(drained, coordinator))
+        view = c.cluster_view(survivor)
+        assert view.get("coordinator") in (drained, survivor) and int(view.get("term") or 0) > term, view
+        assert (view.get("hosts") or {}).get(drained, {}).get("maintenance") is True, view
+        assert any(f" off {coordinator} 0" in line for line in fence_calls(c)), fence_calls(c)
+        watch.check()

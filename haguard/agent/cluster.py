@@ -32,7 +32,7 @@ import structlog
 
 from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
-from haguard.agent.migrate_rpc import DestinationServer, RemoteQmp, RpcClient, RpcError
+from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
 from haguard.config.cluster import ClusterConfig
 from haguard.core.alerts import Alert, coordinator_alert
 from haguard.core.cluster import codec
@@ -69,6 +69,7 @@ from haguard.migration.options import MigrationOptions
 from haguard.migration.result import Progress
 from haguard.migration.uri import MigrationUri
 from haguard.vm import launcher
+from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
 
 log = structlog.get_logger("haguard.cluster")
@@ -175,7 +176,7 @@ def save_persisted(path: Path, out: PersistState) -> None:
 class _Running:
     """A command's task, and every command id waiting for its result."""
 
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] | None = None
     ids: list[str] = field(default_factory=list)
     progress: Progress | None = None
     target: str = ""
@@ -300,15 +301,24 @@ class ClusterRuntime:
     def _command(self, key: str, cid: str, factory: Callable[[], Awaitable[tuple[bool, str]]],
                  target: str = "") -> None:
         running = self.running.get(key)
-        if running is not None and not running.task.done():
-            running.ids.append(cid)             # the same work is under way: share its result
-            return
-        entry = _Running(task=asyncio.create_task(self._run(key, factory), name=f"cluster-{key}"),
-                         ids=[cid], target=target)
+        if running is not None and running.task is not None and not running.task.done():
+            if running.target == target:
+                running.ids.append(cid)         # the same work is under way: share its result
+                return
+            # Another move of this VM is still finishing (its target was fenced, say): the new
+            # one starts once it has ended, never beside it.
+            after: asyncio.Task[None] | None = running.task
+        else:
+            after = None
+        entry = _Running(ids=[cid], target=target)
+        entry.task = asyncio.create_task(self._run(key, entry, factory, after), name=f"cluster-{key}")
         self.running[key] = entry
 
-    async def _run(self, key: str, factory: Callable[[], Awaitable[tuple[bool, str]]]) -> None:
-        await asyncio.sleep(0)                  # let _command record the entry first
+    async def _run(self, key: str, entry: _Running, factory: Callable[[], Awaitable[tuple[bool, str]]],
+                   after: asyncio.Task[None] | None) -> None:
+        if after is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(after)
         try:
             ok, reason = await factory()
         except HaguardError as exc:
@@ -316,8 +326,9 @@ class ClusterRuntime:
         except Exception as exc:                # a bug: report the command failed, keep the agent
             log.exception("cluster-command-crashed", key=key)
             ok, reason = False, f"{type(exc).__name__}: {exc}"
-        entry = self.running.pop(key, None)
-        for cid in entry.ids if entry is not None else []:
+        if self.running.get(key) is entry:
+            del self.running[key]
+        for cid in entry.ids:
             self.offer(CommandResult(id=cid, ok=ok, now_ms=self.clock(), reason=reason))
 
     def _spawn(self, name: str, coro: Any) -> None:
@@ -345,9 +356,23 @@ class ClusterRuntime:
         log.info("vm-started", vm=cmd.vm, pid=instance.pid, generation=cmd.generation)
         return True, ""
 
+    async def _live_status(self, paths: InstancePaths) -> str | None:
+        """The QEMU's run state asked now (the watchers' view may be a poll old); None: no answer."""
+        try:
+            return await launcher.query_status(paths, timeout_s=2.0)
+        except (HaguardError, OSError):
+            return None
+
     async def _stop(self, vm: str, reason: str) -> tuple[bool, str]:
         paths = launcher.current_paths(vm, self.cfg.run_dir)
-        graceful = 0.0 if reason in ("moved away", "incoming move no longer wanted") else 30.0
+        moving = reason in ("moved away", "incoming move no longer wanted")
+        if moving:
+            status = await self._live_status(paths)
+            if status is not None and status not in ("postmigrate", "inmigrate", "shutdown"):
+                self.observe_qemu(vm, status)
+                log.warning("vm-stop-skipped", vm=vm, reason=reason, status=status)
+                return False, f"QEMU is {status}: not stopped"
+        graceful = 0.0 if moving else self.cfg.ha.shutdown_grace_s
         log.info("vm-stop", vm=vm, reason=reason)
         self.stopping.add(vm)
         await launcher.stop(paths, graceful_timeout_s=graceful)
@@ -355,6 +380,14 @@ class ClusterRuntime:
 
     async def _kill(self, cmd: KillVm) -> tuple[bool, str]:
         paths = launcher.current_paths(cmd.vm, self.cfg.run_dir)
+        if cmd.reason == "incoming move no longer wanted":
+            # Decided on the state last reported: an incoming QEMU that has just taken over runs.
+            status = await self._live_status(paths)
+            if status != "inmigrate":
+                if status is not None:
+                    self.observe_qemu(cmd.vm, status)
+                log.warning("vm-kill-skipped", vm=cmd.vm, reason=cmd.reason, status=status)
+                return False, f"QEMU is {status or 'not answering'}, not inmigrate: not killed"
         log.warning("vm-kill", vm=cmd.vm, reason=cmd.reason)
         self.stopping.add(cmd.vm)
         await asyncio.to_thread(launcher.kill, paths)
@@ -379,7 +412,7 @@ class ClusterRuntime:
         log.info("migration-start", vm=cmd.vm, target=cmd.target, generation=cmd.generation)
         try:
             ask = {"op": "prepare", "vm": cmd.vm, "generation": cmd.generation, "term": cmd.term}
-            prep = await self.rpc.call(cmd.target, ask, timeout_s=40.0)
+            prep = await self.rpc.call(cmd.target, ask, timeout_s=PREPARE_TIMEOUT_S)
         except RpcError as exc:
             return False, str(exc)
         if prep.get("ok") is not True:
@@ -469,12 +502,13 @@ class ClusterRuntime:
         }
 
     def busy(self) -> list[str]:
-        return sorted(k for k, r in self.running.items() if not k.startswith("side:") and not r.task.done())
+        return sorted(k for k, r in self.running.items()
+                      if not k.startswith("side:") and r.task is not None and not r.task.done())
 
     async def close(self) -> None:
         """Agent going down: let commands end by themselves? No: cancel them (a migration
         cancelled here is cancelled in QEMU by the engine: the VM stays on the source)."""
-        tasks = [r.task for r in self.running.values()]
+        tasks = [r.task for r in self.running.values() if r.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -50,7 +50,7 @@ DEST_COMMANDS = frozenset({
     "block-export-add", "block-export-del", "blockdev-add",
 })
 CALL_TIMEOUT_S = 10.0
-PREPARE_TIMEOUT_S = 40.0
+PREPARE_TIMEOUT_S = 15.0        # starting the incoming QEMU takes well under a second
 
 
 class RpcError(HaguardError):

@@ -57,6 +57,7 @@ from haguard.core.probes import HostHealthChanged, PingResult
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
     RestartVmInPlace,
+    VmEventSeen,
     VmExpected,
     VmProcessGone,
     VmRestartFailed,
@@ -332,6 +333,9 @@ class Agent:
                             self.cluster.observe_qemu(item.vm, item.status)
                         elif isinstance(item, VmProcessGone):
                             self.cluster.observe_qemu(item.vm, None)
+                        elif isinstance(item, VmEventSeen) and item.event == "RESUME":
+                            # An incoming QEMU that took over resumes: do not wait for the next poll.
+                            self.cluster.observe_qemu(item.vm, "running")
             for out in outputs:
                 self._execute(out)
                 for alert in alerts_for(out, me=self.me):

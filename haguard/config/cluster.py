@@ -172,6 +172,8 @@ class HaConfig(_Strict):
     enabled: bool = False
     # A host cut off from the broker and every peer for timing.isolation_timeout_ms:
     isolation: Literal["keep", "shutdown", "self-fence"] = "keep"
+    # ACPI power-off first, then quit: a guest gets this long to shut down (isolation, `stopped`).
+    shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
     watchdog: WatchdogConfig | None = None
     max_migrations_per_host: int = Field(default=1, ge=1, le=64)
     max_migrations: int = Field(default=2, ge=1, le=1024)

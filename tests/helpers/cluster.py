@@ -105,7 +105,7 @@ class Cluster:
                 f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: {self.keepalive_s}\n"
                 + ("timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) if t else "") +
                 f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n"
-                + self.extra)
+                + self.extra.replace("{host}", host))
 
     def config_path(self, host: str) -> Path:
         return self.dir / f"{host}.yaml"

@@ -75,9 +75,12 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
 
 
 def running_on(c: Cluster) -> dict[str, list[str]]:
-    """vm -> hosts whose agent reports its QEMU running (from the agents' status files)."""
+    """vm -> hosts whose agent reports its QEMU running (from the status files of the agents
+    still running: a killed agent's file is stale)."""
     out: dict[str, list[str]] = {}
     for h in c.hosts:
+        if h not in c.procs:
+            continue
         for v in (c.status(h) or {}).get("vms", []):
             if v.get("host") == h and v.get("state") == "running":
                 out.setdefault(str(v["name"]), []).append(h)

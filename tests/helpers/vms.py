@@ -169,8 +169,18 @@ class RunningOnceMonitor:
                     self.seen_running.setdefault(name, set()).add(str(d))
         self.samples += 1
         for name, where in running.items():
-            if len(where) > 1:
+            if len(where) > 1 and await self._confirm(where):
                 self.violations.append((time.monotonic(), name, where))
+
+    async def _confirm(self, where: list[str]) -> bool:
+        """Sampling is sequential: a copy seen running before a move's switchover and the
+        destination seen running after it are not two at once.  Ask again in reverse order:
+        still all running (a source never returns to running after postmigrate) is a real
+        overlap."""
+        for d in reversed(where):
+            if await self._state(Path(d)) != "running":
+                return False
+        return True
 
     async def _loop(self) -> None:
         while True:

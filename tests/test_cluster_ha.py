@@ -8,7 +8,16 @@ import time
 
 import pytest
 
-from tests.helpers.ha import TwiceWatch, fence_calls, ha_cluster, ha_vms, now, running_on, wait_placed
+from tests.helpers.ha import (
+    TwiceWatch,
+    WatchdogHardware,
+    fence_calls,
+    ha_cluster,
+    ha_vms,
+    now,
+    running_on,
+    wait_placed,
+)
 
 
 @pytest.mark.timeout(180)
@@ -141,4 +150,60 @@ def test_coordinator_killed_mid_drain_a_new_one_finishes_it() -> None:
         assert view.get("coordinator") in (drained, survivor) and int(view.get("term") or 0) > term, view
         assert (view.get("hosts") or {}).get(drained, {}).get("maintenance") is True, view
         assert any(f" off {coordinator} 0" in line for line in fence_calls(c)), fence_calls(c)
+        watch.check()
+
+
+WATCHDOG_S = 4
+
+
+def _watchdog_ha(timeout_s: float) -> str:
+    return f"  watchdog: {{device: '{{dir}}/{{host}}.watchdog', timeout_s: {timeout_s}}}\n"
+
+
+def _partition_victim(c) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
+    coordinator = c.cluster_view("h1").get("coordinator")
+    victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+    return victim, _owned_by(c, victim)
+
+
+@pytest.mark.timeout(150)
+def test_partitioned_owner_applies_its_isolation_response_and_never_runs_twice() -> None:
+    vms = ha_vms(3)
+    # The broker's loss shows after 1.5 keepalives (3 s), isolation 2.5 s later, the shutdown
+    # takes its 1 s grace: all before the watchdog (8 s after quorum is lost) resets the host.
+    ha = "  isolation: shutdown\n  shutdown_grace_s: 1\n" + _watchdog_ha(8)
+    with ha_cluster(vms, fence=False, ha=ha, timing={"isolation_timeout_ms": 2500}) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch, WatchdogHardware(c, 8):
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        victim, lost = _partition_victim(c)
+        cut_at = time.time()
+        c.cut(victim)                  # the host lives on, its VMs still run
+        wait_placed(c, [v.name for v in vms], timeout_s=40, avoid=(victim,))
+        isolated = [e for e in c.events(victim, "cluster-alert") if e.get("kind") == "isolated"]
+        assert isolated and "policy shutdown" in isolated[0]["reason"], c.log_tail()
+        stops = [e for e in c.events(victim, "vm-stop") if e.get("reason") == "isolated"]
+        assert {e["vm"] for e in stops} == set(lost), stops
+        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        assert starts and min(_wall(e) for e in starts) > max(_wall(e) for e in stops), (starts, stops)
+        assert min(_wall(e) for e in starts) - cut_at >= 8
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_isolated_owner_stops_petting_and_others_wait_its_watchdog_timeout() -> None:
+    vms = ha_vms(3)
+    with ha_cluster(vms, fence=False, ha="  isolation: keep\n" + _watchdog_ha(WATCHDOG_S)) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch, WatchdogHardware(c, WATCHDOG_S) as hw:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        assert all(h in hw.last_pet for h in c.hosts), hw.last_pet
+        victim, lost = _partition_victim(c)
+        c.cut(victim)                  # keeps its VMs running: only its watchdog can stop them
+        wait_placed(c, [v.name for v in vms], timeout_s=40, avoid=(victim,))
+        assert victim in hw.reset_at, "the isolated owner kept petting its watchdog"
+        assert [e for e in c.events(victim, "watchdog-stop-petting")], c.log_tail()
+        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        first = min(_wall(e) for e in starts)
+        assert first >= hw.last_pet[victim] + WATCHDOG_S, (first, hw.last_pet[victim])
+        assert first >= hw.reset_at[victim], "recovered before the watchdog reset the host"
+        assert not fence_calls(c)
         watch.check()

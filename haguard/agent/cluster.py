@@ -207,6 +207,7 @@ class ClusterRuntime:
             authorise=self._authorise_incoming,
             reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started)
         self.rejected = 0
+        self._watchdog_failing = False
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -469,7 +470,13 @@ class ClusterRuntime:
                 self.watchdog.open()
             self.watchdog.pet()
         except WatchdogError as exc:
-            log.error("watchdog-failed", error=str(exc))
+            if not self._watchdog_failing:      # once per failure, not at every tick
+                log.error("watchdog-failed", error=str(exc))
+            self._watchdog_failing = True
+        else:
+            if self._watchdog_failing:
+                log.info("watchdog-ok", device=str(self.watchdog.path))
+            self._watchdog_failing = False
 
     # ---- views and shutdown -------------------------------------------------------------------
 

@@ -105,7 +105,7 @@ class Cluster:
                 f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: {self.keepalive_s}\n"
                 + ("timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) if t else "") +
                 f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n"
-                + self.extra.replace("{host}", host))
+                + self.extra.replace("{host}", host).replace("{dir}", str(self.dir)))
 
     def config_path(self, host: str) -> Path:
         return self.dir / f"{host}.yaml"

@@ -74,6 +74,50 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
         c.close()
 
 
+class WatchdogHardware:
+    """The hardware behind each host's watchdog device file: a host whose file stops
+    growing (no pet) for `timeout_s` after its first pet is reset: its QEMUs and its agent
+    SIGKILLed, as a hardware reset does."""
+
+    def __init__(self, c: Cluster, timeout_s: float) -> None:
+        self.c, self.timeout_s = c, timeout_s
+        self.last_pet: dict[str, float] = {}       # host -> wall-clock time of its last pet
+        self.reset_at: dict[str, float] = {}
+        self._sizes: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="watchdog-hw", daemon=True)
+
+    def path(self, host: str) -> Path:
+        return self.c.dir / f"{host}.watchdog"
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for h in self.c.hosts:
+                if h in self.reset_at:
+                    continue
+                try:
+                    size = self.path(h).stat().st_size
+                except OSError:
+                    continue
+                if size != self._sizes.get(h):
+                    self._sizes[h], self.last_pet[h] = size, time.time()
+                elif h in self.last_pet and time.time() - self.last_pet[h] >= self.timeout_s:
+                    self.reset_at[h] = time.time()
+                    self.c.kill_vms(h)
+                    if h in self.c.procs:
+                        self.c.kill9(h)
+
+    def __enter__(self) -> WatchdogHardware:
+        for h in self.c.hosts:
+            self.path(h).touch()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def running_on(c: Cluster) -> dict[str, list[str]]:
     """vm -> hosts whose agent reports its QEMU running (from the status files of the agents
     still running: a killed agent's file is stale)."""

@@ -4,6 +4,8 @@ and fails on any instant at which a VM runs on two hosts."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
@@ -207,3 +209,27 @@ def test_isolated_owner_stops_petting_and_others_wait_its_watchdog_timeout() -> 
         assert first >= hw.reset_at[victim], "recovered before the watchdog reset the host"
         assert not fence_calls(c)
         watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_migrate_on_shutdown_moves_the_vms_before_the_agent_stops() -> None:
+    vms = ha_vms(4)
+    with ha_cluster(vms, ha="  migrate_on_shutdown: always\n") as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
+        leaving = _owned_by(c, host)
+        proc = c.procs[host]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        del c.procs[host]
+        assert c.events(host, "drained-before-stop"), c.log_tail()
+        wait_placed(c, [v.name for v in vms], timeout_s=20, avoid=(host,))
+        ends = [e for e in c.events(host, "migration-end") if e.get("vm") in leaving]
+        assert {e["vm"] for e in ends if e["status"] == "completed"} == set(leaving), ends
+        assert not fence_calls(c)
+        watch.check()
+        c.start_agent(host)            # back: out of maintenance again
+        other = next(h for h in c.hosts if h != host)
+        c.wait_for("undrained", lambda: (c.cluster_view(other).get("hosts") or {})
+                   .get(host, {}).get("maintenance") is False, 30)

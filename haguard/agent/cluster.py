@@ -508,6 +508,12 @@ class ClusterRuntime:
                                    if core.proposer is not None and core.proposer.in_flight else None),
         }
 
+    def owned_here(self) -> list[str]:
+        """VMs still on this host: committed to it, or a QEMU of them running here."""
+        owned = set(self.core.committed.owned_by(self.me))
+        here = {vm for vm, st in self.qemu.items() if _QEMU_STATES.get(st, "running") == "running"}
+        return sorted(owned | here)
+
     def busy(self) -> list[str]:
         return sorted(k for k, r in self.running.items()
                       if not k.startswith("side:") and r.task is not None and not r.task.done())

@@ -20,6 +20,7 @@ import ipaddress
 import os
 import signal
 import stat
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -81,10 +82,21 @@ STATUS_EVERY_S = 1.0          # the retained "state" is information: refresh it 
 SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
 
 
 def monotonic_ms() -> int:
     return time.monotonic_ns() // 1_000_000
+
+
+def system_shutting_down() -> bool:
+    """True while systemd takes the machine down (poweroff, reboot), not for a service restart."""
+    try:
+        out = subprocess.run(["systemctl", "is-system-running"], capture_output=True, text=True,
+                             timeout=5, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.stdout.strip() == "stopping"
 
 
 def vm_poll_interval_s(hung_timeout_ms: int) -> float:
@@ -569,11 +581,48 @@ class Agent:
         self._serve_metrics()
         self._start_prober()
         await self.control.start()
+        marker = self.cfg.state_dir / UNDRAIN_AT_START
+        if self.cluster is not None and marker.exists():
+            log.warning("undrain-after-restart", host=self.me)
+            self._offer(AdminRequested(action="undrain", host=self.me, now_ms=monotonic_ms()))
+            marker.unlink(missing_ok=True)
         try:
             await self.stopping.wait()
+            if self.cluster is not None and await asyncio.to_thread(self._drain_on_stop):
+                await self._drain_before_stop()
         finally:
             await self._shutdown()
         return EXIT_OK
+
+    def _drain_on_stop(self) -> bool:
+        policy = self.cfg.ha.migrate_on_shutdown
+        if policy == "always":
+            return True
+        return policy == "system-shutdown" and system_shutting_down()
+
+    async def _drain_before_stop(self) -> None:
+        """migrate-on-shutdown: put this host in maintenance and wait until no VM is left here,
+        keeping systemd's stop timeout extended meanwhile."""
+        assert self.cluster is not None
+        limit_s = self.cfg.ha.shutdown_timeout_s
+        log.warning("drain-before-stop", host=self.me, timeout_s=limit_s)
+        await self.queue.put(AdminRequested(action="drain", host=self.me, now_ms=monotonic_ms()))
+        started = time.monotonic()
+        last_extend = 0.0
+        while time.monotonic() - started < limit_s:
+            left = self.cluster.owned_here()
+            if not left:
+                log.warning("drained-before-stop", host=self.me, took_s=round(time.monotonic() - started, 1))
+                # The next start takes the host out of maintenance again (a reboot is not a retirement).
+                with contextlib.suppress(OSError):
+                    (self.cfg.state_dir / UNDRAIN_AT_START).write_text(f"{self.me}\n")
+                return
+            if time.monotonic() - last_extend >= 5:
+                last_extend = time.monotonic()
+                self.notifier.notify("EXTEND_TIMEOUT_USEC=15000000",
+                                     f"STATUS=stopping: moving {len(left)} VMs away ({', '.join(left[:5])})")
+            await asyncio.sleep(0.2)
+        log.error("drain-before-stop-timeout", host=self.me, left=self.cluster.owned_here())
 
     def _serve_metrics(self) -> None:
         """The metrics endpoint; a failure to bind is logged, never fatal (the agent matters more)."""

@@ -179,8 +179,11 @@ class HaConfig(_Strict):
     max_migrations: int = Field(default=2, ge=1, le=1024)
     memory_overcommit: float = Field(default=1.0, gt=0, le=10)
     vcpu_overcommit: float = Field(default=4.0, gt=0, le=64)
-    migrate_on_shutdown: bool = False       # `haguard run` stopping waits until its VMs moved
-    shutdown_timeout_s: float = Field(default=600.0, gt=0)
+    # Stopping the agent drains the host first (its VMs move away live), holding the stop:
+    # "system-shutdown" only while the machine shuts down or reboots (a restart of the service
+    # leaves the VMs alone), "always" at every stop, "never" (the default).
+    migrate_on_shutdown: Literal["never", "system-shutdown", "always"] = "never"
+    shutdown_timeout_s: float = Field(default=600.0, gt=0)   # then the agent stops anyway
 
 
 class ClusterConfig(_Strict):

@@ -55,18 +55,21 @@ class TwiceWatch:
 
 @contextlib.contextmanager
 def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "",
-               timing: dict[str, int] | None = None) -> Iterator[Cluster]:
-    """Three agents with `ha.enabled`; every host gets the fence stand-in when `fence`."""
+               timing: dict[str, int] | None = None, host_extra: str = "") -> Iterator[Cluster]:
+    """Three agents with `ha.enabled`; every host gets the fence stand-in when `fence`, and
+    `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200")."""
     cluster_dir_hint: dict[str, str] = {}
     c = Cluster(timing=dict(HA_TIMING, **(timing or {})), vms=vms,
                 extra="ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint)
-    if fence:
-        state = c.dir / "fence"
-        state.mkdir()
-        for h in c.hosts:
-            cluster_dir_hint[h] = (
-                f"fence: {{kind: command, agent: '{sys.executable} {FENCE}', timeout_s: 10, "
-                f"options: {{plug: {h}, state_dir: '{state}', kill_pattern: '{c.run_dir(h)}'}}}}")
+    for h in c.hosts:
+        fields = [host_extra] if host_extra else []
+        if fence:
+            state = c.dir / "fence"
+            state.mkdir(exist_ok=True)
+            fields.append(f"fence: {{kind: command, agent: '{sys.executable} {FENCE}', timeout_s: 10, "
+                          f"options: {{plug: {h}, state_dir: '{state}', kill_pattern: '{c.run_dir(h)}'}}}}")
+        if fields:
+            cluster_dir_hint[h] = ", ".join(fields)
     try:
         c.start()
         yield c

@@ -34,7 +34,7 @@ from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
 from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
 from haguard.config.cluster import ClusterConfig
-from haguard.core.alerts import Alert, coordinator_alert
+from haguard.core.alerts import Alert, AlertKind, coordinator_alert, make_alert
 from haguard.core.cluster import codec
 from haguard.core.cluster.agent import ClusterAgent
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
@@ -208,15 +208,50 @@ class ClusterRuntime:
             reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started)
         self.rejected = 0
         self._watchdog_failing = False
+        self._quorum_lost = False
+        self._started_ms = now_ms
+        self._last_committed = self.core.committed
 
     # ---- inputs ---------------------------------------------------------------------------
 
     def step(self, event: ClusterInput) -> None:
         self._execute(self.core.step(event))
+        self._committed_changed()
 
     def tick(self, now_ms: int) -> None:
         self._report_local(now_ms)
         self._execute(self.core.tick(now_ms))
+        self._committed_changed()
+        self._watch_quorum(now_ms)
+
+    def _committed_changed(self) -> None:
+        if self.core.committed is not self._last_committed:
+            self._recoveries(self._last_committed, self.core.committed)
+            self._last_committed = self.core.committed
+
+    def _watch_quorum(self, now_ms: int) -> None:
+        """quorum-lost while this host holds VMs: it cannot decide, and its watchdog (if any)
+        stops being petted.  Resolved when quorum is back."""
+        lost = bool(self.qemu) and not self.core.connected_quorate(now_ms)
+        if lost == self._quorum_lost or now_ms - self._started_ms < self.cfg.timing.dead_timeout_ms:
+            return
+        self._quorum_lost = lost
+        self.alert(make_alert(AlertKind.QUORUM_LOST, host=self.me, resolved=not lost,
+                              summary=f"{self.me} {'lost' if lost else 'regained'} quorum with VMs running",
+                              description="no decision is taken here; VMs keep running"
+                              + ("; the watchdog is no longer petted" if lost and self.watchdog else "")))
+
+    def _recoveries(self, before: ClusterState, after: ClusterState) -> None:
+        """On the coordinator: a VM of a fenced host that got a new owner (the recovery)."""
+        if self.core.coordinator is None:
+            return
+        for vm, rec in after.vms.items():
+            old = before.vms.get(vm)
+            if (old is not None and old.owner is not None and rec.owner not in (None, old.owner)
+                    and after.host(old.owner).fenced and vm not in before.migrations):
+                self.alert(make_alert(AlertKind.RECOVERY_DONE, host=old.owner, vm=vm,
+                                      summary=f"{vm} recovered from fenced {old.owner} on {rec.owner}",
+                                      description=f"generation {rec.generation}"))
 
     def on_envelope(self, env: Envelope, now_ms: int) -> None:
         body = env.body
@@ -404,6 +439,10 @@ class ClusterRuntime:
         level = log.warning if result.ok else log.error
         level("fence-result", host=cmd.host, ok=result.ok, detail=result.detail,
               duration_s=round(result.duration_s, 3))
+        if result.ok:
+            self.alert(make_alert(AlertKind.FENCING_DONE, host=cmd.host,
+                                  summary=f"{cmd.host} fenced (powered off) by {self.me}",
+                                  description=f"{host.fence.agent}: {result.detail}"))
         return result.ok, result.detail
 
     async def _migrate(self, cmd: MigrateVm) -> tuple[bool, str]:

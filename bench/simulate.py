@@ -35,7 +35,14 @@ from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.placement import HostCandidate, PlacementLimits, VmSpec
 from haguard.core.cluster.recovery import plan_recovery
 from haguard.core.cluster.state import ClusterState, HostRecord, VmRecord
-from haguard.core.cluster.types import CoreConfig, Heartbeat, HostSpec, MessageReceived, QemuState
+from haguard.core.cluster.types import (
+    CoreConfig,
+    Heartbeat,
+    HostSpec,
+    MessageReceived,
+    PersistedState,
+    QemuState,
+)
 from haguard.core.detector import DetectorTiming, FailureDetector, GossipHeard, PeerState, PingObserved
 from haguard.sim.faults import Schedule
 from haguard.sim.runner import run
@@ -108,12 +115,21 @@ class CountingWorld(World):
     here; the schedules part runs with it.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, placed: ClusterState | None = None, **kwargs: Any) -> None:
         self.received: dict[str, int] = {}
         self.dead_seen: dict[str, int] = {}        # victim -> first time any detector said dead
         self.victim: str | None = None
+        self.placed = placed
         super().__init__(*args, **kwargs)
         self.checker.after_step = lambda now: None      # type: ignore[method-assign]
+
+    def _boot_agent(self, host: SimHost) -> None:
+        # A cluster in steady state: every VM placed and running (placing 20,000 VMs from scratch
+        # is not what is measured), the placement saved as committed by an earlier coordinator.
+        if self.placed is not None and host.disk.committed is None:
+            host.disk = PersistedState(accepted=self.placed, committed=self.placed)
+            host.vms = {vm: "running" for vm in self.placed.owned_by(host.name)}
+        super()._boot_agent(host)
 
     def _feed(self, host: SimHost, event: Any) -> None:
         if isinstance(event, MessageReceived) and host.agent is not None:
@@ -137,9 +153,16 @@ def _sim_config(hosts: int, vms_per_host: int) -> SimConfig:
                      liveness_bound_ms=10**9)
 
 
+def _placed(sim: SimConfig, vms_per_host: int) -> ClusterState:
+    names = [f"h{i}" for i in range(1, sim.hosts + 1)]
+    owners = {vm.name: names[i // vms_per_host] for i, vm in enumerate(sim.vms)}
+    return ClusterState(term=0, version=1, vms={vm: VmRecord(owner=h) for vm, h in owners.items()},
+                        hosts={h: HostRecord() for h in names})
+
+
 def gossip_at(hosts: int, vms_per_host: int, window_ms: int) -> dict[str, Any]:
     sim = _sim_config(hosts, vms_per_host)
-    world = CountingWorld(0, Schedule(faults=(), heal_ms=10**9), sim)
+    world = CountingWorld(0, Schedule(faults=(), heal_ms=10**9), sim, placed=_placed(sim, vms_per_host))
     wall0 = time.monotonic()
     # Warm up until a coordinator committed a state in which every VM has an owner.
     t, settled_ms = 0, None

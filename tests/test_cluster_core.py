@@ -159,7 +159,7 @@ def _elect(agent: ClusterAgent) -> int:
 def test_coordinator_places_vms_once_a_majority_acks() -> None:
     agent = ClusterAgent(config("h1"), incarnation=1, now_ms=0)
     elected = _elect(agent)
-    proposals = []
+    proposals, beats = [], []
     for now in range(elected + 100, elected + 600, 100):
         hear_all(agent, now)
         for out in agent.tick(now):
@@ -167,8 +167,13 @@ def test_coordinator_places_vms_once_a_majority_acks() -> None:
                 proposals.append(out.message)
                 agent.step(MessageReceived(message=Ack(sender="h2", term=out.message.term,
                                                        accepted=out.message.state.key, to="h1"), now_ms=now))
-    assert proposals[-1].committed.vms["vm1"].owner is not None
-    assert agent.committed.term == agent.term
+            if isinstance(out, Send) and isinstance(out.message, Heartbeat):
+                beats.append(out.message)
+    assert proposals and proposals[-1].state.vms["vm1"].owner is not None
+    assert agent.committed.vms["vm1"].owner is not None and agent.committed.term == agent.term
+    # The proposal is broadcast while in flight; the commit is announced by the coordinator's
+    # heartbeat (to everyone), which also renews its lease.
+    assert beats[-1].coordinator and beats[-1].to is None and beats[-1].committed == agent.committed.key
 
 
 def test_a_proposal_of_an_older_term_is_refused() -> None:

@@ -145,18 +145,26 @@ class FailureDetector:
         self._broker = False
         self._broker_lost_ms: int | None = now_ms
         self._last_any_ping_ok_ms: int | None = None
+        self._newest: list[tuple[int, str]] = []     # the two peers heard last: (when, host)
         self.isolated = False
 
     # ---- feeding --------------------------------------------------------------------
 
     def step(self, event: DetectorInput) -> list[DetectorOutput]:
+        """Take one fact; re-judge the peers it is about (every peer on a broker change).
+
+        Changes that come from time alone are reported by `tick`: a coordinator hears
+        every host, so judging all peers on every heartbeat would cost O(N) per message.
+        """
+        touched: list[str] = []
         match event:
             case GossipHeard():
-                self._gossip(event)
+                touched = self._gossip(event)
             case PeerWentOffline():
                 peer = self._peers.get(event.host)
                 if peer is not None and event.incarnation >= peer.incarnation:
                     peer.offline_ms, peer.graceful = event.now_ms, event.graceful
+                touched = [event.host]
             case PingObserved():
                 peer = self._peers.get(event.host)
                 if peer is not None:
@@ -166,35 +174,51 @@ class FailureDetector:
                         self._last_any_ping_ok_ms = event.now_ms
                     else:
                         peer.failed_pings += 1
+                touched = [event.host]
             case BrokerStatus():
                 if event.connected != self._broker:
                     self._broker = event.connected
                     self._broker_lost_ms = None if event.connected else event.now_ms
-        return self.tick(event.now_ms)
+                return self.tick(event.now_ms)
+        out: list[DetectorOutput] = []
+        for host in touched:
+            peer = self._peers.get(host)
+            if peer is not None:
+                out += self._rejudge(host, peer, event.now_ms)
+        return out + self._isolation(event.now_ms)
 
-    def _gossip(self, g: GossipHeard) -> None:
+    def _gossip(self, g: GossipHeard) -> list[str]:
         peer = self._peers.get(g.host)
         if peer is None or g.incarnation < peer.incarnation:
-            return
+            return []
         peer.incarnation = g.incarnation
         peer.last_gossip_ms = g.now_ms
         peer.offline_ms = None
+        newest = sorted([(g.now_ms, g.host), *(e for e in self._newest if e[1] != g.host)], reverse=True)
+        self._newest = newest[:2]
+        touched = [g.host]
         for other in g.hears | g.reaches:
             target = self._peers.get(other)
             if target is not None:
                 target.reached_by[g.host] = g.now_ms
+                touched.append(other)
+        return touched
 
     def tick(self, now_ms: int) -> list[DetectorOutput]:
         out: list[DetectorOutput] = []
         for host, peer in self._peers.items():
-            state, reason = self._judge(host, peer, now_ms)
-            if state != peer.state:
-                out.append(PeerStateChanged(host=host, old=peer.state, new=state, reason=reason,
-                                            now_ms=now_ms))
-                peer.state, peer.since_ms = state, now_ms
-            peer.reason = reason
+            out += self._rejudge(host, peer, now_ms)
         out += self._isolation(now_ms)
         return out
+
+    def _rejudge(self, host: str, peer: _Peer, now_ms: int) -> list[DetectorOutput]:
+        state, reason = self._judge(host, peer, now_ms)
+        peer.reason = reason
+        if state == peer.state:
+            return []
+        change = PeerStateChanged(host=host, old=peer.state, new=state, reason=reason, now_ms=now_ms)
+        peer.state, peer.since_ms = state, now_ms
+        return [change]
 
     # ---- judging --------------------------------------------------------------------
 
@@ -233,11 +257,11 @@ class FailureDetector:
         """Fresh gossip from some other peer: proof that our broker path works.  Our own
         connection may look up for a keepalive or two after a cut; with one peer only,
         that connection is all there is to go on."""
-        others = [q for h, q in self._peers.items() if h != host]
-        if not others:
+        if len(self._peers) <= 1:
             return True
         t = self.timing.suspect_timeout_ms
-        return any(q.last_gossip_ms is not None and now - q.last_gossip_ms <= t for q in others)
+        # The two peers heard last suffice: one of them is not `host`.
+        return any(h != host and now - at <= t for at, h in self._newest)
 
     def _isolation(self, now: int) -> list[DetectorOutput]:
         t = self.timing.isolation_timeout_ms
@@ -260,9 +284,12 @@ class FailureDetector:
             del self._peers[gone]
         for host in wanted:
             self._peers.setdefault(host, _Peer(since_ms=now_ms, known_ms=now_ms))
+        keep = set(wanted)
         for peer in self._peers.values():
-            for reporter in set(peer.reached_by) - set(wanted):
+            for reporter in set(peer.reached_by) - keep:
                 del peer.reached_by[reporter]
+        heard = [(p.last_gossip_ms, h) for h, p in self._peers.items() if p.last_gossip_ms is not None]
+        self._newest = sorted(heard, reverse=True)[:2]
 
     # ---- views ----------------------------------------------------------------------
 
@@ -281,7 +308,16 @@ class FailureDetector:
         return self._broker
 
     def state(self, host: str) -> PeerState:
-        return self._peers[host].state
+        """A peer this detector does not watch is `unknown`."""
+        peer = self._peers.get(host)
+        return peer.state if peer is not None else PeerState.UNKNOWN
+
+    def watches(self, host: str) -> bool:
+        return host in self._peers
+
+    @property
+    def peers(self) -> frozenset[str]:
+        return frozenset(self._peers)
 
     def views(self) -> list[PeerView]:
         return [PeerView(host=h, state=p.state, reason=p.reason, since_ms=p.since_ms,

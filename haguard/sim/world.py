@@ -175,11 +175,13 @@ class World:
         for src in self.hosts.values():
             if src.agent is None:
                 continue
-            for dst in self.hosts.values():
-                if dst is not src:
-                    ok = dst.powered and not {(src.name, dst.name), (dst.name, src.name)} & self.cuts
-                    self._feed(src, PingObserved(host=dst.name, ok=ok, now_ms=self.now,
-                                                 rtt_ms=1.0 if ok else None))
+            for name in sorted(src.agent.ping_targets()):     # the peers its core asks for
+                dst = self.hosts[name]
+                ok = dst.powered and not {(src.name, dst.name), (dst.name, src.name)} & self.cuts
+                self._feed(src, PingObserved(host=dst.name, ok=ok, now_ms=self.now,
+                                             rtt_ms=1.0 if ok else None))
+                if src.agent is None:
+                    break
         self._at(self.now + self.sim.ping_interval_ms, "ping", None)
 
     def _feed(self, host: SimHost, event: Any) -> None:

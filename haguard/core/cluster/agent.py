@@ -6,9 +6,18 @@ obeying the committed state).  Both return outputs in the order they must be
 executed (etcd raft's Ready): a `PersistState` always comes first in its batch and
 must be on stable storage before any `Send` after it.  The agent's rules:
 
+- gossip layout (bounded): a follower sends its heartbeat to its ring neighbours
+  (`gossip_fanout`) and to the coordinator it follows, one `Send` each, and pings the
+  same hosts; the coordinator broadcasts its heartbeat (lease renewal, membership
+  summary: whom it does not hear, the acks it confirms) and hears and pings everyone.
+  A proposal is broadcast when made and while in flight; a host whose heartbeat shows
+  it behind gets it alone.  Acks go out when a proposal arrives and, after (re)joining,
+  until one is confirmed.  A cluster of at most fanout + 1 hosts is a full mesh.
 - quorum: a peer counts while this agent hears it and the peer's heartbeat says it
-  hears this agent (mutual, through the broker), or while it answers ping;
-  decisions need the broker kind (votes and acks travel through it).
+  hears this agent (mutual, through the broker), or while it answers ping; a follower
+  also holds quorum while it is mutual with a coordinator of its term whose heartbeat
+  says the coordinator holds quorum.  Decisions need the broker kind (votes and acks
+  travel through it).
 - grants: a VM is started only when the committed state names this host its owner,
   this agent follows a live coordinator of its highest term that committed that
   state in its own term, that coordinator has confirmed an ack this agent sent since
@@ -27,7 +36,7 @@ from dataclasses import replace
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.quorum import Quorum
-from haguard.core.cluster.state import ClusterState, Proposer, initial_state
+from haguard.core.cluster.state import ClusterState, Proposer, StateKey, initial_state
 from haguard.core.cluster.types import (
     Ack,
     AdminRequested,
@@ -68,6 +77,23 @@ from haguard.core.detector import (
 VmCommand = StartVm | StopVm | KillVm | MigrateVm
 COMMAND_EXPIRY_MS = 30_000          # a command without result by then is forgotten (lost result)
 INMIGRATE_GRACE_MS = 1_000          # an incoming QEMU may show up before its record reaches us
+NO_KEY: StateKey = (-1, -1)
+
+
+def ring_neighbours(hosts: list[str], me: str, fanout: int) -> frozenset[str]:
+    """`me`'s neighbours on the ring of sorted host names: fanout/2 (rounded up) each side."""
+    ring = sorted(hosts)
+    if len(ring) - 1 <= fanout or me not in ring:
+        return frozenset(h for h in ring if h != me)
+    i, half = ring.index(me), (fanout + 1) // 2
+    return frozenset(ring[(i + d) % len(ring)] for d in range(-half, half + 1) if d != 0)
+
+
+def heard_by(beat: Heartbeat, host: str) -> bool:
+    """Whether the heartbeat's sender says it hears `host`."""
+    if host in beat.hears:
+        return True
+    return beat.unheard is not None and host != beat.sender and host not in beat.unheard
 
 
 class ClusterAgent:
@@ -80,11 +106,14 @@ class ClusterAgent:
         self.incarnation = incarnation
         saved = persisted or PersistedState()
         self.quorum = Quorum({h: s.weight for h, s in config.hosts.items()})
-        self.detector = FailureDetector(self.me, sorted(config.hosts), config.detector, now_ms)
+        self.hosts = sorted(config.hosts)
+        self.neighbours = ring_neighbours(self.hosts, self.me, config.gossip_fanout)
+        self._local_quorum = Quorum({h: config.hosts[h].weight for h in self.neighbours | {self.me}})
+        # Watched (heard, pinged, judged): the neighbours and the coordinator; everyone when coordinating.
+        self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
         self.election = Election(self.me, self.quorum, config.timing.lease_ms, term=saved.term,
                                  voted_for=saved.voted_for)
-        start = initial_state(sorted(config.vms), sorted(config.hosts))
-        self.committed: ClusterState = saved.committed or start
+        self.committed: ClusterState = saved.committed or initial_state(sorted(config.vms), self.hosts)
         self.accepted: ClusterState = saved.accepted or self.committed
         self.proposer: Proposer | None = None
         self.coordinator: Coordinator | None = None
@@ -106,6 +135,17 @@ class ClusterAgent:
         self._sync_seq: int | None = None                       # first ack since (re)joining
         self._confirmed: tuple[int, int] = (-1, -1)             # what the coordinator has of ours
         self._acks_seen: dict[str, tuple[int, int]] = {}        # coordinator: host -> newest ack
+        self._acks_new: dict[str, tuple[int, int]] = {}         # ... received since our last heartbeat
+        # What the confirming coordinator held when it confirmed our ack: (accepted, committed) keys.
+        self._confirm_need: tuple[StateKey, StateKey] = (NO_KEY, NO_KEY)
+        self._last_ack_ms = -10**9
+        self._candidates: dict[str, tuple[int, StateKey]] = {}  # vote requests seen: host -> (at, key)
+        self._granted_at: dict[str, int] = {}                   # our voters: host -> when it granted
+        self._caught_up: dict[str, int] = {}                    # coordinator: host -> proposal sent at
+        self._changed_ms = -10**9                               # coordinator: last proposal or commit
+        self._beats_seen = 0
+        self._owned_cache: tuple[StateKey, list[str]] = (NO_KEY, [])
+        self._mutual_cache: tuple[int, int, frozenset[str]] = (-1, -1, frozenset())
         self._persisted = self._durable()
 
     # ---- feeding --------------------------------------------------------------------
@@ -164,12 +204,22 @@ class ClusterAgent:
                 if previous is not None and previous[1].incarnation > message.incarnation:
                     return []                       # an older life of that agent
                 self.beats[message.sender] = (now, message)
+                self._beats_seen += 1
                 self._observe_term(message.term)
-                return self._detected(self.detector.step(GossipHeard(
+                out: list[ClusterOutput] = []
+                if message.coordinator:
+                    out += self._follow_beat(message)
+                hears = message.hears
+                if message.unheard is not None:     # a coordinator's summary: what of it we watch
+                    hears = hears | {p for p in self.detector.peers if heard_by(message, p)}
+                return out + self._detected(self.detector.step(GossipHeard(
                     host=message.sender, incarnation=message.incarnation, now_ms=now,
-                    hears=message.hears, reaches=message.reaches)))
+                    hears=hears, reaches=message.reaches)))
             case VoteRequest():
-                alive = self.detector.state(message.sender) is PeerState.ALIVE
+                self._candidates[message.sender] = (now, message.accepted)
+                # A candidate this agent does not watch: its request is the news that it lives.
+                alive = (self.detector.state(message.sender) is PeerState.ALIVE
+                         or not self.detector.watches(message.sender))
                 ok, _why = self.election.should_grant(message.sender, message.term, message.accepted,
                                                       self.accepted.key, alive, now)
                 if not ok:
@@ -178,6 +228,8 @@ class ClusterAgent:
                 self.election.grant(message.sender, message.term)
                 return [self._send(VoteGranted(sender=self.me, term=message.term, to=message.sender))]
             case VoteGranted():
+                if message.to == self.me and message.term == self.election.term:
+                    self._granted_at[message.sender] = now
                 if message.to == self.me and self.election.granted(message.sender, message.term):
                     return self._became_coordinator()
                 return []
@@ -190,6 +242,7 @@ class ClusterAgent:
                     self._committed(self.proposer.committed)
                     seen = (message.incarnation, message.seq)
                     self._acks_seen[message.sender] = max(seen, self._acks_seen.get(message.sender, seen))
+                    self._acks_new[message.sender] = self._acks_seen[message.sender]
                     # An ack is proof of life too: a host it comes from is not declared dead.
                     return self._detected(self.detector.step(GossipHeard(
                         host=message.sender, incarnation=message.incarnation, now_ms=now)))
@@ -201,27 +254,54 @@ class ClusterAgent:
             self._drop_coordination()
             self.election.observe_term(term)
 
-    def _proposal(self, p: Proposal) -> list[ClusterOutput]:
-        if p.term < self.election.term:
-            return []                               # an older term's coordinator: refused
-        if p.term > self.election.term:
+    def _follow(self, coordinator: str, term: int) -> bool:
+        """Renew the lease of `coordinator`; False when it is not the one to follow."""
+        if term < self.election.term:
+            return False                            # an older term's coordinator: refused
+        if term > self.election.term:
             self._drop_coordination()
-        self.election.follow(p.sender, p.term, self.now_ms)
-        if self.election.coordinator != p.sender:
-            return []
+        self.election.follow(coordinator, term, self.now_ms)
+        if self.election.coordinator != coordinator or self.election.role is Role.COORDINATOR:
+            return False
         if self.election.following_since_ms == self.now_ms:
             self._sync_seq = None                   # (re)joined: wait for a fresh ack to be confirmed
-        self._confirmed = p.confirmed.get(self.me, (-1, -1))
+            self._retrack()
+        return True
+
+    def _confirm(self, seen: tuple[int, int] | None, accepted: StateKey, committed: StateKey) -> None:
+        if seen is not None and seen > self._confirmed:
+            self._confirmed, self._confirm_need = seen, (accepted, committed)
+
+    def _proposal(self, p: Proposal) -> list[ClusterOutput]:
+        if not self._follow(p.sender, p.term):
+            return []
+        self._confirm(p.confirmed.get(self.me), p.state.key, p.committed.key)
         self._committed(p.committed)
         if p.state.key > self.accepted.key:
             self.accepted = p.state
         if self.accepted.key != p.state.key:
             return []
+        return [self._ack(p.sender, p.term)]
+
+    def _follow_beat(self, beat: Heartbeat) -> list[ClusterOutput]:
+        """A coordinator's heartbeat: its lease, its confirmations, its committed key."""
+        if not self._follow(beat.sender, beat.term):
+            return []
+        self._confirm(beat.confirmed.get(self.me), beat.accepted, beat.committed)
+        if beat.committed == self.accepted.key:
+            self._committed(self.accepted)          # the state we accepted is committed now
+        waiting = self._sync_seq is None or self._confirmed < (self.incarnation, self._sync_seq)
+        if waiting and self.now_ms - self._last_ack_ms >= self.config.timing.heartbeat_ms:
+            return [self._ack(beat.sender, beat.term)]   # (re)joined: ask for a confirmation
+        return []
+
+    def _ack(self, coordinator: str, term: int) -> Send:
         self._ack_seq += 1
+        self._last_ack_ms = self.now_ms
         if self._sync_seq is None:
             self._sync_seq = self._ack_seq
-        return [self._send(Ack(sender=self.me, term=p.term, accepted=p.state.key, to=p.sender,
-                               incarnation=self.incarnation, seq=self._ack_seq))]
+        return self._send(Ack(sender=self.me, term=term, accepted=self.accepted.key, to=coordinator,
+                              incarnation=self.incarnation, seq=self._ack_seq))
 
     def _committed(self, state: ClusterState) -> None:
         if state.key > self.committed.key:
@@ -236,8 +316,9 @@ class ClusterAgent:
         self.proposer = Proposer(self.quorum, self.me, self.committed, proposal)
         self.accepted = proposal
         self.coordinator = self.coordinator_class(self.config, term, self._id)
-        self._acks_seen = {}
-        self._last_proposal_ms = -10**9
+        self._acks_seen, self._acks_new, self._caught_up = {}, {}, {}
+        self._last_proposal_ms = self._last_beat_ms = -10**9   # announce at once
+        self._retrack()
         return []
 
     def _drop_coordination(self) -> None:
@@ -290,45 +371,112 @@ class ClusterAgent:
     # ---- quorum ---------------------------------------------------------------------
 
     def mutual_peers(self, now_ms: int) -> set[str]:
-        """Peers heard through the broker that report hearing this agent, lately."""
-        heard = self.detector.hears(now_ms)
-        window = self.config.timing.quorum_timeout_ms
-        return {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= window
-                and self.me in self.beats[p][1].hears}
+        """Peers heard through the broker that report hearing this agent, lately; and voters
+        that have just granted this agent their vote (they are not sending to it yet)."""
+        key = (now_ms, self._beats_seen)
+        if self._mutual_cache[:2] != key:
+            heard = self.detector.hears(now_ms)
+            window = self.config.timing.quorum_timeout_ms
+            mutual = {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= window
+                      and heard_by(self.beats[p][1], self.me)}
+            if self.election.role is Role.COORDINATOR:
+                mutual |= {p for p, at in self._granted_at.items() if now_ms - at <= window}
+            self._mutual_cache = (*key, frozenset(mutual))
+        return set(self._mutual_cache[2])
+
+    def _lease_quorate(self, mutual: set[str]) -> bool:
+        """Mutual with the coordinator we follow, whose latest heartbeat says it holds quorum."""
+        c = self.election.following(self.now_ms)
+        if c is None or c == self.me or c not in mutual:
+            return False
+        beat = self.beats[c][1]
+        return beat.coordinator and beat.quorate and beat.term == self.election.term
 
     def broker_quorate(self, now_ms: int) -> bool:
-        return self.quorum.reached(self.mutual_peers(now_ms) | {self.me})
+        mutual = self.mutual_peers(now_ms)
+        return self.quorum.reached(mutual | {self.me}) or self._lease_quorate(mutual)
 
     def connected_quorate(self, now_ms: int) -> bool:
+        if self.broker_quorate(now_ms):
+            return True
         return self.quorum.reached(self.mutual_peers(now_ms) | self.detector.reaches(now_ms) | {self.me})
+
+    def _standing_quorate(self, now_ms: int) -> bool:
+        """May stand for election: quorate, or (a large cluster, where nobody hears a majority
+        before a coordinator exists) mutual with a majority of its own neighbourhood."""
+        if self.broker_quorate(now_ms):
+            return True
+        return (self.detector.broker_connected
+                and self._local_quorum.reached(self.mutual_peers(now_ms) | {self.me}))
+
+    def ping_targets(self) -> frozenset[str]:
+        """The hosts this agent wants pinged: its neighbours and coordinator; everyone when coordinating."""
+        return self.detector.peers
+
+    def _retrack(self) -> None:
+        if self.election.role is Role.COORDINATOR:
+            wanted = set(self.hosts)
+        else:
+            wanted = set(self.neighbours) | {self.me}
+            followed = self.election.following(self.now_ms)
+            if followed is not None:
+                wanted.add(followed)
+        if wanted - {self.me} != self.detector.peers:
+            self.detector.reconfigure(sorted(wanted), self.config.detector, self.now_ms)
 
     # ---- the periodic part ----------------------------------------------------------
 
     def _advance(self, now: int) -> list[ClusterOutput]:
         out: list[ClusterOutput] = []
-        broker_quorate = self.broker_quorate(now)
-        if self.election.role is Role.COORDINATOR and not broker_quorate:
+        self._retrack()
+        for host, (at, _key) in list(self._candidates.items()):
+            if now - at > 2 * self.config.timing.election_timeout_ms:
+                del self._candidates[host]
+        if self.election.role is Role.COORDINATOR and not self.broker_quorate(now):
             self._drop_coordination()               # step down at once; our lease lapses by itself
-        out += self._maybe_stand(now, broker_quorate)
+            self._retrack()
+        standing = self._standing_quorate(now)
+        out += self._maybe_stand(now, standing)
         if self.proposer is not None and self.coordinator is not None:
             out += self._coordinate(now)
         if now - self._last_beat_ms >= self.config.timing.heartbeat_ms:
             self._last_beat_ms = now
-            out.append(self._send(self._heartbeat(now, broker_quorate)))
+            out += self._send_heartbeats(now, standing)
         out += self._watchdog(now)
         out += self._local_actions(now)
         return out
+
+    def _send_heartbeats(self, now: int, standing: bool) -> list[ClusterOutput]:
+        if self.election.role is Role.COORDINATOR:
+            beat = self._heartbeat(now, self.broker_quorate(now))
+            self._acks_new = {}
+            return [self._send(beat)]                                   # to everyone
+        beat = self._heartbeat(now, standing)
+        to = set(self.neighbours)
+        followed = self.election.following(now)
+        if followed is not None:
+            to.add(followed)
+        return [self._send(replace(beat, to=host)) for host in sorted(to)]
 
     def _heartbeat(self, now: int, quorate: bool) -> Heartbeat:
         pending = {(a, h) for a, h in self.requests
                    if self.committed.host(h).maintenance != (a == "drain")}
         self.requests = pending
+        hears, reaches = self.detector.hears(now), self.detector.reaches(now)
+        coordinating = self.election.role is Role.COORDINATOR
+        unheard = None
+        if coordinating:                        # a summary instead of a list of every host
+            mutual = self.mutual_peers(now)
+            unheard = frozenset(h for h in self.hosts if h != self.me and h not in mutual)
+            hears, reaches = hears & self.neighbours, reaches & self.neighbours
         return Heartbeat(sender=self.me, incarnation=self.incarnation, term=self.election.term,
-                         hears=self.detector.hears(now), reaches=self.detector.reaches(now),
+                         hears=hears, reaches=reaches,
                          accepted=self.accepted.key, quorate=quorate, vms=dict(self.local_vms),
                          failed_vms=frozenset(self.failed_vms),
                          migrations=tuple(sorted(self.migration_reports.values(), key=lambda r: r.vm)),
-                         requests=frozenset(pending))
+                         requests=frozenset(pending), committed=self.committed.key,
+                         coordinator=coordinating, unheard=unheard,
+                         confirmed=dict(self._acks_new) if coordinating else {})
 
     def _maybe_stand(self, now: int, quorate: bool) -> list[ClusterOutput]:
         e = self.election
@@ -352,6 +500,9 @@ class ClusterAgent:
             if (beat.quorate and now - at <= window
                     and self.detector.state(peer) is PeerState.ALIVE):
                 keys[peer] = beat.accepted
+        for peer, (_at, key) in self._candidates.items():   # candidates seen lately (large clusters)
+            if peer != self.me and key > keys.get(peer, NO_KEY):
+                keys[peer] = key
         hosts = sorted(keys)
         hosts.sort(key=lambda h: (keys[h], self.config.hosts[h].priority), reverse=True)
         return hosts[0]
@@ -359,6 +510,7 @@ class ClusterAgent:
     def _coordinate(self, now: int) -> list[ClusterOutput]:
         assert self.proposer is not None and self.coordinator is not None
         out: list[ClusterOutput] = []
+        committed_before = self.proposer.committed.key
         if not self.proposer.in_flight:
             state, planned = self.coordinator.plan(self.proposer.committed, self._views(now), now)
             out += planned
@@ -367,11 +519,27 @@ class ClusterAgent:
                 self.accepted = state
                 self._committed(self.proposer.committed)
                 self._last_proposal_ms = -10**9
-        if now - self._last_proposal_ms >= self.config.timing.heartbeat_ms:
-            self._last_proposal_ms = now
+        if self.proposer.committed.key != committed_before:
+            self._changed_ms = now
+        proposal, committed = self.proposer.proposal, self.proposer.committed
+        # Broadcast while in flight (and once more when it was committed at once, alone).
+        if (self.proposer.in_flight or self._last_proposal_ms == -10**9) \
+                and now - self._last_proposal_ms >= self.config.timing.heartbeat_ms:
+            self._last_proposal_ms = self._changed_ms = now
             out.append(self._send(Proposal(sender=self.me, term=self.election.term,
-                                           state=self.proposer.proposal, committed=self.proposer.committed,
-                                           confirmed=dict(self._acks_seen))))
+                                           state=proposal, committed=committed)))
+        # A host whose heartbeat, sent well after the last change, shows it behind: the state to it alone.
+        t = self.config.timing
+        grace = 3 * t.heartbeat_ms
+        for host, (at, beat) in self.beats.items():
+            if (at > self._changed_ms + grace and now - at <= t.quorum_timeout_ms
+                    and (beat.accepted < proposal.key or beat.committed < committed.key)
+                    and now - self._caught_up.get(host, -10**9) >= grace):
+                self._caught_up[host] = now
+                seen = self._acks_seen.get(host)
+                out.append(self._send(Proposal(sender=self.me, term=self.election.term, state=proposal,
+                                               committed=committed, to=host,
+                                               confirmed={host: seen} if seen is not None else {})))
         return out
 
     def _views(self, now: int) -> dict[str, HostView]:
@@ -408,10 +576,18 @@ class ClusterAgent:
         """The coordinator has an ack we sent since (re)joining: its committed state is current."""
         if self.election.role is Role.COORDINATOR:
             return True
-        return self._sync_seq is not None and self._confirmed >= (self.incarnation, self._sync_seq)
+        accepted, committed = self._confirm_need
+        return (self._sync_seq is not None and self._confirmed >= (self.incarnation, self._sync_seq)
+                and self.accepted.key >= accepted and self.committed.key >= committed)
 
     def _busy(self, vm: str) -> bool:
         return any(cmd.vm == vm for _at, cmd in self.commands.values())
+
+    def _owned(self, state: ClusterState) -> list[str]:
+        """The VMs `state` gives this host, sorted; computed once per state (20,000 VMs at scale)."""
+        if self._owned_cache[0] != state.key:
+            self._owned_cache = (state.key, state.owned_by(self.me))
+        return self._owned_cache[1]
 
     def _vm_command(self, cmd: VmCommand) -> VmCommand:
         self.commands[cmd.id] = (self.now_ms, cmd)
@@ -432,10 +608,10 @@ class ClusterAgent:
             report, mig = self.migration_reports[vm], state.migrations.get(vm)
             if mig is None or (mig.generation, mig.target) != (report.generation, report.target):
                 del self.migration_reports[vm]
-        for vm, granted in sorted(state.vms.items()):
-            if granted.owner != self.me:
-                self.failed_vms.discard(vm)
-                self.restarts.pop(vm, None)
+        mine = self._owned(state)
+        for vm in sorted((self.failed_vms | set(self.restarts)) - set(mine)):
+            self.failed_vms.discard(vm)
+            self.restarts.pop(vm, None)
         for vm, qemu in sorted(self.local_vms.items()):
             if self._busy(vm):
                 continue
@@ -457,8 +633,9 @@ class ClusterAgent:
                                      term=term))
         may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced
                      and self._synced())
-        for vm, grant in sorted(state.vms.items()):
-            if (may_start and grant.owner == self.me and grant.desired == "running"
+        for vm in mine if may_start else []:
+            grant = state.vms[vm]
+            if (grant.owner == self.me and grant.desired == "running"
                     and self.accepted.vms.get(vm) == grant      # no change to it under way
                     # A move in flight may have switched over already: the guest may run on the
                     # target while this host, rebooted since, no longer has a copy.

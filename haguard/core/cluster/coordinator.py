@@ -38,6 +38,7 @@ class Coordinator:
         self.fencing = Fencing(watchdog_wait_ms=t.watchdog_timeout_ms + t.watchdog_margin_ms,
                                fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms)
         self.failed_targets: dict[str, set[str]] = {}     # vm -> hosts a move or run failed on
+        self._source_lost: dict[str, int] = {}            # vm -> when its move's source had no copy
 
     def fenced(self, host: str, now_ms: int) -> bool:
         """True once `host` is confirmed off; only then may its VMs run elsewhere."""
@@ -86,10 +87,16 @@ class Coordinator:
                 del migrations[vm]
             elif source_beat is not None and vm not in source_beat.vms and target_beat is not None:
                 # The source lost its copy (rebooted, QEMU died) with the result unreported: a target
-                # that runs the guest has it; otherwise the move is over and the source restarts it.
+                # that runs the guest has it.  Otherwise the move is over and the source restarts it,
+                # once the target has had time to report a switchover that raced the source's report.
+                since = self._source_lost.setdefault(vm, now_ms)
                 if target_beat.vms.get(vm) == "running":
                     vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
-                del migrations[vm]
+                    del migrations[vm]
+                elif now_ms - since > self.config.timing.quorum_timeout_ms + self.config.timing.heartbeat_ms:
+                    del migrations[vm]
+        for vm in [vm for vm in self._source_lost if vm not in migrations]:
+            del self._source_lost[vm]
 
         for host, paused in sorted(beats.items()):                    # moved to a host now fenced
             for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):
@@ -122,22 +129,23 @@ class Coordinator:
                     self.failed_targets.setdefault(vm, set()).add(host)
                     vms[vm] = replace(failed, owner=None, generation=failed.generation + 1)
 
-        running_on: dict[str, set[str]] = {}
+        # Running copies not on their owner (one pass over the reports, not over every VM).
+        unexpected: list[tuple[str, str]] = []
         for host, beat in beats.items():
             for vm, qemu in beat.vms.items():
                 if qemu == "running":
-                    running_on.setdefault(vm, set()).add(host)
-        for vm, where in sorted(running_on.items()):                 # stray copies
-            owner = vms[vm].owner if vm in vms else None
+                    owned = vms.get(vm)
+                    if owned is None or owned.owner != host:
+                        unexpected.append((vm, host))
+        for vm, host in sorted(unexpected):                           # stray copies
             moving = migrations.get(vm)
-            for host in sorted(where):
-                expected = owner == host
-                incoming = moving is not None and moving.target == host
-                if not expected and not incoming and vm not in kills:
-                    kills[vm] = host
+            incoming = moving is not None and moving.target == host
+            if not incoming and vm not in kills:
+                kills[vm] = host
 
-        unplaced = [vm for vm, rec in vms.items()                     # placement
-                    if rec.owner is None and rec.desired == "running" and vm not in running_on]
+        running_unowned = {vm for vm, _host in unexpected}            # placement
+        unplaced = [vm for vm, rec in vms.items()
+                    if rec.owner is None and rec.desired == "running" and vm not in running_unowned]
         candidates = self._candidates(vms, hosts, migrations, views)
         excluded = {vm: frozenset(self.failed_targets.get(vm, ())) for vm in unplaced}
         for placement in plan_recovery(self.config.vms, unplaced, candidates, self.config.limits, excluded):
@@ -176,29 +184,43 @@ class Coordinator:
                     views: Mapping[str, HostView]) -> list[HostCandidate]:
         # One pass over the VMs, not one per host: at 1,000 hosts x 20 VMs that is 20,000 steps
         # instead of 20 million (measured by bench/simulate.py: 13 s per plan before).
-        holds: dict[str, list[VmSpec]] = {}          # host -> VMs it runs or receives
+        memory: dict[str, int] = {}                  # host -> what the VMs it runs or receives use
+        vcpus: dict[str, int] = {}
+        groups: dict[str, tuple[set[str], set[str]]] = {}   # host -> (affinity, anti-affinity) groups
         incoming: dict[str, int] = {}
+        specs = self.config.vms
+
+        def hold(host: str, spec: VmSpec) -> None:
+            memory[host] = memory.get(host, 0) + spec.memory_mib
+            vcpus[host] = vcpus.get(host, 0) + spec.vcpus
+            if spec.affinity or spec.anti_affinity:
+                aff, anti = groups.setdefault(host, (set(), set()))
+                if spec.affinity:
+                    aff.add(spec.affinity)
+                if spec.anti_affinity:
+                    anti.add(spec.anti_affinity)
+
         for vm, rec in vms.items():
             if rec.owner is not None:
-                holds.setdefault(rec.owner, []).append(self.config.vms[vm])
+                hold(rec.owner, specs[vm])
         for vm, mig in migrations.items():
             if vm in vms and mig.target != vms[vm].owner:
-                holds.setdefault(mig.target, []).append(self.config.vms[vm])
+                hold(mig.target, specs[vm])
         for mig in migrations.values():
             incoming[mig.target] = incoming.get(mig.target, 0) + 1
         out = []
+        empty: tuple[set[str], set[str]] = (set(), set())
         for name, spec in sorted(self.config.hosts.items()):
             view = views.get(name)
-            held = holds.get(name, [])
+            aff, anti = groups.get(name, empty)
             out.append(HostCandidate(
                 name=name, alive=view is not None and view.alive and not spec.witness,
                 memory_mib=spec.memory_mib, vcpus=spec.vcpus,
                 maintenance=hosts[name].maintenance, fenced=hosts[name].fenced,
                 groups=spec.groups, group_priority=spec.group_priority,
                 migrations_in_flight=incoming.get(name, 0),
-                used_memory_mib=sum(v.memory_mib for v in held), used_vcpus=sum(v.vcpus for v in held),
-                affinity_groups=frozenset(v.affinity for v in held if v.affinity),
-                anti_affinity_groups=frozenset(v.anti_affinity for v in held if v.anti_affinity)))
+                used_memory_mib=memory.get(name, 0), used_vcpus=vcpus.get(name, 0),
+                affinity_groups=frozenset(aff), anti_affinity_groups=frozenset(anti)))
         return out
 
     def _drain(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],

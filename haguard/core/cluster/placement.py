@@ -115,3 +115,17 @@ def place(vm: VmSpec, hosts: Iterable[HostCandidate], limits: PlacementLimits, *
         detail = f"group priority {prio}, affinity {'yes' if near else 'no'}, {free} MiB free after"
         reasons[host.name] = ("chosen: " if i == 0 else "eligible, ranked lower: ") + detail
     return Placement(vm=vm.name, host=eligible[0].name if eligible else None, reasons=reasons)
+
+
+def choose(vm: VmSpec, hosts: Iterable[HostCandidate], limits: PlacementLimits, *,
+           migration: bool = False, cluster_migrations: int = 0) -> HostCandidate | None:
+    """`place`'s choice without the reasons: one pass, no sorting (a recovery at 1,000 hosts)."""
+    best: HostCandidate | None = None
+    best_rank: tuple[int, int, int] = (0, 0, 0)
+    for host in hosts:
+        if refusal(vm, host, limits, migration=migration, cluster_migrations=cluster_migrations) is not None:
+            continue
+        r = rank(vm, host, limits)
+        if best is None or r > best_rank or (r == best_rank and host.name < best.name):
+            best, best_rank = host, r
+    return best

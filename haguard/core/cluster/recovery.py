@@ -11,10 +11,19 @@ highest priority first.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
-from haguard.core.cluster.placement import HostCandidate, Placement, PlacementLimits, VmSpec, place
+from haguard.core.cluster.placement import (
+    HostCandidate,
+    Placement,
+    PlacementLimits,
+    VmSpec,
+    choose,
+    place,
+    refusal,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,18 +119,43 @@ def by_priority(vms: Mapping[str, VmSpec], names: list[str]) -> list[str]:
 def plan_recovery(vms: Mapping[str, VmSpec], names: list[str], hosts: list[HostCandidate],
                   limits: PlacementLimits,
                   excluded: Mapping[str, frozenset[str]] | None = None) -> list[Placement]:
-    """Place `names` one after another, highest priority first, each seeing the ones before."""
+    """Place `names` one after another, highest priority first, each seeing the ones before.
+
+    A placed VM's reasons name only the chosen host (every host's reason costs a string per
+    host and VM: 20,000 at 1,000 hosts); an unplaced VM's give every host's."""
     excluded = excluded or {}
     current = {h.name: h for h in hosts}
+    # Hosts that may take some VM, best first for a VM without affinity (whose rank is group
+    # priority, then free memory, ties by name): such a VM takes the first that accepts it.
+    order = sorted(_order_key(h, limits) for h in hosts
+                   if h.alive and not (h.fenced or h.maintenance or h.degraded))
     placements: list[Placement] = []
     for vm in by_priority(vms, names):
         spec = vms[vm]
         skip = excluded.get(vm, frozenset())
-        placement = place(spec, [h for n, h in sorted(current.items()) if n not in skip], limits)
-        placements.append(placement)
-        if placement.host is not None:
-            current[placement.host] = with_vm(current[placement.host], spec)
+        best: HostCandidate | None = None
+        if spec.affinity is None:
+            for key in order:
+                host = current[key[2]]
+                if key[2] not in skip and refusal(spec, host, limits, migration=False) is None:
+                    best = host
+                    break
+        else:
+            best = choose(spec, [h for n, h in sorted(current.items()) if n not in skip], limits)
+        if best is None:
+            placements.append(place(spec, [h for n, h in sorted(current.items()) if n not in skip], limits))
+            continue
+        placements.append(Placement(vm=vm, host=best.name, reasons={best.name: "chosen"}))
+        updated = current[best.name] = with_vm(best, spec)
+        if best.alive and not (best.fenced or best.maintenance or best.degraded):
+            del order[bisect.bisect_left(order, _order_key(best, limits))]
+            bisect.insort(order, _order_key(updated, limits))
     return placements
+
+
+def _order_key(host: HostCandidate, limits: PlacementLimits) -> tuple[int, int, str]:
+    free = int(host.memory_mib * limits.memory_overcommit) - host.used_memory_mib
+    return (-host.group_priority, -free, host.name)
 
 
 def with_vm(host: HostCandidate, vm: VmSpec) -> HostCandidate:

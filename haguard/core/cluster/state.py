@@ -60,8 +60,8 @@ class ClusterState:
 
 
 def initial_state(vms: list[str], hosts: list[str]) -> ClusterState:
-    return ClusterState(vms={vm: VmRecord(owner=None) for vm in vms},
-                        hosts={h: HostRecord() for h in hosts})
+    unplaced, host = VmRecord(owner=None), HostRecord()        # frozen: shared
+    return ClusterState(vms=dict.fromkeys(vms, unplaced), hosts=dict.fromkeys(hosts, host))
 
 
 class Proposer:

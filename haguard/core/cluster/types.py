@@ -29,6 +29,9 @@ class HostSpec:
     priority: int = 0               # coordinator preference
     witness: bool = False           # votes, runs no VMs
     fence_device: bool = False      # without one, recovery waits for the watchdog deadline
+    # A fence command without result by then counts as failed (the device's own timeout plus a
+    # margin); None: ClusterTiming.fence_timeout_ms.
+    fence_timeout_ms: int | None = None
     memory_mib: int = 0
     vcpus: int = 0
     groups: frozenset[str] = frozenset()
@@ -44,7 +47,7 @@ class ClusterTiming:
     election_timeout_ms: int = 1000
     watchdog_timeout_ms: int = 2000
     watchdog_margin_ms: int = 1500  # covers quorum_timeout, heartbeat and message delay
-    fence_timeout_ms: int = 3000    # a fence command without result by then counts as failed
+    fence_timeout_ms: int = 3000    # default for hosts whose HostSpec gives none
     fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
     max_local_restarts: int = 3
 
@@ -58,6 +61,9 @@ class CoreConfig:
     detector: DetectorTiming = field(default_factory=DetectorTiming)
     limits: PlacementLimits = field(default_factory=PlacementLimits)
     isolation: IsolationPolicy = "keep"
+    # Ring neighbours each host sends its heartbeat to (and pings), besides the coordinator;
+    # rounded up to an even number.  A cluster of at most fanout + 1 hosts is a full mesh.
+    gossip_fanout: int = 4
 
 
 # ---- messages --------------------------------------------------------------------
@@ -72,6 +78,9 @@ class MigrationReport:
 
 @dataclass(frozen=True, kw_only=True)
 class Heartbeat:
+    """A follower's report, to its ring neighbours and its coordinator (one Send each); the
+    coordinator's is broadcast and is also its lease renewal and membership summary."""
+
     sender: str
     incarnation: int
     term: int                                   # highest term the sender has seen
@@ -83,7 +92,15 @@ class Heartbeat:
     failed_vms: frozenset[str] = frozenset()    # gave up restarting in place: QEMU gone
     migrations: tuple[MigrationReport, ...] = ()
     requests: frozenset[tuple[str, str]] = frozenset()   # (drain|undrain, host) not yet committed
-    to: None = None
+    to: str | None = None
+    committed: StateKey = (0, 0)
+    coordinator: bool = False                   # the sender coordinates `term`: renews its lease
+    # Set by a coordinator: it hears (mutually) every configured host but these; `hears` then
+    # lists only its ring neighbours.
+    unheard: frozenset[str] | None = None
+    # A coordinator's confirmation of the acks it received since its previous heartbeat:
+    # host -> (incarnation, sequence) (a read index, see ClusterAgent).
+    confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,7 +128,7 @@ class Proposal:
     committed: ClusterState
     # host -> (incarnation, sequence) of the newest ack received from it in this term
     confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
-    to: None = None
+    to: str | None = None                       # None: to all; a host: a catch-up for it alone
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -66,8 +66,9 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
         lost = _owned_by(c, victim)
         cut_at = now()
-        c.cut(victim)                  # a power-off: no link, its QEMUs gone
+        c.cut(victim)                  # a power-off: no link, its QEMUs and agent gone
         c.kill_vms(victim)
+        c.kill9(victim)
         wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
         took = now() - cut_at
         print(f"recovered {lost} from {victim} in {took:.2f} s")

@@ -287,7 +287,13 @@ class Agent:
     def _on_envelope(self, env: Envelope) -> None:
         self.metrics.gossip_message("received")
         if env.kind in CLUSTER_KINDS:
-            if self.cluster is not None:
+            if self.cluster is None:
+                return
+            if env.kind == "direct" and env.body.get("rpc") in ("request", "reply"):
+                # Migration requests bypass the queue: a live move makes a dozen of these round
+                # trips, and they neither feed nor change the core.
+                self.cluster.on_envelope(env, monotonic_ms())
+            else:
                 self._offer(_ClusterMessage(env, monotonic_ms()))
             return
         self._offer(GossipReceived(host=env.host, incarnation=env.incarnation, kind=env.kind,

@@ -51,16 +51,28 @@ class RunWatch:
                 if d.is_dir() and not d.is_symlink() and launcher.read_pid(InstancePaths(d))]
         # All at once: one sample is one instant, not a walk across the hosts.
         states = await asyncio.gather(*(self._state(d) for _, d in live))
-        running: dict[str, list[str]] = {}
+        running: dict[str, list[tuple[str, Path]]] = {}
         for (host, d), state in zip(live, states, strict=True):
             if state == "running":
-                running.setdefault(d.name.split("@", 1)[0], []).append(host)
+                running.setdefault(d.name.split("@", 1)[0], []).append((host, d))
         with self._lock:
-            self._where = running
+            self._where = {vm: [h for h, _ in on] for vm, on in running.items()}
             self.samples += 1
-        for vm, hosts in running.items():
-            if len(hosts) > 1:
-                self.twice.append((time.time(), vm, hosts))
+        for vm, on in running.items():
+            if len(on) > 1 and await self._confirm(on[0][1], on[1][1]):
+                self.twice.append((time.time(), vm, [h for h, _ in on]))
+
+    async def _confirm(self, a: Path, b: Path) -> bool:
+        """Both running at one instant?  The replies of one sample come at different moments:
+        a source asked just before its switchover and its destination just after both say
+        "running".  Asked in turn A, B, A (or B, A, B), all three "running" means the first
+        ran before and after a moment at which the other ran (a QEMU that stopped for a
+        switchover never runs again: a failed move's resumed source would be two copies)."""
+        for x, y in ((a, b), (b, a)):
+            if (await self._state(x) == "running" and await self._state(y) == "running"
+                    and await self._state(x) == "running"):
+                return True
+        return False
 
     async def _main(self) -> None:
         while not self._stop.is_set():

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import haguard.core.cluster as cluster_pkg
-from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.cluster.agent import ClusterAgent, ring_neighbours
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.placement import VmSpec
@@ -319,3 +319,76 @@ def test_fence_results_come_back_through_the_agent() -> None:
     cmds, _ = agent.coordinator.fencing.poll(10, lambda: "h1/1/fence")
     out = agent.step(CommandResult(id=cmds[0].id, ok=False, reason="no route", now_ms=20))
     assert [type(o) for o in out] == [RaiseAlert] and "no route" in out[0].reason  # type: ignore[union-attr]
+
+
+def test_a_hosts_own_fence_timeout_decides_when_a_hung_fence_counts_as_failed() -> None:
+    # h2's device answers within 60 s (a real fence agent's default): the runtime passes its
+    # timeout plus a margin; h3 keeps the core's default.
+    hosts = dict(HOSTS, h2=HostSpec(name="h2", memory_mib=8192, vcpus=8, fence_device=True,
+                                    fence_timeout_ms=65_000))
+    ids = iter(f"f{i}" for i in range(100))
+    c = Coordinator(CoreConfig(me="h1", hosts=hosts, vms=VMS), term=2, new_id=lambda: next(ids))
+    assert c.fencing.timeout_ms("h2") == 65_000 and c.fencing.timeout_ms("h3") == 3000
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")},
+                         hosts=initial_state([], list(HOSTS)).hosts)
+    _new, out = c.plan(state, _views(dead=True), 1000)
+    assert [o.host for o in out if isinstance(o, FenceHost)] == ["h2"]
+    _new, out = c.plan(state, _views(dead=True), 1000 + 30_000)
+    assert not [o for o in out if isinstance(o, RaiseAlert)], "still within the device's own timeout"
+    _new, out = c.plan(state, _views(dead=True), 1000 + 65_000)
+    alerts = [o for o in out if isinstance(o, RaiseAlert)]
+    assert alerts and "no answer within 65000 ms" in alerts[0].reason
+
+
+# ---- the gossip layout ------------------------------------------------------------------
+
+def test_ring_neighbours_are_bounded_and_symmetric() -> None:
+    hosts = [f"h{i:04d}" for i in range(1000)]
+    for me in ("h0000", "h0500", "h0999"):
+        near = ring_neighbours(hosts, me, 4)
+        assert len(near) == 4 and me not in near
+        assert all(me in ring_neighbours(hosts, peer, 4) for peer in near), "symmetric"
+    assert ring_neighbours(hosts[:5], "h0002", 4) == frozenset(hosts[:5]) - {"h0002"}, "small: full mesh"
+
+
+def _large(me: str, n: int = 40) -> CoreConfig:
+    hosts = {f"h{i:02d}": HostSpec(name=f"h{i:02d}", memory_mib=8192, vcpus=8) for i in range(n)}
+    return CoreConfig(me=me, hosts=hosts, vms=VMS)
+
+
+def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_coordinator_only() -> None:
+    agent = ClusterAgent(_large("h10"), incarnation=1, now_ms=0)
+    connected(agent)
+    assert agent.ping_targets() == {"h08", "h09", "h11", "h12"}
+    lease = Heartbeat(sender="h00", incarnation=1, term=3, hears=frozenset(), reaches=frozenset(),
+                      accepted=(3, 4), quorate=True, vms={}, coordinator=True, unheard=frozenset(),
+                      committed=(3, 4))
+    joined = agent.step(MessageReceived(message=lease, now_ms=100))
+    assert agent.election.following(100) == "h00" and "h00" in agent.ping_targets()
+    # Joined: it asks the coordinator to confirm an ack (a read index), nothing more.
+    assert [(type(o.message), o.message.to) for o in joined if isinstance(o, Send)] == [(Ack, "h00")]
+    sent = [o.message for o in agent.tick(200) if isinstance(o, Send)]
+    assert all(isinstance(m, Heartbeat) for m in sent)
+    assert sorted(m.to or "" for m in sent) == ["h00", "h08", "h09", "h11", "h12"]
+
+
+def test_the_coordinator_summarises_whom_it_does_not_hear() -> None:
+    agent = ClusterAgent(_large("h00", n=7), incarnation=1, now_ms=0)
+    connected(agent)
+    hosts = sorted(agent.config.hosts)
+    for now in (100, 200, 300):
+        for peer in hosts[1:5]:                    # a majority with h00: h01..h04; h05, h06 silent
+            b = Heartbeat(sender=peer, incarnation=1, term=0, hears=frozenset({"h00"}),
+                          reaches=frozenset(), accepted=(0, 0), quorate=True, vms={})
+            agent.step(MessageReceived(message=b, now_ms=now))
+        out = agent.tick(now)
+        requests = [o.message for o in out if isinstance(o, Send) and isinstance(o.message, VoteRequest)]
+        for r in requests:
+            for peer in hosts[1:5]:
+                agent.step(MessageReceived(message=VoteGranted(sender=peer, term=r.term, to="h00"),
+                                           now_ms=now))
+    assert agent.role == Role.COORDINATOR
+    assert agent.ping_targets() == frozenset(hosts) - {"h00"}, "the coordinator watches everyone"
+    beats = [o.message for o in agent.tick(700) if isinstance(o, Send) and isinstance(o.message, Heartbeat)]
+    assert len(beats) == 1 and beats[0].to is None and beats[0].coordinator
+    assert beats[0].unheard == {"h05", "h06"}

@@ -96,16 +96,19 @@ def main(argv: list[str] | None = None, agent_class: AgentFactory = ClusterAgent
     parser.add_argument("--witness", action="store_true", help="add a host that only votes")
     parser.add_argument("--no-fence-devices", action="store_true", help="recover by watchdog deadline")
     parser.add_argument("--isolation", choices=["keep", "shutdown", "self-fence"], default="keep")
+    parser.add_argument("--fanout", type=int, default=SimConfig.gossip_fanout,
+                        help="ring neighbours per host (below hosts - 1: partial views)")
     parser.add_argument("--no-shrink", action="store_true")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     schedule = Schedule.decode(args.schedule) if args.schedule else None
     sim = SimConfig(hosts=args.hosts, witness=args.witness, fence_devices=not args.no_fence_devices,
-                    isolation=args.isolation)
+                    isolation=args.isolation, gossip_fanout=args.fanout)
     flags = "".join([f" --hosts {args.hosts}" if args.hosts != SimConfig.hosts else "",
                      " --witness" if args.witness else "",
                      " --no-fence-devices" if args.no_fence_devices else "",
-                     f" --isolation {args.isolation}" if args.isolation != "keep" else ""])
+                     f" --isolation {args.isolation}" if args.isolation != "keep" else "",
+                     f" --fanout {args.fanout}" if args.fanout != SimConfig.gossip_fanout else ""])
     worst, code = 0, 0
     for seed in range(args.seed, args.seed + args.seeds):
         result, _world = run(seed, schedule=schedule, sim=sim, agent_class=agent_class)

@@ -78,6 +78,7 @@ class SimConfig:
     stall_ms: int = 5000
     liveness_bound_ms: int = 25_000
     host_specs: tuple[HostSpec, ...] = ()   # replaces the generated hosts when given
+    gossip_fanout: int = CoreConfig.gossip_fanout   # below hosts - 1: partial views (a large cluster)
 
 
 @dataclass
@@ -328,7 +329,8 @@ class World:
 
     def _config(self, name: str) -> CoreConfig:
         return CoreConfig(me=name, hosts=self.specs, vms=self.vm_specs, timing=self.timing,
-                          detector=self.sim.detector, isolation=self.sim.isolation)
+                          detector=self.sim.detector, isolation=self.sim.isolation,
+                          gossip_fanout=self.sim.gossip_fanout)
 
     def _boot_agent(self, host: SimHost) -> None:
         host.incarnation += 1

@@ -36,7 +36,9 @@ class Coordinator:
         self.term = term
         self.new_id = new_id
         self.fencing = Fencing(watchdog_wait_ms=t.watchdog_timeout_ms + t.watchdog_margin_ms,
-                               fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms)
+                               fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms,
+                               host_timeouts_ms={h: s.fence_timeout_ms for h, s in config.hosts.items()
+                                                 if s.fence_timeout_ms is not None})
         self.failed_targets: dict[str, set[str]] = {}     # vm -> hosts a move or run failed on
         self._source_lost: dict[str, int] = {}            # vm -> when its move's source had no copy
 

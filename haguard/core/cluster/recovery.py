@@ -2,7 +2,7 @@
 
 `Fencing` tracks the coordinator's fence of each host declared dead: a fence device
 `off` with retries and backoff (an alert on every failure, a command without result
-within `fence_timeout_ms` counts as failed), or for hosts without a device the
+within the host's fence timeout counts as failed), or for hosts without a device the
 watchdog deadline: `watchdog_timeout_ms + watchdog_margin_ms` after the declaration
 (by then the host, which lost quorum before others could declare it dead, has
 stopped petting and been reset).  `plan_recovery` places a fenced host's VMs,
@@ -50,9 +50,11 @@ class _Fence:
 
 
 class Fencing:
-    def __init__(self, *, watchdog_wait_ms: int, fence_timeout_ms: int, backoff_ms: tuple[int, ...]) -> None:
+    def __init__(self, *, watchdog_wait_ms: int, fence_timeout_ms: int, backoff_ms: tuple[int, ...],
+                 host_timeouts_ms: Mapping[str, int] | None = None) -> None:
         self.watchdog_wait_ms = watchdog_wait_ms
-        self.fence_timeout_ms = fence_timeout_ms
+        self.fence_timeout_ms = fence_timeout_ms             # for hosts not in host_timeouts_ms
+        self.host_timeouts_ms = dict(host_timeouts_ms or {})  # a device's own timeout plus a margin
         self.backoff_ms = backoff_ms or (1000,)
         self._fences: dict[str, _Fence] = {}
 
@@ -64,6 +66,9 @@ class Fencing:
         fence = self._fences.get(host)
         if fence is not None and not fence.confirmed:
             del self._fences[host]
+
+    def timeout_ms(self, host: str) -> int:
+        return self.host_timeouts_ms.get(host, self.fence_timeout_ms)
 
     def forget(self, host: str) -> None:
         self._fences.pop(host, None)
@@ -86,8 +91,9 @@ class Fencing:
         for host, fence in sorted(self._fences.items()):
             if not fence.device or fence.confirmed:
                 continue
-            if fence.command_id is not None and now_ms - fence.sent_ms >= self.fence_timeout_ms:
-                why = f"no answer within {self.fence_timeout_ms} ms"
+            timeout = self.timeout_ms(host)
+            if fence.command_id is not None and now_ms - fence.sent_ms >= timeout:
+                why = f"no answer within {timeout} ms"
                 alerts.append(self._failed(fence, host, why, now_ms))
             if fence.command_id is None and now_ms >= fence.next_try_ms:
                 fence.command_id, fence.sent_ms = new_id(), now_ms

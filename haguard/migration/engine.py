@@ -255,8 +255,8 @@ class Migration:
                 await self._cancel_qemu()
             case PausePostcopy():
                 # Pause the source only: it closes its end, and the destination sees the
-                # error as soon as the path carries its next page request.  Pausing the
-                # destination too crashes QEMU 7.2's postcopy listen thread after recovery.
+                # error as soon as the path carries its next page request (a monitor
+                # command to a destination cut off from us might not arrive anyway).
                 self._step = "postcopy stalled: pausing"
                 with contextlib.suppress(HaguardError):
                     await self.source.cmd("migrate-pause", oob=True, timeout_s=5)

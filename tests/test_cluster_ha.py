@@ -46,6 +46,9 @@ def test_drain_moves_every_vm_live_respecting_anti_affinity_and_capacity() -> No
             ends = [e for e in c.events(victim, "migration-end") if e.get("vm") == vm]
             assert ends and ends[-1]["status"] == "completed", ends
         assert not fence_calls(c), "a drain never fences"
+        scraped = c.scrape(victim)
+        assert f'haguard_migrations_total{{result="completed"}} {len(moved)}.0' in scraped, scraped[-2000:]
+        assert "haguard_migration_transferred_bytes_total" in scraped
         status = c.haguard(victim, "status")
         assert status.returncode == 0 and "maintenance" in status.stdout, status.stdout + status.stderr
         watch.check()
@@ -80,6 +83,8 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         assert starts and all(_wall(e) >= fenced_at for e in starts), (starts, fenced_at)
         alerts = {(e.get("alert"), e.get("vm")) for h in c.hosts if h != victim for e in c.events(h, "alert")}
         assert ("fencing-done", None) in alerts, alerts
+        fencer = next(h for h in c.hosts if h != victim and any(e for e in c.events(h, "fence-result")))
+        assert 'haguard_fence_actions_total{result="done"} 1.0' in c.scrape(fencer)
         assert all(("recovery-done", vm) in alerts for vm in lost), alerts
         watch.check()
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import structlog
 
+from haguard.adapters import metrics
 from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
 from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
@@ -439,6 +440,7 @@ class ClusterRuntime:
         level = log.warning if result.ok else log.error
         level("fence-result", host=cmd.host, ok=result.ok, detail=result.detail,
               duration_s=round(result.duration_s, 3))
+        metrics.record_fence("done" if result.ok else "failed")
         if result.ok:
             self.alert(make_alert(AlertKind.FENCING_DONE, host=cmd.host,
                                   summary=f"{cmd.host} fenced (powered off) by {self.me}",
@@ -476,6 +478,11 @@ class ClusterRuntime:
                                      on_progress=progress,
                                      on_alert=lambda kind, why: log.warning("migration-alert", vm=cmd.vm,
                                                                             kind=kind, reason=why))
+        downtime = result.downtime_ms
+        metrics.record_migration(result.status or "failed",
+                                 duration_s=result.total_time_ms / 1000 if result.total_time_ms else None,
+                                 downtime_s=downtime / 1000 if downtime is not None else None,
+                                 transferred_bytes=result.transferred_bytes)
         level = log.info if result.ok else log.error
         level("migration-end", vm=cmd.vm, target=cmd.target, status=result.status, error=result.error,
               total_ms=result.total_time_ms, downtime_ms=result.downtime_ms)

@@ -226,6 +226,11 @@ class Cluster:
                                *args, "--config", str(self.config_path(host))],
                               capture_output=True, text=True, timeout=timeout_s, cwd=REPO, check=False)
 
+    def scrape(self, host: str) -> str:
+        """The host agent's Prometheus endpoint (127.0.0.1:9464 in its namespace)."""
+        code = "import urllib.request;print(urllib.request.urlopen('http://127.0.0.1:9464/metrics',timeout=5).read().decode())"
+        return self._in(self.ns[host], sys.executable, "-c", code).stdout
+
     def kill_vms(self, host: str) -> None:
         """SIGKILL every QEMU of `host` (a power cut)."""
         subprocess.run(["pkill", "-KILL", "-f", str(self.run_dir(host))], check=False)

@@ -37,6 +37,7 @@ from haguard.config.cluster import MqttConfig, TlsConfig
 HOSTS_ACL = """\
 pattern read haguard/#
 pattern write haguard/+/hosts/%u/#
+pattern write haguard/+/inbox/+/%u
 pattern write haguard/+/alerts
 """
 

@@ -198,12 +198,16 @@ class World:
         self.checker.published(msg, self.now)
         if not self._connected(src):
             return
-        for dst in self.hosts.values():
-            if dst is src or (msg.to is not None and msg.to != dst.name) or (src.name, dst.name) in self.cuts:
+        if msg.to is None:
+            targets = list(self.hosts.values())
+        else:
+            targets = [self.hosts[msg.to]] if msg.to in self.hosts else []
+        for dst in targets:
+            if dst is src or (src.name, dst.name) in self.cuts:
                 continue
-            if self.rng.randrange(100) < self.loss_pct:
+            if self.loss_pct and self.rng.randrange(100) < self.loss_pct:
                 continue
-            copies = 2 if self.rng.randrange(100) < self.dup_pct else 1
+            copies = 2 if self.dup_pct and self.rng.randrange(100) < self.dup_pct else 1
             for _ in range(copies):
                 at = max(self.now + self.rng.randint(*self.sim.delay_ms),
                          self._fifo.get((src.name, dst.name), 0))

@@ -31,7 +31,7 @@ must be on stable storage before any `Send` after it.  The agent's rules:
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
@@ -78,6 +78,7 @@ VmCommand = StartVm | StopVm | KillVm | MigrateVm
 COMMAND_EXPIRY_MS = 30_000          # a command without result by then is forgotten (lost result)
 INMIGRATE_GRACE_MS = 1_000          # an incoming QEMU may show up before its record reaches us
 NO_KEY: StateKey = (-1, -1)
+HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
 
 
 def ring_neighbours(hosts: list[str], me: str, fanout: int) -> frozenset[str]:
@@ -143,9 +144,10 @@ class ClusterAgent:
         self._granted_at: dict[str, int] = {}                   # our voters: host -> when it granted
         self._caught_up: dict[str, int] = {}                    # coordinator: host -> proposal sent at
         self._changed_ms = -10**9                               # coordinator: last proposal or commit
-        self._beats_seen = 0
         self._owned_cache: tuple[StateKey, list[str]] = (NO_KEY, [])
-        self._mutual_cache: tuple[int, int, frozenset[str]] = (-1, -1, frozenset())
+        self._steps = 0                                         # facts taken: keys the caches below
+        self._cache_key: tuple[object, ...] = ()
+        self._cache: dict[str, object] = {}
         self._persisted = self._durable()
 
     # ---- feeding --------------------------------------------------------------------
@@ -153,6 +155,7 @@ class ClusterAgent:
     def step(self, event: ClusterInput) -> list[ClusterOutput]:
         out: list[ClusterOutput] = []
         self.now_ms = max(self.now_ms, event.now_ms)
+        self._steps += 1
         match event:
             case MessageReceived(message=message):
                 out += self._receive(message)
@@ -204,7 +207,6 @@ class ClusterAgent:
                 if previous is not None and previous[1].incarnation > message.incarnation:
                     return []                       # an older life of that agent
                 self.beats[message.sender] = (now, message)
-                self._beats_seen += 1
                 self._observe_term(message.term)
                 out: list[ClusterOutput] = []
                 if message.coordinator:
@@ -373,16 +375,25 @@ class ClusterAgent:
     def mutual_peers(self, now_ms: int) -> set[str]:
         """Peers heard through the broker that report hearing this agent, lately; and voters
         that have just granted this agent their vote (they are not sending to it yet)."""
-        key = (now_ms, self._beats_seen)
-        if self._mutual_cache[:2] != key:
-            heard = self.detector.hears(now_ms)
-            window = self.config.timing.quorum_timeout_ms
-            mutual = {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= window
-                      and heard_by(self.beats[p][1], self.me)}
-            if self.election.role is Role.COORDINATOR:
-                mutual |= {p for p, at in self._granted_at.items() if now_ms - at <= window}
-            self._mutual_cache = (*key, frozenset(mutual))
-        return set(self._mutual_cache[2])
+        cached = self._cached("mutual", now_ms)
+        if isinstance(cached, frozenset):
+            return set(cached)
+        heard = self.detector.hears(now_ms)
+        window = self.config.timing.quorum_timeout_ms
+        mutual = {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= window
+                  and heard_by(self.beats[p][1], self.me)}
+        if self.election.role is Role.COORDINATOR:
+            mutual |= {p for p, at in self._granted_at.items() if now_ms - at <= window}
+        self._cache["mutual"] = frozenset(mutual)
+        return mutual
+
+    def _cached(self, name: str, now_ms: int) -> object | None:
+        """A quorum view computed since the last fact at this instant (asked several times a tick)."""
+        e = self.election
+        key = (now_ms, self._steps, e.role, e.term, e.coordinator, e.lease_until_ms)
+        if key != self._cache_key:
+            self._cache_key, self._cache = key, {}
+        return self._cache.get(name)
 
     def _lease_quorate(self, mutual: set[str]) -> bool:
         """Mutual with the coordinator we follow, whose latest heartbeat says it holds quorum."""
@@ -393,13 +404,21 @@ class ClusterAgent:
         return beat.coordinator and beat.quorate and beat.term == self.election.term
 
     def broker_quorate(self, now_ms: int) -> bool:
-        mutual = self.mutual_peers(now_ms)
-        return self.quorum.reached(mutual | {self.me}) or self._lease_quorate(mutual)
+        cached = self._cached("broker", now_ms)
+        if cached is None:
+            mutual = self.mutual_peers(now_ms)
+            cached = self._cache["broker"] = (self.quorum.reached(mutual | {self.me})
+                                              or self._lease_quorate(mutual))
+        return bool(cached)
 
     def connected_quorate(self, now_ms: int) -> bool:
         if self.broker_quorate(now_ms):
             return True
-        return self.quorum.reached(self.mutual_peers(now_ms) | self.detector.reaches(now_ms) | {self.me})
+        cached = self._cached("connected", now_ms)
+        if cached is None:
+            cached = self._cache["connected"] = self.quorum.reached(
+                self.mutual_peers(now_ms) | self.detector.reaches(now_ms) | {self.me})
+        return bool(cached)
 
     def _standing_quorate(self, now_ms: int) -> bool:
         """May stand for election: quorate, or (a large cluster, where nobody hears a majority
@@ -456,7 +475,8 @@ class ClusterAgent:
         followed = self.election.following(now)
         if followed is not None:
             to.add(followed)
-        return [self._send(replace(beat, to=host)) for host in sorted(to)]
+        kwargs = {f: getattr(beat, f) for f in HEARTBEAT_FIELDS}       # cheaper than replace()
+        return [self._send(Heartbeat(**kwargs, to=host)) for host in sorted(to)]
 
     def _heartbeat(self, now: int, quorate: bool) -> Heartbeat:
         pending = {(a, h) for a, h in self.requests

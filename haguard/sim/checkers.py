@@ -56,6 +56,7 @@ class Checker:
         self.newest = ClusterState()
         self.last_run: dict[str, LastRun] = {}
         self.last_term: dict[str, int] = {}        # host -> highest term in its commands
+        self._observed: dict[str, ClusterState] = {}
 
     # ---- bookkeeping from the world -------------------------------------------------
 
@@ -143,10 +144,13 @@ class Checker:
                 if vm in where:
                     raise Violation(1, f"{vm} runs on {where[vm]} and {name}", now)
                 where[vm] = name
-            if host.agent is not None:
+            if host.agent is not None and self._observed.get(name) is not host.agent.committed:
                 self.observe(name, host.agent.committed, now)
 
     def observe(self, host: str, committed: ClusterState, now: int) -> None:
+        if self._observed.get(host) is committed:
+            return                                  # checked already (after every event: cheap)
+        self._observed[host] = committed
         if committed.key not in self.checked:
             backers = self.acks.get(committed.key, set())
             if not self.quorum.reached(backers):

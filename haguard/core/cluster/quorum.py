@@ -17,8 +17,11 @@ class Quorum:
         self.total = sum(self.weights.values())
         if self.total <= 0:
             raise ValueError("the cluster needs some voting weight")
+        self._ones = frozenset(self.weights) if all(w == 1 for w in self.weights.values()) else None
 
     def weight(self, hosts: Iterable[str]) -> int:
+        if self._ones is not None:              # every vote weighs 1 (the usual case): a count
+            return len(self._ones.intersection(hosts))
         return sum(self.weights.get(h, 0) for h in set(hosts))
 
     def reached(self, hosts: Iterable[str]) -> bool:

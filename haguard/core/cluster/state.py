@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Literal
 
 from haguard.core.cluster.quorum import Quorum
@@ -48,8 +49,8 @@ class ClusterState:
     migrations: Mapping[str, MigrationRecord] = field(default_factory=dict)
     kills: Mapping[str, str] = field(default_factory=dict)   # vm -> host whose stray copy must go
 
-    @property
-    def key(self) -> StateKey:
+    @cached_property
+    def key(self) -> StateKey:          # read on every step: computed once (not a field)
         return (self.term, self.version)
 
     def host(self, name: str) -> HostRecord:

@@ -75,6 +75,9 @@ VARIANTS = {
     "witness": SimConfig(witness=True),
     "three-hosts-shutdown": SimConfig(hosts=3, isolation="shutdown"),
     "self-fence": SimConfig(isolation="self-fence", fence_devices=False),
+    # Partial views, as in a large cluster: each host hears two ring neighbours and the coordinator.
+    "ring-partial-views": SimConfig(hosts=8, gossip_fanout=2),
+    "ring-watchdog-only": SimConfig(hosts=7, gossip_fanout=2, fence_devices=False),
 }
 
 

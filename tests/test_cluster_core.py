@@ -160,7 +160,8 @@ def test_coordinator_places_vms_once_a_majority_acks() -> None:
     agent = ClusterAgent(config("h1"), incarnation=1, now_ms=0)
     elected = _elect(agent)
     proposals, beats = [], []
-    for now in range(elected + 100, elected + 600, 100):
+    # It plans once its followers have had quorum_timeout_ms to start reporting to it.
+    for now in range(elected + 100, elected + 1400, 100):
         hear_all(agent, now)
         for out in agent.tick(now):
             if isinstance(out, Send) and isinstance(out.message, Proposal):

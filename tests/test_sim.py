@@ -426,3 +426,47 @@ def test_a_move_that_switches_over_during_a_broker_outage_is_kept_after_the_sour
     world.run(world.now + 10_000)
     assert world.checker.all_running()
     assert owners(world)[vm] == target and _committed_owner(world, vm) == (target, False)
+
+
+# ---- a larger cluster: partial views -------------------------------------------------------
+
+def _large(hosts: int, fanout: int = 4) -> SimConfig:
+    vms = tuple(VmSpec(name=f"vm{i}", memory_mib=1024, vcpus=1, priority=i % 3)
+                for i in range(1, 2 * hosts + 1))
+    return SimConfig(hosts=hosts, vms=vms, gossip_fanout=fanout, liveness_bound_ms=40_000)
+
+
+@pytest.mark.timeout(60)
+def test_a_large_cluster_survives_its_coordinators_loss_with_bounded_gossip() -> None:
+    sim = _large(24)
+    world = World(3, Schedule(faults=(), heal_ms=10**9), sim)
+    world.run(6000)
+    assert world.checker.all_running()
+    old = next(iter(world.coordinators()))
+    lost = {vm for vm, q in world.hosts[old].vms.items() if q == "running"}
+    agent = world.hosts["h12"].agent
+    assert agent is not None and len(agent.ping_targets()) == 5, "four neighbours and the coordinator"
+    crash = world.now
+    world._on_fault(Fault(at_ms=crash, kind="crash", args=(old,)))
+    world.run(crash + 8000)
+    new = world.coordinators()
+    assert new and old not in new
+    fenced = [at for at, _by, h in world.fences if h == old]
+    assert fenced and fenced[0] - crash < 4000
+    restarted = {vm: at for at, _h, vm in world.starts if vm in lost and at > crash}
+    assert set(restarted) == lost and min(restarted.values()) >= fenced[0]
+    assert world.checker.all_running()
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_outage_in_a_large_cluster_resets_the_hosts_and_never_doubles_a_vm() -> None:
+    # Nobody can show a majority by ping to its neighbours alone: every host with VMs stops
+    # petting and is reset (docs/cluster-design.md); once the broker is back, all VMs run again.
+    sim = _large(12, fanout=2)
+    world = World(5, Schedule(faults=faults("5000:broker-down", "9000:broker-up"), heal_ms=9000), sim)
+    world.run(4900)
+    assert world.checker.all_running()
+    world.run(9000)
+    assert {h for _at, h, why in world.power_offs if why == "watchdog"} == set(world.hosts)
+    assert not world.fences, "nothing decided without the broker"
+    settle(world, 9000 + sim.liveness_bound_ms)

@@ -144,6 +144,7 @@ class ClusterAgent:
         self._granted_at: dict[str, int] = {}                   # our voters: host -> when it granted
         self._caught_up: dict[str, int] = {}                    # coordinator: host -> proposal sent at
         self._changed_ms = -10**9                               # coordinator: last proposal or commit
+        self._coordinating_since = -10**9
         self._owned_cache: tuple[StateKey, list[str]] = (NO_KEY, [])
         self._steps = 0                                         # facts taken: keys the caches below
         self._cache_key: tuple[object, ...] = ()
@@ -320,6 +321,7 @@ class ClusterAgent:
         self.coordinator = self.coordinator_class(self.config, term, self._id)
         self._acks_seen, self._acks_new, self._caught_up = {}, {}, {}
         self._last_proposal_ms = self._last_beat_ms = -10**9   # announce at once
+        self._coordinating_since = self.now_ms
         self._retrack()
         return []
 
@@ -531,7 +533,10 @@ class ClusterAgent:
         assert self.proposer is not None and self.coordinator is not None
         out: list[ClusterOutput] = []
         committed_before = self.proposer.committed.key
-        if not self.proposer.in_flight:
+        # Followers start reporting to a new coordinator once its first heartbeat reaches them: plan
+        # only when it has had the time to hear them (else it would place every VM on its neighbours).
+        settled = now - self._coordinating_since >= self.config.timing.quorum_timeout_ms
+        if not self.proposer.in_flight and settled:
             state, planned = self.coordinator.plan(self.proposer.committed, self._views(now), now)
             out += planned
             if state is not None:

@@ -149,14 +149,16 @@ class Watch:
     async def qemu_downtime_at_completion(self) -> int | None:
         """QEMU's own `downtime` for the move, asked as soon as the source announces
         `completed` (needs the `events` capability, which haguard sets): the engine quits
-        the source a few round trips later, so it is None if the quit wins the race."""
+        the source a few round trips later, so it is None if the quit wins the race.
+
+        QEMU 7.2 reports `completed` before it computes `downtime` and `total-time`
+        (both 0 until then), so ask again until `total-time` is set."""
         while True:
             ev: Any = await self._mig.get()
             if ev.get("data", {}).get("status") == "completed":
                 break
-        with contextlib.suppress(HaguardError):
-            figure = (await self.qmp.cmd("query-migrate", timeout_s=2)).get("downtime")
-            return None if figure is None else int(figure)
+        with contextlib.suppress(HaguardError, TimeoutError):
+            return await final_downtime(self.qmp)
         return None
 
     def times(self, name: str) -> list[float]:
@@ -200,6 +202,16 @@ async def align_to_sweep(w: Watch, sc: Scenario) -> None:
         to_wrap_s = (sc.region_mib - at_mib) / sc.rate_mib_s
         await asyncio.sleep(max(0.05, min(to_wrap_s - 0.2, 5.0)))
     raise HaguardError("the dirtying guest does not keep its rate: the host is overloaded")
+
+
+async def final_downtime(qmp: Qmp) -> int | None:
+    """QEMU's `downtime` of a completed move, once QEMU has computed it: 7.2 reports
+    `completed` before it sets `downtime` and `total-time` (both 0 until then)."""
+    async with asyncio.timeout(2):
+        while not (info := await qmp.cmd("query-migrate")).get("total-time"):
+            await asyncio.sleep(0.001)
+    figure = info.get("downtime")
+    return None if figure is None else int(figure)
 
 
 def downtime_between(src: Watch, dst: Watch) -> float | None:
@@ -257,8 +269,8 @@ async def classic_move(base: Path, vm: VmDefinition, sc: Scenario, run: Run,
             run.transferred_bytes = int(last_ram.get("transferred", 0))
             run.passes = int(last_ram.get("dirty-sync-count", 0))
             run.remaining_bytes = int(last_ram.get("remaining", 0))
-            run.qemu_downtime_ms = info.get("downtime")
             if run.completed:
+                run.qemu_downtime_ms = await final_downtime(s)
                 await asyncio.sleep(0.1)  # the destination's RESUME follows `completed`
                 run.downtime_ms = downtime_between(wsrc, wdst)
                 await check_guest(wdst, before, run)
@@ -284,12 +296,13 @@ def pass1_throughput(samples: list[Progress]) -> float | None:
 
 
 async def haguard_move(base: Path, vm: VmDefinition, sc: Scenario, run: Run,
-                       policy: ConvergencePolicy) -> None:
+                       policy: ConvergencePolicy, multifd: str = "auto") -> None:
     """The engine with its defaults, to a destination started as `haguard migrate` starts it."""
     src = launcher.current_paths(vm.name, base)
     dst = launcher.start(vm, base, incoming=True)
     opts = MigrationOptions(uri=MigrationUri("tcp", host="127.0.0.1", port=free_tcp_port()),
-                            policy=policy, vm_name=vm.name)
+                            policy=policy, vm_name=vm.name,
+                            multifd=multifd)  # type: ignore[arg-type]  # argparse's choices
     samples: list[Progress] = []
     ok = False
     qemu_figure: asyncio.Task[int | None] | None = None
@@ -342,6 +355,7 @@ class Settings:
     scenarios: tuple[str, ...]
     dirty: Scenario = DIRTY
     approaches: tuple[str, ...] = ("classic", "haguard")
+    multifd: str = "auto"
 
 
 async def one_vm(base: Path, sc: Scenario, rep: int, approaches: list[str],
@@ -363,7 +377,7 @@ async def one_vm(base: Path, sc: Scenario, rep: int, approaches: list[str],
                 if approach == "classic":
                     await classic_move(base, vm, sc, run, st.classic_limit_s)
                 else:
-                    await haguard_move(base, vm, sc, run, st.policy)
+                    await haguard_move(base, vm, sc, run, st.policy, st.multifd)
             except (HaguardError, TimeoutError, OSError) as exc:
                 run.error = run.error or f"{type(exc).__name__}: {exc}"
             reported = ("" if run.reported_downtime_ms is None
@@ -455,7 +469,7 @@ def figures(runs: list[Run], st: Settings, raw_bps: float) -> dict[str, Any]:
     out: dict[str, Any] = {
         "benchmark": "migration", "transport": "tcp-loopback",
         "classic_poll_s": CLASSIC_POLL_S, "classic_limit_s": st.classic_limit_s,
-        "haguard_policy": asdict(st.policy),
+        "haguard_policy": asdict(st.policy), "haguard_multifd": st.multifd,
         "classic_qemu_defaults": next((r.params for r in runs if r.params), {}),
     }
     # The link as a live move of this guest gets it: the unthrottled first pass (README).
@@ -570,6 +584,8 @@ def parse_args() -> tuple[Settings, bool]:
                     help="experiment: run only one approach")
     ap.add_argument("--downtime-steps", metavar="MS,MS,...",
                     help="experiment: haguard's downtime-limit ladder instead of its default")
+    ap.add_argument("--multifd", choices=["auto", "on", "off"], default="auto",
+                    help="experiment: haguard's multifd option instead of its default")
     ap.add_argument("--postcopy", choices=["never", "auto", "always"],
                     help="experiment: haguard's postcopy mode instead of its default")
     args = ap.parse_args()
@@ -587,6 +603,7 @@ def parse_args() -> tuple[Settings, bool]:
         scenarios=("idle", "dirty") if args.scenario == "both" else (args.scenario,),
         dirty=DIRTY_QUICK if args.quick else DIRTY,
         approaches=("classic", "haguard") if args.approach == "both" else (args.approach,),
+        multifd=args.multifd,
     ), args.quick
 
 

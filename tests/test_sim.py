@@ -368,6 +368,10 @@ FOUND_BY_BENCH = {
                            "6563:crash:h4,7850:boot:h4"),
     "broker-down-watchdog": (6938, "heal=15000,4430:drain:h4,4990:broker-down,8897:cut:h4:h1,"
                                    "12140:crash:h2"),
+    # Liveness: a move switched over, its result lost (the source's agent restarted), then the
+    # guest's QEMU died on the destination: the move stayed in flight with nobody running the VM.
+    "destination-lost-after-switchover": (282, "heal=15000,6856:drain:h4,8326:agent-restart:h4,"
+                                                "8827:crash:h1,10536:qemu-crash:vm4"),
 }
 
 

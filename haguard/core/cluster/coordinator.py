@@ -40,7 +40,12 @@ class Coordinator:
                                host_timeouts_ms={h: s.fence_timeout_ms for h, s in config.hosts.items()
                                                  if s.fence_timeout_ms is not None})
         self.failed_targets: dict[str, set[str]] = {}     # vm -> hosts a move or run failed on
-        self._source_lost: dict[str, int] = {}            # vm -> when its move's source had no copy
+        self._since: dict[tuple[str, str], int] = {}      # (vm, condition) -> held since
+
+    def _held(self, key: tuple[str, str], now_ms: int, wait_ms: int, held: set[tuple[str, str]]) -> bool:
+        """True once the condition `key` has held in every plan for longer than `wait_ms`."""
+        held.add(key)
+        return now_ms - self._since.setdefault(key, now_ms) > wait_ms
 
     def fenced(self, host: str, now_ms: int) -> bool:
         """True once `host` is confirmed off; only then may its VMs run elsewhere."""
@@ -71,6 +76,8 @@ class Coordinator:
             if (killer is not None and vm not in killer.vms) or hosts[host].fenced:
                 del kills[vm]
 
+        wait = self.config.timing.quorum_timeout_ms + self.config.timing.heartbeat_ms
+        held: set[tuple[str, str]] = set()
         for vm, mig in list(migrations.items()):                      # moves finished
             rec = vms[vm]
             report = next((r for r in beats[mig.source].migrations
@@ -91,14 +98,20 @@ class Coordinator:
                 # The source lost its copy (rebooted, QEMU died) with the result unreported: a target
                 # that runs the guest has it.  Otherwise the move is over and the source restarts it,
                 # once the target has had time to report a switchover that raced the source's report.
-                since = self._source_lost.setdefault(vm, now_ms)
                 if target_beat.vms.get(vm) == "running":
                     vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
                     del migrations[vm]
-                elif now_ms - since > self.config.timing.quorum_timeout_ms + self.config.timing.heartbeat_ms:
+                elif self._held((vm, "source lost"), now_ms, wait, held):
                     del migrations[vm]
-        for vm in [vm for vm in self._source_lost if vm not in migrations]:
-            del self._source_lost[vm]
+            elif (source_beat is not None and source_beat.vms.get(vm) == "postmigrate"
+                  and target_beat is not None and vm not in target_beat.vms
+                  and self._held((vm, "target lost"), now_ms, 2 * wait, held)):
+                # Switched over (the guest left the source), result unreported, and the target no
+                # longer has it (its QEMU died since): nobody runs the guest; place it anew.  Waited
+                # for, so that the target's reports are from after the switchover.
+                vms[vm] = replace(rec, owner=None, generation=rec.generation + 1)
+                del migrations[vm]
+        self._since = {k: at for k, at in self._since.items() if k in held}
 
         for host, paused in sorted(beats.items()):                    # moved to a host now fenced
             for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):

@@ -5,7 +5,7 @@ poll; `ConvergenceStrategy.observe` returns the actions to take now.  Escalation
 follows a ladder fixed by the policy, each rung taken only after the current one
 has had its chance (a number of passes without enough progress):
 
-    raise downtime-limit (oVirt's 100 -> 500 ms schedule)
+    raise downtime-limit (30 ms, then oVirt's 100 -> 500 ms schedule)
     turn on auto-converge throttling (policy `never`, when allowed)
     switch to postcopy (policy `auto`), or start it after the first pass (`always`)
     abort at the completion deadline (seconds per GiB, as KubeVirt does)

@@ -344,6 +344,11 @@ class Migration:
             res.error = f"migration completed but the source is {src!r}, not 'postmigrate'"
             return
         res.status = "completed"
+        if not res.postcopy:
+            # QEMU 7.2 reports `completed` before it has set `downtime`: read it again now.
+            with contextlib.suppress(HaguardError):
+                again = replies.optional_ms(await self.source.cmd("query-migrate"), "downtime")
+                res.downtime_ms = again if again else res.downtime_ms
         if self.opts.quit_source:
             with contextlib.suppress(HaguardError):
                 await self.source.cmd("quit")

@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Move a defined VM (NAME --to HOST), or attach to QEMUs "
                                    "someone else started (--source-qmp/--dest-qmp/--uri).")
     m.add_argument("name", nargs="?", help="a VM from the inventory")
-    m.add_argument("--to", metavar="HOST", help="destination host")
+    m.add_argument("--to", metavar="HOST", help="destination host: this one ('local'), or in cluster "
+                   "mode another host of the cluster (the coordinator moves it)")
+    m.add_argument("--config", type=Path, default=None, metavar="PATH",
+                   help="cluster configuration for a move to another host (default "
+                        "/etc/haguard/cluster.yaml)")
     m.add_argument("--source-qmp", metavar="PATH", help="attach mode: source QMP socket")
     m.add_argument("--dest-qmp", metavar="PATH", help="attach mode: destination QMP socket")
     m.add_argument("--uri", help="attach mode: tcp:HOST:PORT, unix:PATH or rdma:HOST:PORT")
@@ -189,6 +193,29 @@ def policy_from_args(args: argparse.Namespace) -> ConvergencePolicy:
     )
 
 
+def _cluster_move(args: argparse.Namespace) -> int:
+    """A move to another host: asked of the local agent, decided and run by the cluster."""
+    from haguard.agent.control import control_path, request
+    from haguard.config.cluster import DEFAULT_CLUSTER_CONFIG, load_cluster_config
+    from haguard.ui.drain import follow_move
+    cfg = load_cluster_config(args.config or DEFAULT_CLUSTER_CONFIG)
+    if not cfg.ha.enabled:
+        raise HaguardError(f"host {args.to!r}: moves to other hosts need cluster mode (ha.enabled in "
+                           f"{args.config or DEFAULT_CLUSTER_CONFIG}); this command moves to this host only")
+    if cfg.peer(args.to) is None:
+        raise ConfigError(f"{args.to!r} is not a host of cluster {cfg.cluster} "
+                          f"({', '.join(h.name for h in cfg.hosts)})", field="--to")
+    path = control_path(cfg.run_dir)
+    try:
+        reply = asyncio.run(request(path, {"action": "migrate", "vm": args.name, "host": args.to}))
+    except (OSError, TimeoutError) as exc:
+        raise HaguardError(f"cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
+                           "(is haguard run active on this host?)") from None
+    if not reply.get("ok"):
+        raise HaguardError(str(reply.get("error", "refused")))
+    return 0 if follow_move(cfg, args.name, args.to, timeout_s=args.timeout or 600.0) else 1
+
+
 def _is_this_host(name: str) -> bool:
     return name in ("local", "localhost", socket.gethostname(), socket.getfqdn())
 
@@ -241,6 +268,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                            "--source-qmp/--dest-qmp/--uri")
     if not attach and not args.to:
         raise HaguardError("--to HOST is required")
+    if not attach and not _is_this_host(args.to):
+        return _cluster_move(args)
     policy = policy_from_args(args)
     return asyncio.run(_migrate(args, policy, attach))
 

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tests.helpers.cluster import Cluster
 from tests.helpers.ha import (
     TwiceWatch,
     WatchdogHardware,
@@ -246,3 +247,38 @@ def test_migrate_on_shutdown_moves_the_vms_before_the_agent_stops() -> None:
         other = next(h for h in c.hosts if h != host)
         c.wait_for("undrained", lambda: (c.cluster_view(other).get("hosts") or {})
                    .get(host, {}).get("maintenance") is False, 30)
+
+
+@pytest.mark.timeout(150)
+def test_operator_move_goes_through_the_coordinator_and_a_degraded_host_is_evacuated() -> None:
+    vms = ha_vms(3)
+    probe = "probes:\n  - {name: temperature, file: '{dir}/{host}.temp', max_value: 80, interval_s: 0.3}\n"
+
+    def cool(c: Cluster) -> None:
+        for h in c.hosts:
+            (c.dir / f"{h}.temp").write_text("40\n")
+
+    with ha_cluster(vms, extra=probe, prepare=cool) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        vm, source = sorted((vm, hs[0]) for vm, hs in running_on(c).items())[0]
+        target = next(h for h in c.hosts if h != source)
+        out = c.haguard(source, "migrate", vm, "--to", target, timeout_s=90)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"{vm}: now on {target}" in out.stdout + out.stderr
+        assert running_on(c)[vm] == [target]
+        decided = [e for h in c.hosts for e in c.events(h, "placement")
+                   if e.get("kind") == "move" and e.get("vm") == vm]
+        assert decided and decided[-1]["chosen"] == target, decided
+        refused = c.haguard(source, "migrate", vm, "--to", "h9")
+        assert refused.returncode == 2 and "not a host of cluster" in refused.stderr, refused.stderr
+
+        hot = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
+        leaving = _owned_by(c, hot)
+        (c.dir / f"{hot}.temp").write_text("95\n")           # a probe fails: degraded
+        wait_placed(c, [v.name for v in vms], timeout_s=60, avoid=(hot,))
+        ends = [e for e in c.events(hot, "migration-end") if e.get("vm") in leaving]
+        assert {e["vm"] for e in ends if e["status"] == "completed"} == set(leaving), ends
+        drains = [e for h in c.hosts for e in c.events(h, "placement") if e.get("kind") == "drain"]
+        assert drains and all("degraded" in e["reasons"] for e in drains if hot in e["reasons"]), drains
+        watch.check()

@@ -55,6 +55,7 @@ from haguard.core.cluster.types import (
     PersistedState,
     PersistState,
     PetWatchdog,
+    PlacementDecided,
     QemuState,
     RaiseAlert,
     Send,
@@ -329,6 +330,10 @@ class ClusterRuntime:
                     log.critical("watchdog-stop-petting", reason=out.reason)
                     if self.watchdog is not None:
                         self.watchdog.stop_petting(out.reason)
+                case PlacementDecided():
+                    # Why this host and why not the others, for every choice the coordinator makes.
+                    level = log.info if out.host is not None else log.warning
+                    level("placement", vm=out.vm, chosen=out.host, kind=out.kind, reasons=out.reasons)
                 case RaiseAlert():
                     log.error("cluster-alert", kind=out.kind, reason=out.reason)
                     alert = coordinator_alert(out.kind, out.reason, host=self.me)

@@ -44,7 +44,7 @@ from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
 from haguard.core.alerts import Alert, BrokerWatch, alerts_for
-from haguard.core.cluster.types import AdminRequested, CommandResult
+from haguard.core.cluster.types import AdminRequested, CommandResult, LocalHealthObserved
 from haguard.core.detector import (
     BrokerStatus,
     DetectorTiming,
@@ -378,6 +378,9 @@ class Agent:
                 self.metrics.set_vm_state(out.vm, str(out.new))
             case HostHealthChanged():
                 log.warning("host-health", health=out.new.summary())
+                if self.cluster is not None:        # a degraded host is evacuated live
+                    degraded = not out.new.healthy
+                    self.cluster.step(LocalHealthObserved(degraded=degraded, now_ms=monotonic_ms()))
             case RestartVmInPlace():
                 self._spawn(self._restart(out), f"restart-{out.vm}")
             case ReportVmForRelocation():
@@ -390,6 +393,17 @@ class Agent:
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         """An operator's request on the control socket (`haguard drain|undrain HOST`)."""
         action, host = request.get("action"), request.get("host")
+        if action == "migrate":
+            vm = request.get("vm")
+            if self.cluster is None:
+                return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
+            if not isinstance(host, str) or self.cfg.peer(host) is None:
+                return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
+            if not isinstance(vm, str) or vm not in self.cluster.core.config.vms:
+                return {"ok": False, "error": f"VM {str(vm)[:60]!r} is not in the cluster's inventory"}
+            log.warning("admin-request", action=action, host=host, vm=vm)
+            await self.queue.put(AdminRequested(action="migrate", host=host, vm=vm, now_ms=monotonic_ms()))
+            return {"ok": True}
         if action in ("drain", "undrain"):
             if self.cluster is None:
                 return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}

@@ -1,5 +1,6 @@
-"""`haguard drain` after the request: follow the committed cluster state until the host
-holds no VM (or, for undrain, until its maintenance flag is gone), one progress bar per
+"""`haguard drain` and `haguard migrate VM --to HOST` after the request: follow the
+committed cluster state until the host holds no VM (for undrain: until its maintenance
+flag is gone; for a move: until the VM's owner is the target), one progress bar per
 move, read from the agent's status file."""
 
 from __future__ import annotations
@@ -71,4 +72,30 @@ def follow(cfg: ClusterConfig, host: str, *, drain: bool, timeout_s: float) -> b
             time.sleep(POLL_S)
     console.print(f"haguard: {host}: not {'drained' if drain else 'undrained'} after {timeout_s:.0f} s; "
                   "the cluster goes on (haguard status shows it)")
+    return False
+
+
+def follow_move(cfg: ClusterConfig, vm: str, target: str, *, timeout_s: float) -> bool:
+    console = Console(stderr=not sys.stdout.isatty())
+    deadline = time.monotonic() + timeout_s
+    seen_move = False
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
+        bar = progress.add_task(f"{vm} -> {target}", total=100)
+        while time.monotonic() < deadline:
+            cluster = _cluster(cfg)
+            if cluster is not None:
+                owner = ((cluster.get("vms") or {}).get(vm) or {}).get("owner")
+                if owner == target:
+                    progress.update(bar, completed=100)
+                    console.print(f"{vm}: now on {target}")
+                    return True
+                move = next((m for m in cluster.get("migrations") or [] if m.get("vm") == vm), None)
+                if move is not None:
+                    seen_move = True
+                    progress.update(bar, completed=float(move.get("percent") or 0))
+            time.sleep(POLL_S)
+    why = "the move did not finish" if seen_move else \
+        "the coordinator did not start it (see `journalctl -u haguard HAGUARD_EVENT=placement`)"
+    console.print(f"haguard: {vm} not on {target} after {timeout_s:.0f} s: {why}")
     return False

@@ -9,7 +9,7 @@ import contextlib
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,13 @@ class TwiceWatch:
 
 @contextlib.contextmanager
 def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "",
-               timing: dict[str, int] | None = None, host_extra: str = "") -> Iterator[Cluster]:
+               timing: dict[str, int] | None = None, host_extra: str = "", extra: str = "",
+               prepare: Callable[[Cluster], None] | None = None) -> Iterator[Cluster]:
     """Three agents with `ha.enabled`; every host gets the fence stand-in when `fence`, and
     `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200")."""
     cluster_dir_hint: dict[str, str] = {}
     c = Cluster(timing=dict(HA_TIMING, **(timing or {})), vms=vms,
-                extra="ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint)
+                extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint)
     for h in c.hosts:
         fields = [host_extra] if host_extra else []
         if fence:
@@ -71,6 +72,8 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
         if fields:
             cluster_dir_hint[h] = ", ".join(fields)
     try:
+        if prepare is not None:
+            prepare(c)
         c.start()
         yield c
     finally:

@@ -46,6 +46,7 @@ from haguard.core.cluster.types import (
     CoreConfig,
     Heartbeat,
     KillVm,
+    LocalHealthObserved,
     LocalVmsObserved,
     Message,
     MessageReceived,
@@ -77,6 +78,7 @@ from haguard.core.detector import (
 VmCommand = StartVm | StopVm | KillVm | MigrateVm
 COMMAND_EXPIRY_MS = 30_000          # a command without result by then is forgotten (lost result)
 INMIGRATE_GRACE_MS = 1_000          # an incoming QEMU may show up before its record reaches us
+MOVE_REQUEST_MS = 60_000            # an operator's move request not taken by then is dropped
 NO_KEY: StateKey = (-1, -1)
 HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
 
@@ -126,6 +128,8 @@ class ClusterAgent:
         self.failed_vms: set[str] = set()
         self.migration_reports: dict[str, MigrationReport] = {}
         self.requests: set[tuple[str, str]] = set()
+        self.moves: dict[tuple[str, str], int] = {}             # (vm, target) -> asked at
+        self.degraded = False
         self.petting = False
         self.self_fenced = False
         self.now_ms = now_ms
@@ -164,9 +168,18 @@ class ClusterAgent:
                 self._observe_vms(dict(vms), crashed)
             case CommandResult():
                 out += self._result(event)
+            case AdminRequested(action="migrate", host=host, vm=vm):
+                if host in self.config.hosts and vm in self.config.vms:
+                    self.moves[(vm, host)] = self.now_ms
+                    self._last_beat_ms = -10**9     # to the coordinator at the next tick
             case AdminRequested(action=action, host=host):
                 if host in self.config.hosts:
                     self.requests.add((action, host))
+                    self._last_beat_ms = -10**9
+            case LocalHealthObserved(degraded=degraded):
+                if degraded != self.degraded:
+                    self.degraded = degraded
+                    self._last_beat_ms = -10**9
             case PingObserved() | BrokerStatus():
                 out += self._detected(self.detector.step(event))
         # Periodic work (coordinating, heartbeats, obeying the committed state) waits for tick().
@@ -241,7 +254,8 @@ class ClusterAgent:
             case Ack():
                 if (message.to == self.me and self.proposer is not None
                         and message.term == self.election.term):
-                    self.proposer.ack(message.sender, message.accepted)
+                    if self.proposer.ack(message.sender, message.accepted):
+                        self._last_proposal_ms = -10**9     # tell everyone the commit at the next tick
                     self._committed(self.proposer.committed)
                     seen = (message.incarnation, message.seq)
                     self._acks_seen[message.sender] = max(seen, self._acks_seen.get(message.sender, seen))
@@ -354,6 +368,7 @@ class ClusterAgent:
             cmd = entry[1]
             self.migration_reports[cmd.vm] = MigrationReport(vm=cmd.vm, generation=cmd.generation,
                                                              target=cmd.target, ok=r.ok)
+            self._last_beat_ms = -10**9             # report the move's end at the next tick
         return []
 
     def _detected(self, events: list[DetectorOutput]) -> list[ClusterOutput]:
@@ -484,6 +499,9 @@ class ClusterAgent:
         pending = {(a, h) for a, h in self.requests
                    if self.committed.host(h).maintenance != (a == "drain")}
         self.requests = pending
+        self.moves = {(vm, target): at for (vm, target), at in self.moves.items()
+                      if now - at <= MOVE_REQUEST_MS and self.committed.vms.get(vm) is not None
+                      and self.committed.vms[vm].owner != target}
         hears, reaches = self.detector.hears(now), self.detector.reaches(now)
         coordinating = self.election.role is Role.COORDINATOR
         unheard = None
@@ -497,6 +515,7 @@ class ClusterAgent:
                          failed_vms=frozenset(self.failed_vms),
                          migrations=tuple(sorted(self.migration_reports.values(), key=lambda r: r.vm)),
                          requests=frozenset(pending), committed=self.committed.key,
+                         moves=frozenset(self.moves), degraded=self.degraded,
                          coordinator=coordinating, unheard=unheard,
                          confirmed=dict(self._acks_new) if coordinating else {})
 

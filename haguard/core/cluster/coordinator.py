@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Literal
 
-from haguard.core.cluster.placement import HostCandidate, VmSpec, place
+from haguard.core.cluster.placement import HostCandidate, Placement, VmSpec, place
 from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery
 from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
-from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, RaiseAlert
+from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, PlacementDecided, RaiseAlert
 
-PlanOutput = FenceHost | RaiseAlert
+PlanOutput = FenceHost | RaiseAlert | PlacementDecided
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +41,7 @@ class Coordinator:
                                host_timeouts_ms={h: s.fence_timeout_ms for h, s in config.hosts.items()
                                                  if s.fence_timeout_ms is not None})
         self.failed_targets: dict[str, set[str]] = {}     # vm -> hosts a move or run failed on
+        self._refused: set[tuple[str, str, int]] = set()  # (vm, target, generation) moves said no to
         self._since: dict[tuple[str, str], int] = {}      # (vm, condition) -> held since
 
     def _held(self, key: tuple[str, str], now_ms: int, wait_ms: int, held: set[tuple[str, str]]) -> bool:
@@ -166,8 +168,13 @@ class Coordinator:
         for placement in plan_recovery(self.config.vms, unplaced, candidates, self.config.limits, excluded):
             if placement.host is not None:
                 vms[placement.vm] = replace(vms[placement.vm], owner=placement.host)
+                out.append(self._decided(placement, "place"))
+            elif (no_room := (placement.vm, "", vms[placement.vm].generation)) not in self._refused:
+                self._refused.add(no_room)          # said once, not at every plan
+                out.append(self._decided(placement, "place"))
 
-        self._drain(vms, hosts, migrations, views, beats)
+        self._drain(vms, hosts, migrations, views, beats, out)
+        self._moves(vms, hosts, migrations, views, beats, out)
 
         new = ClusterState(term=self.term, version=state.version + 1, vms=vms, hosts=hosts,
                            migrations=migrations, kills=kills)
@@ -226,6 +233,7 @@ class Coordinator:
             aff, anti = groups.get(name, empty)
             out.append(HostCandidate(
                 name=name, alive=view is not None and view.alive and not spec.witness,
+                degraded=view is not None and view.beat is not None and view.beat.degraded,
                 memory_mib=spec.memory_mib, vcpus=spec.vcpus,
                 maintenance=hosts[name].maintenance, fenced=hosts[name].fenced,
                 groups=spec.groups, group_priority=spec.group_priority,
@@ -234,13 +242,41 @@ class Coordinator:
                 affinity_groups=frozenset(aff), anti_affinity_groups=frozenset(anti)))
         return out
 
+    def _decided(self, placement: Placement, kind: Literal["place", "drain", "move"]) -> PlacementDecided:
+        return PlacementDecided(id=self.new_id(), vm=placement.vm, host=placement.host, kind=kind,
+                                reasons=placement.explain())
+
+    def _moves(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],
+               migrations: dict[str, MigrationRecord], views: Mapping[str, HostView],
+               beats: Mapping[str, Heartbeat], out: list[PlanOutput]) -> None:
+        """Operators' move requests (`haguard migrate VM --to HOST`), if the target may take it."""
+        asked = sorted({move for beat in beats.values() for move in beat.moves})
+        for vm, target in asked:
+            rec = vms.get(vm)
+            if rec is None or rec.owner in (None, target) or vm in migrations or target not in hosts:
+                continue
+            source = beats.get(rec.owner)
+            if source is None or source.vms.get(vm) != "running":
+                continue
+            candidates = [c for c in self._candidates(vms, hosts, migrations, views) if c.name == target]
+            placement = place(self.config.vms[vm], candidates, self.config.limits, migration=True,
+                              cluster_migrations=len(migrations))
+            key = (vm, target, rec.generation)
+            if placement.host is not None:
+                migrations[vm] = MigrationRecord(source=rec.owner, target=target, generation=rec.generation)
+                out.append(self._decided(placement, "move"))
+            elif key not in self._refused:          # said once, not at every plan
+                self._refused.add(key)
+                out.append(self._decided(placement, "move"))
+
     def _drain(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],
                migrations: dict[str, MigrationRecord], views: Mapping[str, HostView],
-               beats: Mapping[str, Heartbeat]) -> None:
-        """Plan live moves off hosts in maintenance, highest priority first, within the limits."""
+               beats: Mapping[str, Heartbeat], out: list[PlanOutput]) -> None:
+        """Plan live moves off hosts in maintenance or degraded, highest priority first, within
+        the limits."""
         for host, host_rec in sorted(hosts.items()):
             beat = beats.get(host)
-            if not host_rec.maintenance or beat is None:
+            if not (host_rec.maintenance or (beat is not None and beat.degraded)) or beat is None:
                 continue
             movable = [vm for vm in sorted(vms) if vms[vm].owner == host and vm not in migrations
                        and beat.vms.get(vm) == "running"]
@@ -260,3 +296,4 @@ class Coordinator:
                 if placement.host is not None:
                     migrations[vm] = MigrationRecord(source=host, target=placement.host,
                                                      generation=vms[vm].generation)
+                    out.append(self._decided(placement, "drain"))

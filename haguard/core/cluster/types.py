@@ -92,6 +92,8 @@ class Heartbeat:
     failed_vms: frozenset[str] = frozenset()    # gave up restarting in place: QEMU gone
     migrations: tuple[MigrationReport, ...] = ()
     requests: frozenset[tuple[str, str]] = frozenset()   # (drain|undrain, host) not yet committed
+    moves: frozenset[tuple[str, str]] = frozenset()      # (vm, target) asked by an operator, pending
+    degraded: bool = False                      # a health probe fails: gets no VM, is evacuated
     to: str | None = None
     committed: StateKey = (0, 0)
     coordinator: bool = False                   # the sender coordinates `term`: renews its lease
@@ -169,13 +171,22 @@ class CommandResult:
 
 @dataclass(frozen=True, kw_only=True)
 class AdminRequested:
-    action: Literal["drain", "undrain"]
-    host: str
+    action: Literal["drain", "undrain", "migrate"]
+    host: str                                   # the host to drain/undrain, or the move's target
+    now_ms: int
+    vm: str = ""                                # for "migrate"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalHealthObserved:
+    """This host's health probes: a degraded host gets no new VM and is evacuated live."""
+
+    degraded: bool
     now_ms: int
 
 
 ClusterInput = (MessageReceived | LocalVmsObserved | CommandResult | AdminRequested
-                | PingObserved | BrokerStatus)
+                | LocalHealthObserved | PingObserved | BrokerStatus)
 
 
 # ---- outputs ---------------------------------------------------------------------
@@ -255,8 +266,19 @@ class RaiseAlert:
     reason: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class PlacementDecided:
+    """The coordinator chose a host for a VM (or found none): why this one, why not the others."""
+
+    id: str
+    vm: str
+    host: str | None
+    kind: Literal["place", "drain", "move"]     # placed anew, moved off a host, moved on request
+    reasons: str
+
+
 ClusterOutput = (PersistState | Send | StartVm | StopVm | KillVm | MigrateVm | FenceHost
-                 | PetWatchdog | StopPettingWatchdog | RaiseAlert)
+                 | PetWatchdog | StopPettingWatchdog | RaiseAlert | PlacementDecided)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -107,20 +107,20 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
             name=h.name, weight=h.weight, priority=h.priority, witness=h.witness,
             fence_device=h.fence is not None, memory_mib=h.memory_mib or default_memory,
             vcpus=h.vcpus or default_vcpus, groups=frozenset({h.group} if h.group else ()),
-            group_priority=h.priority)
+            group_priority=h.priority,
+            # The device's own timeout, plus the time to start the agent program and read it.
+            fence_timeout_ms=int(h.fence.timeout_s * 1000) + 2000 if h.fence is not None else None)
     specs = {name: VmSpec(name=name, memory_mib=v.memory_mib, vcpus=v.vcpus, priority=v.priority,
                           affinity=v.affinity, anti_affinity=v.anti_affinity,
                           allowed_groups=frozenset(v.host_groups))
              for name, v in vms.items()}
     watchdog_ms = int(ha.watchdog.timeout_s * 1000) if ha.watchdog else 10_000
-    fence_s = max((h.fence.timeout_s for h in cfg.hosts if h.fence is not None), default=3.0)
     timing = ClusterTiming(
         tick_ms=100, heartbeat_ms=t.heartbeat_interval_ms, quorum_timeout_ms=t.suspect_timeout_ms,
         lease_ms=t.dead_timeout_ms, election_timeout_ms=max(t.heartbeat_interval_ms * 3,
                                                             t.dead_timeout_ms * 2 // 3),
         watchdog_timeout_ms=watchdog_ms,
-        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
-        fence_timeout_ms=int(fence_s * 1000) + 2000)
+        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000)
     return CoreConfig(
         me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
         detector=DetectorTiming(suspect_timeout_ms=t.suspect_timeout_ms, dead_timeout_ms=t.dead_timeout_ms,

@@ -562,9 +562,9 @@ def print_tables(f: dict[str, Any]) -> None:
         console.print(f"calibration moves alone (MiB/s): {bws}; engine total {engine} ms; "
                       f"bandwidth used {d['bandwidth_bps'] / 2**20:.0f} MiB/s")
         console.print(f"drain {d['drain_s']:.2f} s (committed {d['drain_committed_s']:.2f} s); lower bound "
-                      f"from the moves' own page rates {d['own_lower_bound_s']} s: {d['ratio']}x "
-                      f"(target <= {DRAIN_RATIO_TARGET}x); from the calibration moves "
-                      f"{d['lower_bound_s']:.2f} s: {d['ratio_calibration']:.2f}x")
+                      f"memory / bandwidth (the calibration moves) {d['lower_bound_s']:.2f} s: "
+                      f"{d['ratio_calibration']:.2f}x (target <= {DRAIN_RATIO_TARGET}x); from the moves' "
+                      f"own page rates {d['own_lower_bound_s']} s: {d['ratio']}x (stricter, not a target)")
     r = f.get("recovery")
     if r:
         t = Table(title="hard host failure -> all its VMs running elsewhere (instant fence device)")
@@ -658,7 +658,9 @@ def main() -> int:
     d, r = f["drain"], f["recovery"]
     f["targets"] = {}
     if d:
-        f["targets"]["drain_ratio"] = d["ratio"] is not None and d["ratio"] <= DRAIN_RATIO_TARGET
+        # The issue's bound: memory to move / bandwidth (measured alone, in this run), given the
+        # concurrency limit.  `ratio` (each move's own page rate) is reported beside it.
+        f["targets"]["drain_ratio"] = d["ratio_calibration"] <= DRAIN_RATIO_TARGET
     if r:
         f["targets"]["recovery_time"] = r["median_s"] is not None and r["median_s"] <= RECOVERY_TARGET_S
     f["all_targets_met"] = bool(f["targets"]) and all(f["targets"].values())

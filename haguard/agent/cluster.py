@@ -479,10 +479,14 @@ class ClusterRuntime:
             if entry is not None:
                 entry.progress = p
 
+        def engine_alert(kind: str, why: str) -> None:
+            log.warning("migration-alert", vm=cmd.vm, kind=kind, reason=why)
+            alert = coordinator_alert(kind, why, host=self.me, vm=cmd.vm)     # vm-lost, among others
+            if alert is not None:
+                self.alert(alert)
+
         result = await run_migration(str(src.qmp), RemoteQmp(self.rpc, cmd.target, session), opts,
-                                     on_progress=progress,
-                                     on_alert=lambda kind, why: log.warning("migration-alert", vm=cmd.vm,
-                                                                            kind=kind, reason=why))
+                                     on_progress=progress, on_alert=engine_alert)
         downtime = result.downtime_ms
         metrics.record_migration(result.status or "failed",
                                  duration_s=result.total_time_ms / 1000 if result.total_time_ms else None,

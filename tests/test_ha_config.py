@@ -1,0 +1,52 @@
+"""Cluster mode's configuration checks: `haguard check-config` refuses what could decide
+twice or recover unfenced, with one line naming the file, line and field."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _check(tmp: Path, hosts: str, ha: str) -> subprocess.CompletedProcess[str]:
+    (tmp / "vms").mkdir(exist_ok=True)
+    key = tmp / "key"
+    key.write_text("k" * 32)
+    key.chmod(0o600)
+    cfg = tmp / "cluster.yaml"
+    cfg.write_text(f"cluster: c1\nhost: a\nhosts:\n{hosts}key_file: {key}\nmqtt:\n  urls: ['mqtt://127.0.0.1']\n"
+                   f"vm_dir: {tmp / 'vms'}\nstate_dir: {tmp / 'state'}\nrun_dir: {tmp / 'run'}\n{ha}")
+    return subprocess.run([sys.executable, "-m", "haguard", "check-config", "--config", str(cfg)],
+                          capture_output=True, text=True, timeout=30, cwd=REPO, check=False)
+
+
+FENCE = "fence: {kind: command, agent: /bin/true}"
+TWO = f"  - {{name: a, address: 198.18.0.1, {FENCE}}}\n  - {{name: b, address: 198.18.0.2, {FENCE}}}\n"
+
+
+@pytest.mark.timeout(60)
+def test_two_equal_hosts_need_a_tie_breaker(tmp_path: Path) -> None:
+    out = _check(tmp_path, TWO, "ha: {enabled: true}\n")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "cluster.yaml" in out.stderr and "witness" in out.stderr and "weight: 2" in out.stderr
+    assert _check(tmp_path, TWO, "").returncode == 0, "without ha: no votes are taken"
+    witness = TWO + "  - {name: w, address: 198.18.0.3, witness: true}\n"
+    ok = _check(tmp_path, witness, "ha: {enabled: true}\n")
+    assert ok.returncode == 0, ok.stderr
+    weighted = TWO.replace("name: a,", "name: a, weight: 2,")
+    assert _check(tmp_path, weighted, "ha: {enabled: true}\n").returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_host_without_fence_device_needs_the_watchdog(tmp_path: Path) -> None:
+    hosts = TWO + "  - {name: c, address: 198.18.0.3}\n"
+    out = _check(tmp_path, hosts, "ha: {enabled: true}\n")
+    assert out.returncode == 2 and "host c has no fence device" in out.stderr, out.stderr
+    ok = _check(tmp_path, hosts, "ha:\n  enabled: true\n  watchdog: {device: /dev/watchdog, timeout_s: 10}\n")
+    assert ok.returncode == 0, ok.stderr
+    bad = _check(tmp_path, hosts, "ha:\n  enabled: true\n  isolation: sometimes\n")
+    assert bad.returncode == 2 and "ha.isolation" in bad.stderr and ":" in bad.stderr, bad.stderr

@@ -5,6 +5,7 @@ Options: `action` (off, on, reboot, status, monitor), `plug` (the host), `state_
 power states and its call log), `run_dir` (the host's VM runtime directory: `off` and
 `reboot` SIGKILL every QEMU whose command line names it, as cutting the power would).
 Every call is appended to `STATE_DIR/calls` as "<unix time> <action> <plug> <exit code>".
+`STATE_DIR/mode` containing "fail" makes every call fail (a device that does not answer).
 Exit codes as fence agents: 0 success (or power on), 1 failure, 2 power off (`status`).
 """
 
@@ -46,7 +47,11 @@ def main() -> int:
     action, plug = opts.get("action", "off"), opts.get("plug", "?")
     state = Path(opts.get("state_dir", "."))
     power = state / f"power-{plug}"
-    if action in ("off", "reboot"):
+    mode = state / "mode"
+    if mode.exists() and mode.read_text().strip() == "fail":
+        print(f"Failed: the device of {plug} does not answer", file=sys.stderr)
+        result = 1
+    elif action in ("off", "reboot"):
         if opts.get("run_dir"):
             power_off(opts["run_dir"])
         power.write_text("off" if action == "off" else "on")

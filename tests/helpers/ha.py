@@ -17,7 +17,6 @@ from haguard.vm.definition import VmDefinition
 from tests.helpers.cluster import Cluster
 from tests.helpers.vms import RunningOnceMonitor, guest_vm
 
-FENCE = Path(__file__).with_name("fence_standin.py")
 # Test timing: dead after 1.5 s without news; hosts take ~3 s to agree on a coordinator.
 HA_TIMING = {"heartbeat_interval_ms": 200, "suspect_timeout_ms": 800, "dead_timeout_ms": 1500,
              "ping_interval_ms": 200, "ping_timeout_ms": 150, "isolation_timeout_ms": 5000}
@@ -67,8 +66,9 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
         if fence:
             state = c.dir / "fence"
             state.mkdir(exist_ok=True)
-            fields.append(f"fence: {{kind: command, agent: '{sys.executable} {FENCE}', timeout_s: 10, "
-                          f"options: {{plug: {h}, state_dir: '{state}', kill_pattern: '{c.run_dir(h)}'}}}}")
+            fields.append(f"fence: {{kind: command, agent: '{sys.executable} -m haguard.lab.fence', "
+                          f"timeout_s: 10, options: {{plug: {h}, state_dir: '{state}', "
+                          f"run_dir: '{c.run_dir(h)}'}}}}")
         if fields:
             cluster_dir_hint[h] = ", ".join(fields)
     try:

@@ -282,3 +282,35 @@ def test_operator_move_goes_through_the_coordinator_and_a_degraded_host_is_evacu
         drains = [e for h in c.hosts for e in c.events(h, "placement") if e.get("kind") == "drain"]
         assert drains and all("degraded" in e["reasons"] for e in drains if hot in e["reasons"]), drains
         watch.check()
+
+
+def _qemu_pids(c: Cluster, host: str) -> dict[str, int]:
+    """vm -> pid of the QEMU the host's run dir points at."""
+    from haguard.vm import launcher
+    out, base = {}, c.run_dir(host)
+    for link in base.iterdir():
+        if link.is_symlink() and (pid := launcher.read_pid(launcher.current_paths(link.name, base))):
+            out[link.name] = pid
+    return out
+
+
+@pytest.mark.timeout(150)
+def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
+        before = _qemu_pids(c, host)
+        assert before, running_on(c)
+        c.kill9(host)                  # the agent crashes; its QEMUs and its link stay
+        time.sleep(3)                  # peers see it agent-down: not dead, nothing is recovered
+        assert _qemu_pids(c, host) == before
+        c.start_agent(host)
+        c.wait_for("the restarted agent reports its VMs", lambda: sorted(
+            vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)
+        time.sleep(3)
+        assert _qemu_pids(c, host) == before, "a VM was restarted or stopped"
+        assert not fence_calls(c)
+        for h in c.hosts:
+            assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
+        watch.check()

@@ -225,6 +225,8 @@ class ClusterRuntime:
         self._execute(self.core.tick(now_ms))
         self._committed_changed()
         self._watch_quorum(now_ms)
+        for sid in self.server.stale():         # a move given up: let go of its monitor
+            self._spawn(f"close-{sid}", self.server.close_session(sid))
 
     def _committed_changed(self) -> None:
         if self.core.committed is not self._last_committed:

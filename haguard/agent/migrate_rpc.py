@@ -52,6 +52,7 @@ DEST_COMMANDS = frozenset({
     "block-export-add", "block-export-del", "blockdev-add",
 })
 CALL_TIMEOUT_S = 10.0
+AUTHORISE_WAIT_S = 2.0         # for this host's copy of the cluster state to show the move
 PREPARE_TIMEOUT_S = 15.0        # starting the incoming QEMU takes well under a second
 
 
@@ -260,7 +261,7 @@ class DestinationServer:
             return {"ok": True, "connected": True, "oob": session.qmp.has_oob,
                     "prefetched": await prefetch(session.qmp)}
         if op == "close":
-            await self._close(body["session"])
+            await self.close_session(body["session"])
             return {"ok": True, "connected": False}
         if op == "qmp":
             return await self._qmp(session, body)
@@ -271,6 +272,12 @@ class DestinationServer:
         if not isinstance(vm_name, str) or not isinstance(generation, int):
             raise ValueError("vm and generation")
         why = self.authorise(vm_name, sender, generation)
+        waited = 0.0
+        while why is not None and waited < AUTHORISE_WAIT_S:
+            # The source acts on a committed state this host may not have accepted yet.
+            await asyncio.sleep(0.05)
+            waited += 0.05
+            why = self.authorise(vm_name, sender, generation)
         if why is not None:
             return {"ok": False, "error": {"desc": why}}
         vm = self.vms().get(vm_name)
@@ -281,7 +288,7 @@ class DestinationServer:
             return {"ok": False, "error": {"desc": f"a QEMU of {vm_name} already runs on {self.me}"}}
         for sid, old in list(self.sessions.items()):        # an earlier attempt of the same move
             if old.vm == vm_name:
-                await self._close(sid)
+                await self.close_session(sid)
         instance = await asyncio.to_thread(launcher.start, vm, self.base, incoming=True)
         # Our agent watches it from now on (reported as `inmigrate`): a move that dies leaves
         # a stray incoming QEMU that the cluster core has killed.
@@ -320,11 +327,16 @@ class DestinationServer:
                         await asyncio.sleep(0.02)
         return {"ok": True, "connected": session.qmp.connected, "return": result}
 
-    async def _close(self, sid: str) -> None:
+    def stale(self) -> list[str]:
+        """Sessions whose move the cluster state no longer holds (the source gave up or died)."""
+        return [sid for sid, s in self.sessions.items()
+                if self.authorise(s.vm, s.source, s.generation) is not None]
+
+    async def close_session(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
         if session is not None and session.qmp is not None:
             await session.qmp.close()
 
     async def close(self) -> None:
         for sid in list(self.sessions):
-            await self._close(sid)
+            await self.close_session(sid)

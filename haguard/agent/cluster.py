@@ -337,8 +337,8 @@ class ClusterRuntime:
                     level = log.info if out.host is not None else log.warning
                     level("placement", vm=out.vm, chosen=out.host, kind=out.kind, reasons=out.reasons)
                 case RaiseAlert():
-                    log.error("cluster-alert", kind=out.kind, reason=out.reason)
-                    alert = coordinator_alert(out.kind, out.reason, host=self.me)
+                    log.error("cluster-alert", kind=out.kind, reason=out.reason, about=out.host or self.me)
+                    alert = coordinator_alert(out.kind, out.reason, host=out.host or self.me)
                     if alert is not None:
                         self.alert(alert)
 
@@ -452,6 +452,8 @@ class ClusterRuntime:
             self.alert(make_alert(AlertKind.FENCING_DONE, host=cmd.host,
                                   summary=f"{cmd.host} fenced (powered off) by {self.me}",
                                   description=f"{host.fence.agent}: {result.detail}"))
+            self.alert(make_alert(AlertKind.FENCING_FAILED, host=cmd.host, resolved=True,
+                                  summary=f"fencing {cmd.host} succeeded", description=result.detail))
         return result.ok, result.detail
 
     async def _migrate(self, cmd: MigrateVm) -> tuple[bool, str]:

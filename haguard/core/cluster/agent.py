@@ -361,7 +361,7 @@ class ClusterAgent:
         if self.coordinator is not None and r.id not in self.commands:
             alert = self.coordinator.fencing.result(r.id, r.ok, r.reason, r.now_ms)
             if alert is not None:
-                return [RaiseAlert(id=self._id(), kind="fence-failed", reason=alert.reason)]
+                return [RaiseAlert(id=self._id(), kind="fence-failed", reason=alert.reason, host=alert.host)]
             return []
         entry = self.commands.pop(r.id, None)
         if entry is not None and isinstance(entry[1], MigrateVm):

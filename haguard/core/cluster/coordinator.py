@@ -136,7 +136,8 @@ class Coordinator:
                 self._release(host, vms, migrations, kills, beats)
         commands, alerts = self.fencing.poll(now_ms, self.new_id)
         out += [FenceHost(id=c.id, host=c.host, term=self.term) for c in commands]
-        out += [RaiseAlert(id=self.new_id(), kind="fence-failed", reason=a.reason) for a in alerts]
+        out += [RaiseAlert(id=self.new_id(), kind="fence-failed", reason=a.reason, host=a.host)
+                for a in alerts]
 
         for host, failing in sorted(beats.items()):                   # VM-level failures
             for vm in sorted(failing.failed_vms):

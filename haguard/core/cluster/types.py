@@ -264,6 +264,7 @@ class RaiseAlert:
     id: str
     kind: str
     reason: str
+    host: str = ""                  # the host it is about (a fence's target); "" for the sender
 
 
 @dataclass(frozen=True, kw_only=True)

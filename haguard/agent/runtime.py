@@ -83,6 +83,7 @@ SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
+NO_COORDINATOR_GIVE_UP_S = 30.0            # a drain before stop without a coordinator this long
 
 
 def monotonic_ms() -> int:
@@ -629,7 +630,18 @@ class Agent:
         await self.queue.put(AdminRequested(action="drain", host=self.me, now_ms=monotonic_ms()))
         started = time.monotonic()
         last_extend = 0.0
+        leaderless_since: float | None = None
         while time.monotonic() - started < limit_s:
+            # Without a coordinator (no quorum, broker gone) nothing can move: do not hold the
+            # machine's shutdown for the whole timeout.
+            if self.cluster.core.election.following(monotonic_ms()) is None:
+                leaderless_since = leaderless_since or time.monotonic()
+                if time.monotonic() - leaderless_since >= NO_COORDINATOR_GIVE_UP_S:
+                    log.error("drain-before-stop-impossible", host=self.me, reason="no coordinator",
+                              left=self.cluster.owned_here())
+                    return
+            else:
+                leaderless_since = None
             left = self.cluster.owned_here()
             if not left:
                 log.warning("drained-before-stop", host=self.me, took_s=round(time.monotonic() - started, 1))

@@ -195,24 +195,14 @@ def policy_from_args(args: argparse.Namespace) -> ConvergencePolicy:
 
 def _cluster_move(args: argparse.Namespace) -> int:
     """A move to another host: asked of the local agent, decided and run by the cluster."""
-    from haguard.agent.control import control_path, request
+    from haguard.agent.control import ask_agent
     from haguard.config.cluster import DEFAULT_CLUSTER_CONFIG, load_cluster_config
     from haguard.ui.drain import follow_move
     cfg = load_cluster_config(args.config or DEFAULT_CLUSTER_CONFIG)
     if not cfg.ha.enabled:
         raise HaguardError(f"host {args.to!r}: moves to other hosts need cluster mode (ha.enabled in "
                            f"{args.config or DEFAULT_CLUSTER_CONFIG}); this command moves to this host only")
-    if cfg.peer(args.to) is None:
-        raise ConfigError(f"{args.to!r} is not a host of cluster {cfg.cluster} "
-                          f"({', '.join(h.name for h in cfg.hosts)})", field="--to")
-    path = control_path(cfg.run_dir)
-    try:
-        reply = asyncio.run(request(path, {"action": "migrate", "vm": args.name, "host": args.to}))
-    except (OSError, TimeoutError) as exc:
-        raise HaguardError(f"cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
-                           "(is haguard run active on this host?)") from None
-    if not reply.get("ok"):
-        raise HaguardError(str(reply.get("error", "refused")))
+    ask_agent(cfg, {"action": "migrate", "vm": args.name, "host": args.to}, host_field="--to")
     return 0 if follow_move(cfg, args.name, args.to, timeout_s=args.timeout or 600.0) else 1
 
 

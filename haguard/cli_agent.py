@@ -84,23 +84,10 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_admin(args: argparse.Namespace) -> int:
     """`haguard drain|undrain HOST`: ask the local agent, then follow the cluster state."""
-    from haguard.agent.control import control_path, request
+    from haguard.agent.control import ask_agent
     from haguard.config.cluster import load_cluster_config
     cfg = load_cluster_config(args.config)
-    if cfg.peer(args.host) is None:
-        print(f"haguard: error: {args.host!r} is not a host of cluster {cfg.cluster} "
-              f"({', '.join(h.name for h in cfg.hosts)})", file=sys.stderr)
-        return EXIT_CONFIG
-    path = control_path(cfg.run_dir)
-    try:
-        reply = asyncio.run(request(path, {"action": args.command, "host": args.host}))
-    except (OSError, TimeoutError) as exc:
-        print(f"haguard: error: cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
-              "(is haguard run active on this host?)", file=sys.stderr)
-        return EXIT_FAILED
-    if not reply.get("ok"):
-        print(f"haguard: error: {reply.get('error', 'refused')}", file=sys.stderr)
-        return EXIT_FAILED
+    ask_agent(cfg, {"action": args.command, "host": args.host}, host_field="HOST")
     if args.no_wait:
         print(f"{args.command} {args.host}: requested")
         return EXIT_OK

@@ -33,6 +33,8 @@ import structlog
 from haguard.adapters import metrics
 from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
+from haguard.agent.derive import detector_timing, host_memory_mib
+from haguard.agent.durable import write_durably
 from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
 from haguard.config.cluster import ClusterConfig
 from haguard.core.alerts import Alert, AlertKind, coordinator_alert, make_alert
@@ -41,6 +43,8 @@ from haguard.core.cluster.agent import ClusterAgent
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
 from haguard.core.cluster.state import ClusterState
 from haguard.core.cluster.types import (
+    INCOMING_UNWANTED,
+    MOVED_AWAY,
     ClusterInput,
     ClusterOutput,
     ClusterTiming,
@@ -63,7 +67,6 @@ from haguard.core.cluster.types import (
     StopPettingWatchdog,
     StopVm,
 )
-from haguard.core.detector import DetectorTiming
 from haguard.core.wire import Envelope
 from haguard.errors import ConfigError, HaguardError
 from haguard.migration.engine import run_migration
@@ -83,17 +86,13 @@ LOCAL_REPORT_S = 1.0            # re-report local QEMUs at least this often
 _QEMU_STATES: dict[str, QemuState] = {"inmigrate": "inmigrate", "postmigrate": "postmigrate",
                                       "finish-migrate": "postmigrate"}
 
+
+def counted(status: str) -> QemuState:
+    return _QEMU_STATES.get(status, "running")
+
 Offer = Callable[[Any], None]
 Publish = Callable[..., bool]
 AlertSink = Callable[[Alert], None]
-
-
-def host_memory_mib() -> int:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0
 
 
 def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
@@ -123,8 +122,7 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
         watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000)
     return CoreConfig(
         me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
-        detector=DetectorTiming(suspect_timeout_ms=t.suspect_timeout_ms, dead_timeout_ms=t.dead_timeout_ms,
-                                isolation_timeout_ms=t.isolation_timeout_ms),
+        detector=detector_timing(t),
         limits=PlacementLimits(memory_overcommit=ha.memory_overcommit, vcpu_overcommit=ha.vcpu_overcommit,
                                max_migrations_per_host=ha.max_migrations_per_host,
                                max_migrations_cluster=ha.max_migrations),
@@ -157,19 +155,7 @@ def load_persisted(path: Path) -> PersistedState | None:
 def save_persisted(path: Path, out: PersistState) -> None:
     data = {"term": out.term, "voted_for": out.voted_for, "accepted": codec.dump(out.accepted),
             "committed": codec.dump(out.committed), "saved_at": time.time()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    write_durably(path, json.dumps(data, separators=(",", ":")))
 
 
 # ---- the runtime --------------------------------------------------------------------------
@@ -295,7 +281,7 @@ class ClusterRuntime:
             self.qemu[vm] = status
 
     def _report_local(self, now_ms: int) -> None:
-        local = {vm: _QEMU_STATES.get(s, "running") for vm, s in self.qemu.items()}
+        local = {vm: counted(s) for vm, s in self.qemu.items()}
         crashed = frozenset(self.gone)
         due = now_ms - self._reported_ms >= LOCAL_REPORT_S * 1000
         if (local, crashed) != self._reported or crashed or due:
@@ -338,9 +324,13 @@ class ClusterRuntime:
                     level("placement", vm=out.vm, chosen=out.host, kind=out.kind, reasons=out.reasons)
                 case RaiseAlert():
                     log.error("cluster-alert", kind=out.kind, reason=out.reason, about=out.host or self.me)
-                    alert = coordinator_alert(out.kind, out.reason, host=out.host or self.me)
-                    if alert is not None:
-                        self.alert(alert)
+                    self._alert(out.kind, out.reason, host=out.host or self.me)
+
+    def _alert(self, kind: str, reason: str, *, host: str = "", vm: str = "") -> None:
+        """An alert of a known kind into the pipeline (other kinds are only logged)."""
+        alert = coordinator_alert(kind, reason, host=host or self.me, vm=vm)
+        if alert is not None:
+            self.alert(alert)
 
     def _command(self, key: str, cid: str, factory: Callable[[], Awaitable[tuple[bool, str]]],
                  target: str = "") -> None:
@@ -409,7 +399,7 @@ class ClusterRuntime:
 
     async def _stop(self, vm: str, reason: str) -> tuple[bool, str]:
         paths = launcher.current_paths(vm, self.cfg.run_dir)
-        moving = reason in ("moved away", "incoming move no longer wanted")
+        moving = reason == MOVED_AWAY
         if moving:
             status = await self._live_status(paths)
             if status is not None and status not in ("postmigrate", "inmigrate", "shutdown"):
@@ -424,7 +414,7 @@ class ClusterRuntime:
 
     async def _kill(self, cmd: KillVm) -> tuple[bool, str]:
         paths = launcher.current_paths(cmd.vm, self.cfg.run_dir)
-        if cmd.reason == "incoming move no longer wanted":
+        if cmd.reason == INCOMING_UNWANTED:
             # Decided on the state last reported: an incoming QEMU that has just taken over runs.
             status = await self._live_status(paths)
             if status != "inmigrate":
@@ -485,9 +475,7 @@ class ClusterRuntime:
 
         def engine_alert(kind: str, why: str) -> None:
             log.warning("migration-alert", vm=cmd.vm, kind=kind, reason=why)
-            alert = coordinator_alert(kind, why, host=self.me, vm=cmd.vm)     # vm-lost, among others
-            if alert is not None:
-                self.alert(alert)
+            self._alert(kind, why, vm=cmd.vm)  # vm-lost, among others
 
         result = await run_migration(str(src.qmp), RemoteQmp(self.rpc, cmd.target, session), opts,
                                      on_progress=progress, on_alert=engine_alert)
@@ -500,10 +488,7 @@ class ClusterRuntime:
         level("migration-end", vm=cmd.vm, target=cmd.target, status=result.status, error=result.error,
               total_ms=result.total_time_ms, downtime_ms=result.downtime_ms)
         if not result.ok:
-            alert = coordinator_alert("migration-failed", f"{cmd.vm} to {cmd.target}: {result.error}",
-                                      host=self.me, vm=cmd.vm)
-            if alert is not None:
-                self.alert(alert)
+            self._alert("migration-failed", f"{cmd.vm} to {cmd.target}: {result.error}", vm=cmd.vm)
         return result.ok, result.error or ""
 
     # ---- the destination side ---------------------------------------------------------------
@@ -570,16 +555,12 @@ class ClusterRuntime:
     def owned_here(self) -> list[str]:
         """VMs still on this host: committed to it, or a QEMU of them running here."""
         owned = set(self.core.committed.owned_by(self.me))
-        here = {vm for vm, st in self.qemu.items() if _QEMU_STATES.get(st, "running") == "running"}
+        here = {vm for vm, st in self.qemu.items() if counted(st) == "running"}
         return sorted(owned | here)
 
-    def busy(self) -> list[str]:
-        return sorted(k for k, r in self.running.items()
-                      if not k.startswith("side:") and r.task is not None and not r.task.done())
-
     async def close(self) -> None:
-        """Agent going down: let commands end by themselves? No: cancel them (a migration
-        cancelled here is cancelled in QEMU by the engine: the VM stays on the source)."""
+        """Agent going down: cancel the commands under way (a migration cancelled here is
+        cancelled in QEMU by the engine before postcopy: the VM stays on the source)."""
         tasks = [r.task for r in self.running.values() if r.task is not None]
         for task in tasks:
             task.cancel()

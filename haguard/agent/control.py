@@ -19,6 +19,9 @@ from typing import Any
 
 import structlog
 
+from haguard.config.cluster import ClusterConfig
+from haguard.errors import ConfigError, HaguardError
+
 log = structlog.get_logger("haguard.control")
 
 CONTROL_SOCKET = "agent-control.sock"
@@ -94,3 +97,20 @@ async def request(path: Path, body: dict[str, Any], timeout_s: float = 10.0) -> 
             writer.close()
     reply = json.loads(line) if line else {"ok": False, "error": "the agent closed the connection"}
     return reply if isinstance(reply, dict) else {"ok": False, "error": "malformed reply"}
+
+
+def ask_agent(cfg: ClusterConfig, body: dict[str, Any], *, host_field: str) -> None:
+    """An operator's request to this host's agent about cluster host `body["host"]`:
+    ConfigError for a host not in the cluster, HaguardError when the agent cannot be
+    reached or refuses."""
+    if cfg.peer(str(body.get("host"))) is None:
+        raise ConfigError(f"{body.get('host')!r} is not a host of cluster {cfg.cluster} "
+                          f"({', '.join(h.name for h in cfg.hosts)})", field=host_field)
+    path = control_path(cfg.run_dir)
+    try:
+        reply = asyncio.run(request(path, body))
+    except (OSError, TimeoutError) as exc:
+        raise HaguardError(f"cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
+                           "(is haguard run active on this host?)") from None
+    if not reply.get("ok"):
+        raise HaguardError(str(reply.get("error", "refused")))

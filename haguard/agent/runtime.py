@@ -40,6 +40,8 @@ from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart
 from haguard.agent import supervise
 from haguard.agent.cluster import ClusterRuntime
 from haguard.agent.control import ControlServer, control_path
+from haguard.agent.derive import detector_timing, host_memory_mib
+from haguard.agent.durable import write_durably
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
@@ -47,7 +49,6 @@ from haguard.core.alerts import Alert, BrokerWatch, alerts_for
 from haguard.core.cluster.types import AdminRequested, CommandResult, LocalHealthObserved
 from haguard.core.detector import (
     BrokerStatus,
-    DetectorTiming,
     IsolationChanged,
     PeerState,
     PeerStateChanged,
@@ -77,8 +78,8 @@ log = structlog.get_logger("haguard.agent")
 
 QUEUE_SIZE = 4096
 TICK_S = 0.1
-STATE_EVERY_S = 5.0
-STATUS_EVERY_S = 1.0          # the retained "state" is information: refresh it now and then
+STATE_EVERY_S = 5.0           # the retained "state" is information: refresh it now and then
+STATUS_EVERY_S = 1.0          # the status file, when nothing changed
 SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -156,12 +157,7 @@ def next_incarnation(state_dir: Path) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the incarnation counter: {exc}", file=str(path)) from None
     current = previous + 1
-    tmp = path.with_name(f".incarnation.{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(f"{current}\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_durably(path, f"{current}\n")
     return current
 
 
@@ -173,13 +169,7 @@ def load_vms(cfg: ClusterConfig) -> dict[str, VmDefinition]:
 
 def _host_capacity(cfg: ClusterConfig) -> tuple[int, int]:
     me = cfg.this_host()
-    memory = me.memory_mib
-    if memory is None:
-        memory = 0
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            for line in Path("/proc/meminfo").read_text().splitlines():
-                if line.startswith("MemTotal:"):
-                    memory = int(line.split()[1]) // 1024
+    memory = me.memory_mib if me.memory_mib is not None else host_memory_mib()
     return memory, me.vcpus or os.cpu_count() or 1
 
 
@@ -188,8 +178,7 @@ def node_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> NodeConfig:
     memory, vcpus = _host_capacity(cfg)
     return NodeConfig(
         me=cfg.this_host().name, peers=tuple(h.name for h in cfg.hosts),
-        timing=DetectorTiming(suspect_timeout_ms=t.suspect_timeout_ms, dead_timeout_ms=t.dead_timeout_ms,
-                              isolation_timeout_ms=t.isolation_timeout_ms),
+        timing=detector_timing(t),
         vm_policy=health_policy(cfg.vm_restart), memory_mib=memory, vcpus=vcpus,
         vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()})
 
@@ -392,28 +381,20 @@ class Agent:
         self.alerts.raise_alert(alert)
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
-        """An operator's request on the control socket (`haguard drain|undrain HOST`)."""
-        action, host = request.get("action"), request.get("host")
-        if action == "migrate":
-            vm = request.get("vm")
-            if self.cluster is None:
-                return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
-            if not isinstance(host, str) or self.cfg.peer(host) is None:
-                return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
-            if not isinstance(vm, str) or vm not in self.cluster.core.config.vms:
-                return {"ok": False, "error": f"VM {str(vm)[:60]!r} is not in the cluster's inventory"}
-            log.warning("admin-request", action=action, host=host, vm=vm)
-            await self.queue.put(AdminRequested(action="migrate", host=host, vm=vm, now_ms=monotonic_ms()))
-            return {"ok": True}
-        if action in ("drain", "undrain"):
-            if self.cluster is None:
-                return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
-            if not isinstance(host, str) or self.cfg.peer(host) is None:
-                return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
-            log.warning("admin-request", action=action, host=host)
-            await self.queue.put(AdminRequested(action=action, host=host, now_ms=monotonic_ms()))
-            return {"ok": True}
-        return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
+        """An operator's request on the control socket (`haguard drain|undrain HOST`,
+        `haguard migrate VM --to HOST`)."""
+        action, host, vm = request.get("action"), request.get("host"), request.get("vm", "")
+        if action not in ("drain", "undrain", "migrate"):
+            return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
+        if self.cluster is None:
+            return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
+        if not isinstance(host, str) or self.cfg.peer(host) is None:
+            return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
+        if action == "migrate" and (not isinstance(vm, str) or vm not in self.cluster.core.config.vms):
+            return {"ok": False, "error": f"VM {str(vm)[:60]!r} is not in the cluster's inventory"}
+        log.warning("admin-request", action=action, host=host, vm=vm or None)
+        await self.queue.put(AdminRequested(action=action, host=host, vm=str(vm), now_ms=monotonic_ms()))
+        return {"ok": True}
 
     def _record_detection(self, host: str, now_ms: int) -> None:
         # Only on a death (rare): the detector's views are built on demand.

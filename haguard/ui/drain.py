@@ -36,13 +36,17 @@ def drained(cluster: dict[str, Any], host: str) -> bool:
     return not owned and not moving
 
 
+def _bars(console: Console) -> Progress:
+    """One bar per move, drawn only on a terminal."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                    TimeElapsedColumn(), console=console, disable=not console.is_terminal)
+
+
 def follow(cfg: ClusterConfig, host: str, *, drain: bool, timeout_s: float) -> bool:
     console = Console(stderr=not sys.stdout.isatty())
     deadline = time.monotonic() + timeout_s
     bars: dict[str, TaskID] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, transient=False,
-                  disable=not console.is_terminal) as progress:
+    with _bars(console) as progress:
         while time.monotonic() < deadline:
             cluster = _cluster(cfg)
             if cluster is not None:
@@ -79,8 +83,7 @@ def follow_move(cfg: ClusterConfig, vm: str, target: str, *, timeout_s: float) -
     console = Console(stderr=not sys.stdout.isatty())
     deadline = time.monotonic() + timeout_s
     seen_move = False
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), console=console, disable=not console.is_terminal) as progress:
+    with _bars(console) as progress:
         bar = progress.add_task(f"{vm} -> {target}", total=100)
         while time.monotonic() < deadline:
             cluster = _cluster(cfg)

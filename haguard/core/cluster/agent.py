@@ -38,6 +38,8 @@ from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.state import ClusterState, Proposer, StateKey, initial_state
 from haguard.core.cluster.types import (
+    INCOMING_UNWANTED,
+    MOVED_AWAY,
     Ack,
     AdminRequested,
     ClusterInput,
@@ -665,9 +667,9 @@ class ClusterAgent:
                 out.append(KillVm(id=self._id(), vm=vm, term=term, reason="ordered: stray copy"))
             elif qemu == "inmigrate" and (mig is None or mig.target != self.me) \
                     and now - self.local_seen_ms.get(vm, now) >= INMIGRATE_GRACE_MS:
-                out.append(KillVm(id=self._id(), vm=vm, term=term, reason="incoming move no longer wanted"))
+                out.append(KillVm(id=self._id(), vm=vm, term=term, reason=INCOMING_UNWANTED))
             elif qemu == "postmigrate" and owner != self.me:
-                out.append(StopVm(id=self._id(), vm=vm, term=term, reason="moved away"))
+                out.append(StopVm(id=self._id(), vm=vm, term=term, reason=MOVED_AWAY))
             elif qemu == "running" and owner == self.me and rec is not None and rec.desired == "stopped":
                 out.append(StopVm(id=self._id(), vm=vm, term=term, reason="desired stopped"))
             elif qemu == "running" and mig is not None and mig.source == self.me and rec is not None \

@@ -216,6 +216,12 @@ class StartVm:
     term: int
 
 
+# Why a local copy goes: the runtime checks the QEMU's state again for these two, because
+# the core decided on the state last reported and a move may have just switched over.
+MOVED_AWAY = "moved away"                           # StopVm of a source left in postmigrate
+INCOMING_UNWANTED = "incoming move no longer wanted"  # KillVm of an incoming QEMU
+
+
 @dataclass(frozen=True, kw_only=True)
 class StopVm:
     id: str

@@ -35,10 +35,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import base_parser, emit_result, log
-from haguard.core.cluster.agent import ring_neighbours
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.placement import HostCandidate, PlacementLimits, VmSpec
 from haguard.core.cluster.recovery import plan_recovery
+from haguard.core.cluster.relay import ring_neighbours
 from haguard.core.cluster.state import ClusterState, HostRecord, VmRecord
 from haguard.core.cluster.types import (
     CoreConfig,

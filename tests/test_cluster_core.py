@@ -8,16 +8,18 @@ from pathlib import Path
 import pytest
 
 import haguard.core.cluster as cluster_pkg
-from haguard.core.cluster.agent import ClusterAgent, ring_neighbours
+from haguard.core.cluster.agent import ClusterAgent
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.relay import relay_layout, ring_neighbours
 from haguard.core.cluster.state import ClusterState, Proposer, VmRecord, initial_state
 from haguard.core.cluster.types import (
     Ack,
     CommandResult,
     CoreConfig,
+    Digest,
     FenceHost,
     Heartbeat,
     HostSpec,
@@ -28,6 +30,7 @@ from haguard.core.cluster.types import (
     PetWatchdog,
     Proposal,
     RaiseAlert,
+    RelayEntry,
     Send,
     StartVm,
     StopPettingWatchdog,
@@ -357,7 +360,38 @@ def _large(me: str, n: int = 40) -> CoreConfig:
     return CoreConfig(me=me, hosts=hosts, vms=VMS)
 
 
-def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_coordinator_only() -> None:
+def test_relay_tiers_bound_every_hosts_intake_and_survive_one_lost_aggregator() -> None:
+    hosts = [f"h{i:04d}" for i in range(1000)]
+    layout = relay_layout(hosts, 4, 4)
+    assert [len(t) for t in layout.tiers] == [500, 126, 32, 8, 2]
+    takes: dict[str | None, int] = {}
+    for roles in layout.roles.values():
+        for role in roles:
+            takes[role.parent] = takes.get(role.parent, 0) + 1
+    assert max(n for p, n in takes.items() if p is not None) <= 4, "an aggregator takes at most 4 digests"
+    assert takes[None] <= 4, "so does the coordinator"
+    aggregators = [h for t in layout.tiers[1:] for h in t]
+    assert len(set(aggregators)) == len(aggregators), "no host holds two aggregator slots"
+
+    def path(reporter: str) -> list[str]:
+        up, at = [], reporter
+        while True:
+            parent = next(r.parent for r in layout.roles_of(at) if r.tier == len(up) + 1)
+            if parent is None:
+                return up
+            up.append(parent)
+            at = parent
+
+    for i, me in enumerate(hosts):
+        reporters = {h for h in ring_neighbours(hosts, me, 4) | {me}
+                     if any(r.tier == 1 for r in layout.roles_of(h))}
+        assert len(reporters) >= 2, f"{me} is reported by two hosts at least"
+        shared = set.intersection(*(set(path(r)) for r in reporters))
+        assert not shared, f"{me}: every path to the coordinator goes through {shared}"
+    assert not relay_layout(hosts[:5], 4, 4).enabled, "a full mesh needs no relays"
+
+
+def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_relays_up_a_digest() -> None:
     agent = ClusterAgent(_large("h10"), incarnation=1, now_ms=0)
     connected(agent)
     assert agent.ping_targets() == {"h08", "h09", "h11", "h12"}
@@ -368,9 +402,42 @@ def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_coordinator_o
     assert agent.election.following(100) == "h00" and "h00" in agent.ping_targets()
     # Joined: it asks the coordinator to confirm an ack (a read index), nothing more.
     assert [(type(o.message), o.message.to) for o in joined if isinstance(o, Send)] == [(Ack, "h00")]
+    near = Heartbeat(sender="h11", incarnation=1, term=3, hears=frozenset({"h10"}), reaches=frozenset(),
+                     accepted=(3, 4), quorate=True, vms={"vm1": "running"})
+    agent.step(MessageReceived(message=near, now_ms=150))
     sent = [o.message for o in agent.tick(200) if isinstance(o, Send)]
-    assert all(isinstance(m, Heartbeat) for m in sent)
-    assert sorted(m.to or "" for m in sent) == ["h00", "h08", "h09", "h11", "h12"]
+    beats = [m for m in sent if isinstance(m, Heartbeat)]
+    assert sorted(m.to or "" for m in beats) == ["h08", "h09", "h11", "h12"], "not to the coordinator"
+    digests = [m for m in sent if isinstance(m, Digest)]
+    parent = next(r.parent for r in agent.layout.roles_of("h10") if r.tier == 1)
+    assert len(digests) == 1 and digests[0].to == parent, "h10 reports its neighbourhood to its aggregator"
+    entries = {e.beat.sender: e for e in digests[0].entries}
+    assert set(entries) == {"h10", "h11"} and entries["h11"].heard_age_ms == 50
+    assert all(e.reporter == "h10" and e.relay_age_ms == 0 for e in entries.values())
+
+
+def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> None:
+    agent = ClusterAgent(_large("h20"), incarnation=1, now_ms=0)
+    connected(agent, now=0)
+    agent.election.role, agent.election.term = Role.COORDINATOR, 3
+    agent._retrack()                                # the coordinator watches every host
+    beat = Heartbeat(sender="h31", incarnation=1, term=3, hears=frozenset({"h20"}), reaches=frozenset(),
+                     accepted=(3, 4), quorate=True, vms={"vm2": "running"})
+    entry = RelayEntry(beat=beat, reporter="h30", heard_age_ms=120, relay_age_ms=380)
+    agent.step(MessageReceived(message=Digest(sender="h02", term=3, entries=(entry,), to="h20"),
+                               now_ms=1000))
+    assert agent.beats["h31"][0] == 500, "heard 500 ms ago, not when the digest came"
+    suspect = agent.config.detector.suspect_timeout_ms
+    assert "h31" in agent.detector.hears(500 + suspect + agent.lag_ms), "relayed news may be late"
+    assert "h31" not in agent.detector.hears(500 + suspect + agent.lag_ms + 1)
+    # Its reporter says it no longer hears it: that news is taken at once, the allowance goes.
+    later = 500 + suspect + 100
+    assert "h31" in agent.detector.hears(later)
+    silent = RelayEntry(beat=beat, reporter="h30", heard_age_ms=later - 20 - 500, relay_age_ms=20)
+    agent.step(MessageReceived(message=Digest(sender="h02", term=3, entries=(silent,), to="h20"),
+                               now_ms=later))
+    assert agent.beats["h31"][0] == 500
+    assert "h31" not in agent.detector.hears(later)
 
 
 def test_the_coordinator_summarises_whom_it_does_not_hear() -> None:

@@ -63,6 +63,24 @@ class GossipHeard:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RelayedHeard:
+    """A peer's heartbeat relayed to this agent (a large cluster): `reporter` got it at
+    `heard_ms` and said so at `built_ms` (both on this agent's clock, estimated from the
+    ages in the digest).  Relayed news may be up to `lag_ms` late: the peer counts as
+    heard that much longer, until its reporters say they no longer hear it."""
+
+    host: str
+    reporter: str
+    incarnation: int
+    heard_ms: int
+    built_ms: int
+    lag_ms: int
+    now_ms: int
+    hears: frozenset[str] = frozenset()
+    reaches: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, kw_only=True)
 class PeerWentOffline:
     host: str
     incarnation: int
@@ -84,7 +102,7 @@ class BrokerStatus:
     now_ms: int
 
 
-DetectorInput = GossipHeard | PeerWentOffline | PingObserved | BrokerStatus
+DetectorInput = GossipHeard | RelayedHeard | PeerWentOffline | PingObserved | BrokerStatus
 
 
 # ---- outputs -------------------------------------------------------------------
@@ -119,6 +137,8 @@ class _Peer:
     rtt_ms: float | None = None
     reached_by: dict[str, int] = field(default_factory=dict)   # reporter -> when
     known_ms: int = 0                    # when this agent started watching it
+    lag_ms: int = 0                      # the latest gossip was relayed: how late it may be
+    reports: dict[str, tuple[int, int]] = field(default_factory=dict)  # reporter -> (built, heard)
     state: PeerState = PeerState.UNKNOWN
     reason: str = "not heard yet"
     since_ms: int = 0                    # when the current state began
@@ -160,6 +180,8 @@ class FailureDetector:
         match event:
             case GossipHeard():
                 touched = self._gossip(event)
+            case RelayedHeard():
+                touched = self._relayed(event)
             case PeerWentOffline():
                 peer = self._peers.get(event.host)
                 if peer is not None and event.incarnation >= peer.incarnation:
@@ -192,17 +214,45 @@ class FailureDetector:
         if peer is None or g.incarnation < peer.incarnation:
             return []
         peer.incarnation = g.incarnation
-        peer.last_gossip_ms = g.now_ms
-        peer.offline_ms = None
-        newest = sorted([(g.now_ms, g.host), *(e for e in self._newest if e[1] != g.host)], reverse=True)
-        self._newest = newest[:2]
-        touched = [g.host]
-        for other in g.hears | g.reaches:
+        peer.lag_ms = 0
+        return self._heard(g.host, peer, g.now_ms, g.hears | g.reaches)
+
+    def _heard(self, host: str, peer: _Peer, at_ms: int, saw: frozenset[str]) -> list[str]:
+        if peer.last_gossip_ms is None or at_ms >= peer.last_gossip_ms:
+            peer.last_gossip_ms = at_ms
+            peer.offline_ms = None
+            newest = sorted([(at_ms, host), *(e for e in self._newest if e[1] != host)], reverse=True)
+            self._newest = newest[:2]
+        touched = [host]
+        for other in saw:
             target = self._peers.get(other)
             if target is not None:
-                target.reached_by[g.host] = g.now_ms
+                target.reached_by[host] = max(at_ms, target.reached_by.get(host, at_ms))
                 touched.append(other)
         return touched
+
+    def _relayed(self, g: RelayedHeard) -> list[str]:
+        peer = self._peers.get(g.host)
+        if peer is None or g.incarnation < peer.incarnation:
+            return []
+        if g.incarnation > peer.incarnation:
+            peer.incarnation, peer.reports = g.incarnation, {}
+        if g.built_ms >= peer.reports.get(g.reporter, (g.built_ms, 0))[0]:
+            peer.reports[g.reporter] = (g.built_ms, g.heard_ms)
+        if peer.last_gossip_ms is None or g.heard_ms >= peer.last_gossip_ms:
+            peer.lag_ms = g.lag_ms
+        return self._heard(g.host, peer, g.heard_ms, g.hears | g.reaches)
+
+    def _lag(self, p: _Peer, now: int) -> int:
+        """The allowance for relayed gossip: none once every reporter with recent news of the
+        peer says it no longer hears it (that news travels at once, not a tier at a time)."""
+        if not p.lag_ms:
+            return 0
+        t = self.timing.suspect_timeout_ms
+        recent = [(built, heard) for built, heard in p.reports.values() if now - built <= t + p.lag_ms]
+        if all(built - heard > t for built, heard in recent):
+            return 0
+        return p.lag_ms
 
     def tick(self, now_ms: int) -> list[DetectorOutput]:
         out: list[DetectorOutput] = []
@@ -226,7 +276,8 @@ class FailureDetector:
         t = self.timing
         heard_at = p.last_gossip_ms if p.last_gossip_ms is not None else p.known_ms
         silent = now - heard_at
-        if p.last_gossip_ms is not None and p.offline_ms is None and silent <= t.suspect_timeout_ms:
+        if (p.last_gossip_ms is not None and p.offline_ms is None
+                and silent <= t.suspect_timeout_ms + self._lag(p, now)):
             return PeerState.ALIVE, "gossip fresh"
         pinged_at = p.last_ping_ok_ms
         answers = pinged_at is not None and now - pinged_at <= t.dead_timeout_ms
@@ -296,7 +347,13 @@ class FailureDetector:
     def hears(self, now_ms: int) -> frozenset[str]:
         t = self.timing.suspect_timeout_ms
         return frozenset(h for h, p in self._peers.items()
-                         if p.last_gossip_ms is not None and now_ms - p.last_gossip_ms <= t)
+                         if p.last_gossip_ms is not None
+                         and now_ms - p.last_gossip_ms <= t + (self._lag(p, now_ms) if p.lag_ms else 0))
+
+    def lag(self, host: str, now_ms: int) -> int:
+        """How late this agent's news of `host` may be (relayed gossip), 0 for direct."""
+        peer = self._peers.get(host)
+        return self._lag(peer, now_ms) if peer is not None else 0
 
     def reaches(self, now_ms: int) -> frozenset[str]:
         t = self.timing.suspect_timeout_ms

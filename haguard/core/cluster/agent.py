@@ -7,9 +7,12 @@ executed (etcd raft's Ready): a `PersistState` always comes first in its batch a
 must be on stable storage before any `Send` after it.  The agent's rules:
 
 - gossip layout (bounded): a follower sends its heartbeat to its ring neighbours
-  (`gossip_fanout`) and to the coordinator it follows, one `Send` each, and pings the
-  same hosts; the coordinator broadcasts its heartbeat (lease renewal, membership
-  summary: whom it does not hear, the acks it confirms) and hears and pings everyone.
+  (`gossip_fanout`), one `Send` each, and pings them and the coordinator it follows; in a
+  full mesh (at most fanout + 1 hosts) it also sends its heartbeat to the coordinator,
+  in a larger cluster its heartbeat reaches the coordinator relayed in digests (relay.py:
+  bounded fan-in everywhere, at most `lag_ms` late).  The coordinator broadcasts its
+  heartbeat (lease renewal, membership summary: whom it does not hear, the acks it
+  confirms) and pings everyone.
   A proposal is broadcast when made and while in flight; a host whose heartbeat shows
   it behind gets it alone.  Acks go out when a proposal arrives and, after (re)joining,
   until one is confirmed.  A cluster of at most fanout + 1 hosts is a full mesh.
@@ -36,6 +39,7 @@ from dataclasses import fields, replace
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.relay import RelayLayout, relay_layout, ring_neighbours
 from haguard.core.cluster.state import ClusterState, Proposer, StateKey, initial_state
 from haguard.core.cluster.types import (
     INCOMING_UNWANTED,
@@ -46,6 +50,7 @@ from haguard.core.cluster.types import (
     ClusterOutput,
     CommandResult,
     CoreConfig,
+    Digest,
     Heartbeat,
     KillVm,
     LocalHealthObserved,
@@ -60,6 +65,7 @@ from haguard.core.cluster.types import (
     Proposal,
     QemuState,
     RaiseAlert,
+    RelayEntry,
     Send,
     StartVm,
     StopPettingWatchdog,
@@ -75,6 +81,7 @@ from haguard.core.detector import (
     IsolationChanged,
     PeerState,
     PingObserved,
+    RelayedHeard,
 )
 
 VmCommand = StartVm | StopVm | KillVm | MigrateVm
@@ -85,13 +92,7 @@ NO_KEY: StateKey = (-1, -1)
 HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
 
 
-def ring_neighbours(hosts: list[str], me: str, fanout: int) -> frozenset[str]:
-    """`me`'s neighbours on the ring of sorted host names: fanout/2 (rounded up) each side."""
-    ring = sorted(hosts)
-    if len(ring) - 1 <= fanout or me not in ring:
-        return frozenset(h for h in ring if h != me)
-    i, half = ring.index(me), (fanout + 1) // 2
-    return frozenset(ring[(i + d) % len(ring)] for d in range(-half, half + 1) if d != 0)
+__all__ = ["ClusterAgent", "heard_by", "ring_neighbours"]
 
 
 def heard_by(beat: Heartbeat, host: str) -> bool:
@@ -113,6 +114,18 @@ class ClusterAgent:
         self.quorum = Quorum({h: s.weight for h, s in config.hosts.items()})
         self.hosts = sorted(config.hosts)
         self.neighbours = ring_neighbours(self.hosts, self.me, config.gossip_fanout)
+        self.layout: RelayLayout = relay_layout(self.hosts, config.gossip_fanout, config.relay_fanin)
+        self.lag_ms = self.layout.lag_ms(config.timing.heartbeat_ms)
+        # Digests taken, per sender: (received at, entries); and what went up last per tier.
+        self._digests: dict[str, tuple[int, tuple[RelayEntry, ...]]] = {}
+        self._reported: dict[str, tuple[Heartbeat, bool]] = {}  # tier 1: host -> (beat, silent) sent
+        self._own_beat: tuple[int, Heartbeat] | None = None
+        self._relayed: set[str] = set()                         # peers whose latest beat was relayed
+        self._roles = self.layout.roles_of(self.me)
+        self._children = frozenset(h for h, roles in self.layout.roles.items()
+                                   for r in roles if r.parent == self.me and h != self.me)
+        self._last_digest_ms = -10**9
+        self._news = False                                      # relayed news not yet sent up
         self._local_quorum = Quorum({h: config.hosts[h].weight for h in self.neighbours | {self.me}})
         # Watched (heard, pinged, judged): the neighbours and the coordinator; everyone when coordinating.
         self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
@@ -223,6 +236,7 @@ class ClusterAgent:
                 if previous is not None and previous[1].incarnation > message.incarnation:
                     return []                       # an older life of that agent
                 self.beats[message.sender] = (now, message)
+                self._relayed.discard(message.sender)
                 self._observe_term(message.term)
                 out: list[ClusterOutput] = []
                 if message.coordinator:
@@ -253,6 +267,8 @@ class ClusterAgent:
                 return []
             case Proposal():
                 return self._proposal(message)
+            case Digest():
+                return self._digest(message) if message.to == self.me else []
             case Ack():
                 if (message.to == self.me and self.proposer is not None
                         and message.term == self.election.term):
@@ -398,10 +414,11 @@ class ClusterAgent:
         if isinstance(cached, frozenset):
             return set(cached)
         heard = self.detector.hears(now_ms)
-        window = self.config.timing.quorum_timeout_ms
-        mutual = {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= window
+        mutual = {p for p in heard if p in self.beats and now_ms - self.beats[p][0] <= self._window(p)
                   and heard_by(self.beats[p][1], self.me)}
         if self.election.role is Role.COORDINATOR:
+            # Voters' heartbeats reach a new coordinator once they follow it (relayed: later).
+            window = self.config.timing.quorum_timeout_ms + self.lag_ms
             mutual |= {p for p, at in self._granted_at.items() if now_ms - at <= window}
         self._cache["mutual"] = frozenset(mutual)
         return mutual
@@ -480,6 +497,9 @@ class ClusterAgent:
         if now - self._last_beat_ms >= self.config.timing.heartbeat_ms:
             self._last_beat_ms = now
             out += self._send_heartbeats(now, standing)
+            out += self._send_digests(now)
+        elif self._relay_news(now) and now - self._last_digest_ms >= self.config.timing.heartbeat_ms // 4:
+            out += self._send_digests(now)
         out += self._watchdog(now)
         out += self._local_actions(now)
         return out
@@ -490,10 +510,14 @@ class ClusterAgent:
             self._acks_new = {}
             return [self._send(beat)]                                   # to everyone
         beat = self._heartbeat(now, standing)
+        self._own_beat = (now, beat)
         to = set(self.neighbours)
         followed = self.election.following(now)
         if followed is not None:
-            to.add(followed)
+            if self.layout.enabled:             # it gets this heartbeat relayed, not directly
+                to.discard(followed)
+            else:
+                to.add(followed)
         kwargs = {f: getattr(beat, f) for f in HEARTBEAT_FIELDS}       # cheaper than replace()
         return [self._send(Heartbeat(**kwargs, to=host)) for host in sorted(to)]
 
@@ -521,6 +545,105 @@ class ClusterAgent:
                          coordinator=coordinating, unheard=unheard,
                          confirmed=dict(self._acks_new) if coordinating else {})
 
+    # ---- relays (a cluster larger than a full mesh, relay.py) ------------------------
+
+    def _window(self, peer: str) -> int:
+        """How long a peer's latest heartbeat counts: relayed ones may be `lag_ms` late."""
+        t = self.config.timing.quorum_timeout_ms
+        return t + self.lag_ms if peer in self._relayed else t
+
+    def _digest(self, d: Digest) -> list[ClusterOutput]:
+        now = self.now_ms
+        old = self._digests.get(d.sender)
+        self._digests[d.sender] = (now, d.entries)
+        if self.election.role is Role.COORDINATOR:
+            out: list[ClusterOutput] = []
+            for entry in d.entries:
+                out += self._relayed_beat(entry, now)
+            return out
+        news = old is None or self._statuses(old[1]) != self._statuses(d.entries)
+        if d.sender in self._children and news:
+            # News (a host gone silent, a heartbeat changed) goes up at once, not a tier per interval.
+            self._news = True
+            if now - self._last_digest_ms >= self.config.timing.heartbeat_ms // 4:
+                return self._send_digests(now)
+        return []
+
+    def _statuses(self, entries: tuple[RelayEntry, ...]) -> dict[tuple[str, str], tuple[Heartbeat, bool]]:
+        silent = self.config.detector.suspect_timeout_ms
+        return {(e.beat.sender, e.reporter): (e.beat, e.heard_age_ms > silent) for e in entries}
+
+    def _relayed_beat(self, entry: RelayEntry, now: int) -> list[ClusterOutput]:
+        """The coordinator takes a relayed heartbeat like a direct one, dated when it was heard."""
+        beat, host = entry.beat, entry.beat.sender
+        if host == self.me or host not in self.config.hosts or beat.coordinator:
+            return []
+        built = now - entry.relay_age_ms
+        heard = built - entry.heard_age_ms
+        previous = self.beats.get(host)
+        if previous is not None and previous[1].incarnation > beat.incarnation:
+            return []
+        if previous is None or heard > previous[0] or beat.incarnation > previous[1].incarnation:
+            self.beats[host] = (heard, beat)
+            self._relayed.add(host)
+            self._observe_term(beat.term)
+        return self._detected(self.detector.step(RelayedHeard(
+            host=host, reporter=entry.reporter, incarnation=beat.incarnation, heard_ms=heard,
+            built_ms=built, lag_ms=self.lag_ms, now_ms=now, hears=beat.hears, reaches=beat.reaches)))
+
+    def _reports(self, now: int) -> list[RelayEntry]:
+        """Tier 1: this host's own heartbeat and its neighbours' latest, with their ages."""
+        if not any(r.tier == 1 for r in self._roles):
+            return []
+        out = []
+        if self._own_beat is not None:
+            at, beat = self._own_beat
+            out.append(RelayEntry(beat=beat, reporter=self.me, heard_age_ms=now - at, relay_age_ms=0))
+        for host in sorted(self.neighbours):
+            got = self.beats.get(host)
+            if got is not None and not got[1].coordinator:
+                out.append(RelayEntry(beat=got[1], reporter=self.me, heard_age_ms=now - got[0],
+                                      relay_age_ms=0))
+        return out
+
+    def _relay_news(self, now: int) -> bool:
+        if not self.layout.enabled or self.election.role is Role.COORDINATOR:
+            return False
+        if self._news:
+            return True
+        silent = self.config.detector.suspect_timeout_ms
+        reports = self._reports(now)
+        return {e.beat.sender: (e.beat, e.heard_age_ms > silent) for e in reports} != self._reported
+
+    def _send_digests(self, now: int) -> list[ClusterOutput]:
+        """A digest per upward role: to the parent, or the coordinator this agent follows."""
+        if not self.layout.enabled or self.election.role is Role.COORDINATOR:
+            return []
+        self._last_digest_ms, self._news = now, False
+        keep = self.lag_ms + self.config.detector.dead_timeout_ms
+        self._digests = {h: d for h, d in self._digests.items() if now - d[0] <= keep}
+        reports = self._reports(now)
+        silent = self.config.detector.suspect_timeout_ms
+        self._reported = {e.beat.sender: (e.beat, e.heard_age_ms > silent) for e in reports}
+        out: list[ClusterOutput] = []
+        for role in self._roles:
+            if role.tier == 1:
+                if role.parent == self.me:
+                    continue                    # taken up by this host's own aggregator role
+                entries = reports
+            else:
+                entries = [RelayEntry(beat=e.beat, reporter=e.reporter, heard_age_ms=e.heard_age_ms,
+                                      relay_age_ms=e.relay_age_ms + now - at)
+                           for sender, (at, got) in sorted(self._digests.items())
+                           if sender in self._children for e in got]
+                if any(r.tier == 1 and r.parent == self.me for r in self._roles):
+                    entries += reports
+            to = role.parent if role.parent is not None else self.election.following(now)
+            if to is not None and to != self.me and entries:
+                out.append(self._send(Digest(sender=self.me, term=self.election.term,
+                                             entries=tuple(entries), to=to)))
+        return out
+
     def _maybe_stand(self, now: int, quorate: bool) -> list[ClusterOutput]:
         e = self.election
         if e.role is Role.COORDINATOR or e.lease_valid(now) or not quorate:
@@ -537,10 +660,9 @@ class ClusterAgent:
 
     def _preferred_candidate(self, now: int) -> str:
         """The alive, quorate host with the newest state, then highest priority, then first name."""
-        window = self.config.timing.quorum_timeout_ms
         keys = {self.me: self.accepted.key}
         for peer, (at, beat) in self.beats.items():
-            if (beat.quorate and now - at <= window
+            if (beat.quorate and now - at <= self._window(peer)
                     and self.detector.state(peer) is PeerState.ALIVE):
                 keys[peer] = beat.accepted
         for peer, (_at, key) in self._candidates.items():   # candidates seen lately (large clusters)
@@ -556,7 +678,7 @@ class ClusterAgent:
         committed_before = self.proposer.committed.key
         # Followers start reporting to a new coordinator once its first heartbeat reaches them: plan
         # only when it has had the time to hear them (else it would place every VM on its neighbours).
-        settled = now - self._coordinating_since >= self.config.timing.quorum_timeout_ms
+        settled = now - self._coordinating_since >= self.config.timing.quorum_timeout_ms + self.lag_ms
         if not self.proposer.in_flight and settled:
             state, planned = self.coordinator.plan(self.proposer.committed, self._views(now), now)
             out += planned
@@ -578,7 +700,7 @@ class ClusterAgent:
         t = self.config.timing
         grace = 3 * t.heartbeat_ms
         for host, (at, beat) in self.beats.items():
-            if (at > self._changed_ms + grace and now - at <= t.quorum_timeout_ms
+            if (at > self._changed_ms + grace and now - at <= self._window(host)
                     and (beat.accepted < proposal.key or beat.committed < committed.key)
                     and now - self._caught_up.get(host, -10**9) >= grace):
                 self._caught_up[host] = now
@@ -589,9 +711,8 @@ class ClusterAgent:
         return out
 
     def _views(self, now: int) -> dict[str, HostView]:
-        window = self.config.timing.quorum_timeout_ms
         fresh = {p: b for p, (at, b) in self.beats.items()
-                 if now - at <= window and self.detector.state(p) is PeerState.ALIVE}
+                 if now - at <= self._window(p) and self.detector.state(p) is PeerState.ALIVE}
         own = self._heartbeat(now, True)
         views = {self.me: HostView(name=self.me, alive=True, dead=False, beat=own)}
         for host in self.config.hosts:

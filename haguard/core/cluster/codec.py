@@ -19,10 +19,18 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from haguard.core.cluster.types import Ack, Heartbeat, Message, Proposal, VoteGranted, VoteRequest
+from haguard.core.cluster.types import (
+    Ack,
+    Digest,
+    Heartbeat,
+    Message,
+    Proposal,
+    VoteGranted,
+    VoteRequest,
+)
 
 MESSAGE_TYPES: dict[str, type[Any]] = {t.__name__: t for t in (Heartbeat, VoteRequest, VoteGranted,
-                                                                Proposal, Ack)}
+                                                                Proposal, Ack, Digest)}
 MAX_DEPTH = 12
 MAX_ITEMS = 100_000
 _HINTS: dict[type[Any], dict[str, Any]] = {}

@@ -64,6 +64,9 @@ class CoreConfig:
     # Ring neighbours each host sends its heartbeat to (and pings), besides the coordinator;
     # rounded up to an even number.  A cluster of at most fanout + 1 hosts is a full mesh.
     gossip_fanout: int = 4
+    # A larger cluster relays the heartbeats to the coordinator in digests: each aggregator
+    # takes the digests of at most this many hosts (relay.py).
+    relay_fanin: int = 4
 
 
 # ---- messages --------------------------------------------------------------------
@@ -143,7 +146,27 @@ class Ack:
     seq: int = 0                                # numbers this agent's acks
 
 
-Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack
+@dataclass(frozen=True, kw_only=True)
+class RelayEntry:
+    """What a reporter (a host at an even ring position) knows of one host it hears."""
+
+    beat: Heartbeat                             # that host's latest heartbeat, as the reporter got it
+    reporter: str
+    heard_age_ms: int                           # the reporter got it this long before building the entry
+    relay_age_ms: int                           # the entry was built this long before this digest
+
+
+@dataclass(frozen=True, kw_only=True)
+class Digest:
+    """Relayed heartbeats, up the tiers to the coordinator (a large cluster, relay.py)."""
+
+    sender: str
+    term: int
+    entries: tuple[RelayEntry, ...]
+    to: str
+
+
+Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack | Digest
 
 
 # ---- inputs ----------------------------------------------------------------------

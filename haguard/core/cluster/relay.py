@@ -1,0 +1,115 @@
+"""Who tells the coordinator about whom: ring neighbours and the relay tiers.
+
+A host hears its ring neighbours (the hosts sorted by name form a ring; fanout/2 on
+either side).  A cluster of at most fanout + 1 hosts is a full mesh and every follower
+also sends its heartbeat to the coordinator.  A larger cluster relays instead, so that
+nobody, the coordinator included, receives more than a bounded number of messages:
+
+- tier 1, the reporters: the hosts at even ring positions.  A reporter already hears its
+  neighbours, so it reports them and itself at no extra message; every host is covered
+  by two reporters at least (an odd position by both of its adjacent even ones).
+- tiers 2.., the aggregators: each takes the digests of at most `fanin` hosts of the
+  tier below and sends one digest up.  Slot `i` of a tier sends to slot `i mod n` of
+  the next, so two adjacent reporters go up different paths: one aggregator lost still
+  leaves every host a path.  The last tier (at most `fanin` slots) sends to the
+  coordinator.  Aggregators are spread around the ring, no host holds two slots.
+
+At 1,000 hosts with fanin 4: 500 reporters, then 125, 32, 8 and 2 aggregators.  An
+aggregator receives its 4 neighbours, the coordinator and 4 digests per heartbeat; the
+coordinator its neighbours and 2 digests.  The price is delay: each tier holds what it
+heard for up to a heartbeat interval, which `lag_ms` bounds (see agent.py for where it
+enters the windows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+def ring_neighbours(hosts: list[str], me: str, fanout: int) -> frozenset[str]:
+    """`me`'s neighbours on the ring of sorted host names: fanout/2 (rounded up) each side."""
+    ring = sorted(hosts)
+    if len(ring) - 1 <= fanout or me not in ring:
+        return frozenset(h for h in ring if h != me)
+    i, half = ring.index(me), (fanout + 1) // 2
+    return frozenset(ring[(i + d) % len(ring)] for d in range(-half, half + 1) if d != 0)
+
+
+@dataclass(frozen=True)
+class Role:
+    """One upward duty of a host: what it sends and to whom (None: the coordinator)."""
+
+    tier: int                   # 1: reports its ring neighbourhood; 2..: forwards digests
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class RelayLayout:
+    hosts: tuple[str, ...]
+    tiers: tuple[tuple[str, ...], ...] = ()
+    roles: dict[str, tuple[Role, ...]] = field(default_factory=dict)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tiers)
+
+    def roles_of(self, host: str) -> tuple[Role, ...]:
+        return self.roles.get(host, ())
+
+    def lag_ms(self, heartbeat_ms: int) -> int:
+        """How late relayed news may be: a heartbeat interval per tier, one for the heartbeat
+        itself and one for a lost digest.  0 without relays."""
+        return (len(self.tiers) + 2) * heartbeat_ms if self.tiers else 0
+
+
+def relay_layout(hosts: list[str], fanout: int, fanin: int) -> RelayLayout:
+    ring = tuple(sorted(hosts))
+    if len(ring) - 1 <= fanout:
+        return RelayLayout(hosts=ring)
+    if fanin < 2:
+        raise ValueError("relay_fanin must be at least 2")
+    reporters = list(ring[0::2])
+    if len(ring) % 2 == 0 and len(reporters) % 2:
+        reporters.append(ring[-1])          # an even cycle of reporters: alternate halves all round
+    # Two halves, alternate reporters, disjoint aggregators: a host's reporters are adjacent, so
+    # it goes up both halves, and no single aggregator lost cuts it off.
+    halves = [_tiers(reporters[k::2], ring, fanin, max(1, fanin // 2), k) for k in (0, 1)]
+    used: set[str] = set()
+    depth = max(len(h) for h in halves)
+    tiers: list[list[str]] = [[] for _ in range(depth)]
+    roles: dict[str, list[Role]] = {}
+    for half in halves:
+        for t, tier in enumerate(half):
+            if t:                               # aggregators: distinct hosts across both halves
+                for i, host in enumerate(tier):
+                    pos = ring.index(host)
+                    while ring[pos % len(ring)] in used:
+                        pos += 1
+                    tier[i] = ring[pos % len(ring)]
+                    used.add(tier[i])
+        for t, tier in enumerate(half):
+            above = half[t + 1] if t + 1 < len(half) else None
+            for i, host in enumerate(tier):
+                parent = above[i % len(above)] if above is not None else None
+                roles.setdefault(host, []).append(Role(tier=t + 1, parent=parent))
+            tiers[t] += tier
+    return RelayLayout(hosts=ring, tiers=tuple(tuple(t) for t in tiers),
+                       roles={h: tuple(r) for h, r in roles.items()})
+
+
+def _tiers(reporters: list[str], ring: tuple[str, ...], fanin: int, top: int,
+           offset: int) -> list[list[str]]:
+    """One half: its reporters, then aggregator tiers until at most `top` slots remain (placed
+    spread around the ring; made distinct by the caller)."""
+    tiers = [list(reporters)]
+    while len(tiers[-1]) > top:
+        slots = math.ceil(len(tiers[-1]) / fanin)
+        tiers.append([ring[((2 * i + offset) * len(ring)) // (2 * slots) + len(tiers) % len(ring)]
+                      for i in range(slots)])
+    return tiers
+
+
+def children(layout: RelayLayout, host: str) -> frozenset[str]:
+    """The hosts whose digests `host` takes (tier 2 and up)."""
+    return frozenset(h for h, roles in layout.roles.items() for r in roles if r.parent == host)

@@ -60,6 +60,7 @@ class GossipHeard:
     now_ms: int
     hears: frozenset[str] = frozenset()     # peers the sender heard lately
     reaches: frozenset[str] = frozenset()   # peers answering the sender's pings lately
+    seq: int | None = None                  # numbers the sender's heartbeats (see RelayedHeard)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +79,9 @@ class RelayedHeard:
     now_ms: int
     hears: frozenset[str] = frozenset()
     reaches: frozenset[str] = frozenset()
+    # The same heartbeat may come by several paths: each date is late by its path's transit
+    # (not counted in the ages), so the earliest date of the newest heartbeat is kept.
+    seq: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,6 +142,7 @@ class _Peer:
     reached_by: dict[str, int] = field(default_factory=dict)   # reporter -> when
     known_ms: int = 0                    # when this agent started watching it
     lag_ms: int = 0                      # the latest gossip was relayed: how late it may be
+    seq: int = 0                         # the newest heartbeat heard (when numbered)
     reports: dict[str, tuple[int, int]] = field(default_factory=dict)  # reporter -> (built, heard)
     state: PeerState = PeerState.UNKNOWN
     reason: str = "not heard yet"
@@ -213,12 +218,18 @@ class FailureDetector:
         peer = self._peers.get(g.host)
         if peer is None or g.incarnation < peer.incarnation:
             return []
-        peer.incarnation = g.incarnation
-        peer.lag_ms = 0
-        return self._heard(g.host, peer, g.now_ms, g.hears | g.reaches)
+        if g.incarnation > peer.incarnation:
+            peer.incarnation, peer.seq, peer.reports = g.incarnation, 0, {}
+        if g.seq is None or g.seq >= peer.seq:
+            peer.lag_ms = 0
+        return self._heard(g.host, peer, g.now_ms, g.hears | g.reaches, g.seq)
 
-    def _heard(self, host: str, peer: _Peer, at_ms: int, saw: frozenset[str]) -> list[str]:
-        if peer.last_gossip_ms is None or at_ms >= peer.last_gossip_ms:
+    def _heard(self, host: str, peer: _Peer, at_ms: int, saw: frozenset[str], seq: int | None) -> list[str]:
+        if seq is not None and peer.last_gossip_ms is not None and seq <= peer.seq:
+            if seq == peer.seq and at_ms < peer.last_gossip_ms:
+                peer.last_gossip_ms = at_ms         # the same heartbeat by a quicker path
+        elif peer.last_gossip_ms is None or at_ms >= peer.last_gossip_ms or seq is not None:
+            peer.seq = seq if seq is not None else peer.seq
             peer.last_gossip_ms = at_ms
             peer.offline_ms = None
             newest = sorted([(at_ms, host), *(e for e in self._newest if e[1] != host)], reverse=True)
@@ -236,20 +247,24 @@ class FailureDetector:
         if peer is None or g.incarnation < peer.incarnation:
             return []
         if g.incarnation > peer.incarnation:
-            peer.incarnation, peer.reports = g.incarnation, {}
+            peer.incarnation, peer.seq, peer.reports = g.incarnation, 0, {}
         if g.built_ms >= peer.reports.get(g.reporter, (g.built_ms, 0))[0]:
             peer.reports[g.reporter] = (g.built_ms, g.heard_ms)
-        if peer.last_gossip_ms is None or g.heard_ms >= peer.last_gossip_ms:
+        newer = g.seq > peer.seq if g.seq is not None else (peer.last_gossip_ms is None
+                                                              or g.heard_ms >= peer.last_gossip_ms)
+        if newer:
             peer.lag_ms = g.lag_ms
-        return self._heard(g.host, peer, g.heard_ms, g.hears | g.reaches)
+        return self._heard(g.host, peer, g.heard_ms, g.hears | g.reaches, g.seq)
 
-    def _lag(self, p: _Peer, now: int) -> int:
+    def _lag(self, host: str, p: _Peer, now: int) -> int:
         """The allowance for relayed gossip: none once every reporter with recent news of the
         peer says it no longer hears it (that news travels at once, not a tier at a time)."""
         if not p.lag_ms:
             return 0
         t = self.timing.suspect_timeout_ms
-        recent = [(built, heard) for built, heard in p.reports.values() if now - built <= t + p.lag_ms]
+        # A host's report of itself is just its heartbeat: the others say whether it went silent.
+        recent = [(built, heard) for reporter, (built, heard) in p.reports.items()
+                  if now - built <= t + p.lag_ms and reporter != host]
         if all(built - heard > t for built, heard in recent):
             return 0
         return p.lag_ms
@@ -277,7 +292,7 @@ class FailureDetector:
         heard_at = p.last_gossip_ms if p.last_gossip_ms is not None else p.known_ms
         silent = now - heard_at
         if (p.last_gossip_ms is not None and p.offline_ms is None
-                and silent <= t.suspect_timeout_ms + self._lag(p, now)):
+                and silent <= t.suspect_timeout_ms + self._lag(host, p, now)):
             return PeerState.ALIVE, "gossip fresh"
         pinged_at = p.last_ping_ok_ms
         answers = pinged_at is not None and now - pinged_at <= t.dead_timeout_ms
@@ -348,12 +363,12 @@ class FailureDetector:
         t = self.timing.suspect_timeout_ms
         return frozenset(h for h, p in self._peers.items()
                          if p.last_gossip_ms is not None
-                         and now_ms - p.last_gossip_ms <= t + (self._lag(p, now_ms) if p.lag_ms else 0))
+                         and now_ms - p.last_gossip_ms <= t + (self._lag(h, p, now_ms) if p.lag_ms else 0))
 
     def lag(self, host: str, now_ms: int) -> int:
         """How late this agent's news of `host` may be (relayed gossip), 0 for direct."""
         peer = self._peers.get(host)
-        return self._lag(peer, now_ms) if peer is not None else 0
+        return self._lag(host, peer, now_ms) if peer is not None else 0
 
     def reaches(self, now_ms: int) -> frozenset[str]:
         t = self.timing.suspect_timeout_ms

@@ -118,14 +118,15 @@ class ClusterAgent:
         self.lag_ms = self.layout.lag_ms(config.timing.heartbeat_ms)
         # Digests taken, per sender: (received at, entries); and what went up last per tier.
         self._digests: dict[str, tuple[int, tuple[RelayEntry, ...]]] = {}
-        self._reported: dict[str, tuple[Heartbeat, bool]] = {}  # tier 1: host -> (beat, silent) sent
+        self._silent_sent: frozenset[str] = frozenset()         # tier 1: neighbours last reported silent
+        self._urgent = False                                    # news for the coordinator, not yet sent
+        self._beat_seq = 0
         self._own_beat: tuple[int, Heartbeat] | None = None
         self._relayed: set[str] = set()                         # peers whose latest beat was relayed
         self._roles = self.layout.roles_of(self.me)
+        self._reporter = any(r.tier == 1 for r in self._roles)
         self._children = frozenset(h for h, roles in self.layout.roles.items()
                                    for r in roles if r.parent == self.me and h != self.me)
-        self._last_digest_ms = -10**9
-        self._news = False                                      # relayed news not yet sent up
         self._local_quorum = Quorum({h: config.hosts[h].weight for h in self.neighbours | {self.me}})
         # Watched (heard, pinged, judged): the neighbours and the coordinator; everyone when coordinating.
         self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
@@ -237,6 +238,9 @@ class ClusterAgent:
                     return []                       # an older life of that agent
                 self.beats[message.sender] = (now, message)
                 self._relayed.discard(message.sender)
+                if (self._reporter and message.sender in self.neighbours and not message.coordinator
+                        and (previous is None or previous[1] != message)):
+                    self._urgent = True             # a reporter sends its news up at once
                 self._observe_term(message.term)
                 out: list[ClusterOutput] = []
                 if message.coordinator:
@@ -246,7 +250,7 @@ class ClusterAgent:
                     hears = hears | {p for p in self.detector.peers if heard_by(message, p)}
                 return out + self._detected(self.detector.step(GossipHeard(
                     host=message.sender, incarnation=message.incarnation, now_ms=now,
-                    hears=hears, reaches=message.reaches)))
+                    hears=hears, reaches=message.reaches, seq=message.seq or None)))
             case VoteRequest():
                 self._candidates[message.sender] = (now, message.accepted)
                 # A candidate this agent does not watch: its request is the news that it lives.
@@ -498,8 +502,8 @@ class ClusterAgent:
             self._last_beat_ms = now
             out += self._send_heartbeats(now, standing)
             out += self._send_digests(now)
-        elif self._relay_news(now) and now - self._last_digest_ms >= self.config.timing.heartbeat_ms // 4:
-            out += self._send_digests(now)
+        elif self._relay_news(now):
+            out += self._send_news(now)
         out += self._watchdog(now)
         out += self._local_actions(now)
         return out
@@ -513,11 +517,8 @@ class ClusterAgent:
         self._own_beat = (now, beat)
         to = set(self.neighbours)
         followed = self.election.following(now)
-        if followed is not None:
-            if self.layout.enabled:             # it gets this heartbeat relayed, not directly
-                to.discard(followed)
-            else:
-                to.add(followed)
+        if followed is not None and not self.layout.enabled:
+            to.add(followed)                    # else it gets it relayed (or as a ring neighbour)
         kwargs = {f: getattr(beat, f) for f in HEARTBEAT_FIELDS}       # cheaper than replace()
         return [self._send(Heartbeat(**kwargs, to=host)) for host in sorted(to)]
 
@@ -543,7 +544,7 @@ class ClusterAgent:
                          requests=frozenset(pending), committed=self.committed.key,
                          moves=frozenset(self.moves), degraded=self.degraded,
                          coordinator=coordinating, unheard=unheard,
-                         confirmed=dict(self._acks_new) if coordinating else {})
+                         confirmed=dict(self._acks_new) if coordinating else {}, seq=self._next_beat())
 
     # ---- relays (a cluster larger than a full mesh, relay.py) ------------------------
 
@@ -554,24 +555,13 @@ class ClusterAgent:
 
     def _digest(self, d: Digest) -> list[ClusterOutput]:
         now = self.now_ms
-        old = self._digests.get(d.sender)
         self._digests[d.sender] = (now, d.entries)
         if self.election.role is Role.COORDINATOR:
             out: list[ClusterOutput] = []
             for entry in d.entries:
                 out += self._relayed_beat(entry, now)
             return out
-        news = old is None or self._statuses(old[1]) != self._statuses(d.entries)
-        if d.sender in self._children and news:
-            # News (a host gone silent, a heartbeat changed) goes up at once, not a tier per interval.
-            self._news = True
-            if now - self._last_digest_ms >= self.config.timing.heartbeat_ms // 4:
-                return self._send_digests(now)
         return []
-
-    def _statuses(self, entries: tuple[RelayEntry, ...]) -> dict[tuple[str, str], tuple[Heartbeat, bool]]:
-        silent = self.config.detector.suspect_timeout_ms
-        return {(e.beat.sender, e.reporter): (e.beat, e.heard_age_ms > silent) for e in entries}
 
     def _relayed_beat(self, entry: RelayEntry, now: int) -> list[ClusterOutput]:
         """The coordinator takes a relayed heartbeat like a direct one, dated when it was heard."""
@@ -589,11 +579,12 @@ class ClusterAgent:
             self._observe_term(beat.term)
         return self._detected(self.detector.step(RelayedHeard(
             host=host, reporter=entry.reporter, incarnation=beat.incarnation, heard_ms=heard,
-            built_ms=built, lag_ms=self.lag_ms, now_ms=now, hears=beat.hears, reaches=beat.reaches)))
+            built_ms=built, lag_ms=self.lag_ms, now_ms=now, hears=beat.hears, reaches=beat.reaches,
+            seq=beat.seq or None)))
 
     def _reports(self, now: int) -> list[RelayEntry]:
         """Tier 1: this host's own heartbeat and its neighbours' latest, with their ages."""
-        if not any(r.tier == 1 for r in self._roles):
+        if not self._reporter:
             return []
         out = []
         if self._own_beat is not None:
@@ -606,25 +597,36 @@ class ClusterAgent:
                                       relay_age_ms=0))
         return out
 
+    def _silent_neighbours(self, now: int) -> frozenset[str]:
+        t = self.config.detector.suspect_timeout_ms
+        return frozenset(h for h in self.neighbours if h in self.beats and now - self.beats[h][0] > t)
+
     def _relay_news(self, now: int) -> bool:
-        if not self.layout.enabled or self.election.role is Role.COORDINATOR:
+        """Tier 1: a neighbour's heartbeat changed, or a neighbour went silent or spoke again."""
+        if not self._reporter or self.election.role is Role.COORDINATOR:
             return False
-        if self._news:
-            return True
-        silent = self.config.detector.suspect_timeout_ms
-        reports = self._reports(now)
-        return {e.beat.sender: (e.beat, e.heard_age_ms > silent) for e in reports} != self._reported
+        return self._urgent or self._silent_neighbours(now) != self._silent_sent
+
+    def _send_news(self, now: int) -> list[ClusterOutput]:
+        """A reporter's news (a neighbour gone silent or back, a heartbeat changed) goes straight
+        to the coordinator, not a tier per interval: a failure is rare, the coordinator's intake in
+        steady state stays bounded, and the news is as late as a heartbeat of a small cluster."""
+        self._urgent, self._silent_sent = False, self._silent_neighbours(now)
+        to = self.election.following(now)
+        if to is None or to == self.me:
+            return []
+        return [self._send(Digest(sender=self.me, term=self.election.term,
+                                  entries=tuple(self._reports(now)), to=to))]
 
     def _send_digests(self, now: int) -> list[ClusterOutput]:
         """A digest per upward role: to the parent, or the coordinator this agent follows."""
         if not self.layout.enabled or self.election.role is Role.COORDINATOR:
             return []
-        self._last_digest_ms, self._news = now, False
         keep = self.lag_ms + self.config.detector.dead_timeout_ms
         self._digests = {h: d for h, d in self._digests.items() if now - d[0] <= keep}
         reports = self._reports(now)
-        silent = self.config.detector.suspect_timeout_ms
-        self._reported = {e.beat.sender: (e.beat, e.heard_age_ms > silent) for e in reports}
+        self._urgent, self._silent_sent = False, self._silent_neighbours(now)
+        self_fed = any(r.tier == 1 and r.parent == self.me for r in self._roles)
         out: list[ClusterOutput] = []
         for role in self._roles:
             if role.tier == 1:
@@ -636,13 +638,17 @@ class ClusterAgent:
                                       relay_age_ms=e.relay_age_ms + now - at)
                            for sender, (at, got) in sorted(self._digests.items())
                            if sender in self._children for e in got]
-                if any(r.tier == 1 and r.parent == self.me for r in self._roles):
+                if self_fed:
                     entries += reports
             to = role.parent if role.parent is not None else self.election.following(now)
             if to is not None and to != self.me and entries:
                 out.append(self._send(Digest(sender=self.me, term=self.election.term,
                                              entries=tuple(entries), to=to)))
         return out
+
+    def _next_beat(self) -> int:
+        self._beat_seq += 1
+        return self._beat_seq
 
     def _maybe_stand(self, now: int, quorate: bool) -> list[ClusterOutput]:
         e = self.election

@@ -74,7 +74,7 @@ def relay_layout(hosts: list[str], fanout: int, fanin: int) -> RelayLayout:
         reporters.append(ring[-1])          # an even cycle of reporters: alternate halves all round
     # Two halves, alternate reporters, disjoint aggregators: a host's reporters are adjacent, so
     # it goes up both halves, and no single aggregator lost cuts it off.
-    halves = [_tiers(reporters[k::2], ring, fanin, max(1, fanin // 2), k) for k in (0, 1)]
+    halves = [_tiers(reporters[k::2], ring, fanin, 1, k) for k in (0, 1)]
     used: set[str] = set()
     depth = max(len(h) for h in halves)
     tiers: list[list[str]] = [[] for _ in range(depth)]

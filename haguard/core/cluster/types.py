@@ -106,6 +106,9 @@ class Heartbeat:
     # A coordinator's confirmation of the acks it received since its previous heartbeat:
     # host -> (incarnation, sequence) (a read index, see ClusterAgent).
     confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # Numbers the sender's heartbeats within its incarnation: a heartbeat relayed by several
+    # paths is one heartbeat.  Not part of its content (equal heartbeats say the same).
+    seq: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

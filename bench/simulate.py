@@ -64,14 +64,20 @@ HOST_VCPUS = 64
 
 # ---- schedules ----------------------------------------------------------------------------
 
+RELAYED = SimConfig(hosts=10, gossip_fanout=2)     # ring neighbours + relay tiers, as at scale
+_SIM: SimConfig | None = None                       # the workers' configuration (set before forking)
+
+
 def _one_seed(seed: int) -> tuple[int, str | None, int | None, int | None, int, str]:
-    result, _world = run(seed)
+    result, _world = run(seed, sim=_SIM)
     message = result.message.splitlines()[0] if result.message else ""
     return seed, result.failure, result.invariant, result.converged_ms, result.events, message
 
 
-def schedules(count: int, first_seed: int, workers: int) -> dict[str, Any]:
-    log(f"schedules: {count} seeds from {first_seed} on {workers} workers")
+def schedules(count: int, first_seed: int, workers: int, sim: SimConfig | None = None) -> dict[str, Any]:
+    global _SIM
+    _SIM = sim
+    log(f"schedules: {count} seeds from {first_seed} on {workers} workers ({sim or 'defaults'})")
     failures: list[dict[str, Any]] = []
     converged: list[int] = []
     worst_seed, events = None, 0
@@ -122,8 +128,8 @@ class CountingWorld(World):
 
     def __init__(self, *args: Any, placed: ClusterState | None = None, **kwargs: Any) -> None:
         self.received: dict[str, int] = {}
-        self.dead_seen: dict[str, int] = {}        # victim -> first time any detector said dead
-        self.victim: str | None = None
+        self.dead_seen: dict[str, int] = {}        # victim -> when the coordinator's detector said dead
+        self.victims: set[str] = set()
         self.placed = placed
         super().__init__(*args, **kwargs)
         self.checker.after_step = lambda now: None      # type: ignore[method-assign]
@@ -143,12 +149,12 @@ class CountingWorld(World):
 
     def _on_tick(self, payload: None) -> None:
         super()._on_tick(payload)
-        victim = self.victim
-        if victim is not None and victim not in self.dead_seen:
-            for host in self.hosts.values():
-                if host.agent is not None and host.agent.detector.state(victim) is PeerState.DEAD:
+        for coordinator in self.coordinators():
+            agent = self.hosts[coordinator].agent
+            assert agent is not None
+            for victim in self.victims - set(self.dead_seen):
+                if agent.detector.state(victim) is PeerState.DEAD:
                     self.dead_seen[victim] = self.now
-                    break
 
 
 def _sim_config(hosts: int, vms_per_host: int) -> SimConfig:
@@ -165,11 +171,10 @@ def _placed(sim: SimConfig, vms_per_host: int) -> ClusterState:
                         hosts={h: HostRecord() for h in names})
 
 
-def gossip_at(hosts: int, vms_per_host: int, window_ms: int) -> dict[str, Any]:
+def _steady(hosts: int, vms_per_host: int) -> tuple[CountingWorld, str | None, int | None]:
+    """A world warmed up until a coordinator committed a state in which every VM has an owner."""
     sim = _sim_config(hosts, vms_per_host)
     world = CountingWorld(0, Schedule(faults=(), heal_ms=10**9), sim, placed=_placed(sim, vms_per_host))
-    wall0 = time.monotonic()
-    # Warm up until a coordinator committed a state in which every VM has an owner.
     t, settled_ms = 0, None
     while t < 20_000:
         t += 500
@@ -181,42 +186,93 @@ def gossip_at(hosts: int, vms_per_host: int, window_ms: int) -> dict[str, Any]:
             if all(r.owner is not None for r in agent.committed.vms.values()):
                 settled_ms = t
                 break
-    coordinator = next(iter(world.coordinators()), None)
     world.run(t + 1000)                                          # VMs started, acks flowing
+    return world, next(iter(world.coordinators()), None), settled_ms
+
+
+def _crash(world: CountingWorld, victim: str, at_ms: int) -> tuple[int | None, int | None]:
+    """Power `victim` off at `at_ms`: when the coordinator's detector says dead, when it orders the fence."""
+    world.run(at_ms)
+    world.victims.add(victim)
+    world._power_off(world.hosts[victim], "crash")
+    fence = None
+    while fence is None and world.now < at_ms + 3000:
+        world.run(world.now + world.sim.timing.tick_ms)
+        fence = next((at for at, _by, h in world.fences if h == victim and at >= at_ms), None)
+    dead = world.dead_seen.get(victim)
+    return (dead - at_ms if dead is not None else None), (fence - at_ms if fence is not None else None)
+
+
+def gossip_at(hosts: int, vms_per_host: int, window_ms: int, phases: int) -> dict[str, Any]:
+    wall0 = time.monotonic()
+    world, coordinator, settled_ms = _steady(hosts, vms_per_host)
     before = dict(world.received)
     t0 = world.now
     world.run(t0 + window_ms)
     seconds = (world.now - t0) / 1000
     rates = {h: (world.received.get(h, 0) - before.get(h, 0)) / seconds for h in world.hosts}
+    agent = world.hosts[coordinator].agent if coordinator is not None else None
+    layout = agent.layout if agent is not None else None
+    aggregators = {h for t in layout.tiers[1:] for h in t} if layout is not None else set()
     followers = [r for h, r in rates.items() if h != coordinator]
-    beat_hz = 1000 / sim.timing.heartbeat_ms
-    # The layout: a follower hears its ring neighbours and the coordinator (once if it is one of
-    # them); the coordinator hears every follower.  No proposal or ack in steady state.
-    neighbours = len(ring_neighbours([f"h{i}" for i in range(hosts)], "h0", sim.gossip_fanout))
-    analytic_follower = beat_hz * min(hosts - 1, neighbours + 1)
-    analytic_coordinator = beat_hz * (hosts - 1)
-    # Detection: a follower that owns VMs loses power.
-    victim = next((h for h in sorted(world.hosts, key=lambda n: int(n[1:]), reverse=True)
-                   if h != coordinator), None)
-    detect_ms = fence_ms = None
-    if victim is not None and coordinator is not None:
-        world.victim = victim
-        crash_at = world.now
-        world._power_off(world.hosts[victim], "crash")
-        world.run(crash_at + 3000)
-        if victim in world.dead_seen:
-            detect_ms = world.dead_seen[victim] - crash_at
-        fence = next((at for at, _by, h in world.fences if h == victim and at >= crash_at), None)
-        fence_ms = fence - crash_at if fence is not None else None
+    beat_hz = 1000 / world.sim.timing.heartbeat_ms
+    # The layout (relay.py): a follower hears its ring neighbours and the coordinator's heartbeat;
+    # an aggregator also the digests of up to relay_fanin hosts; the coordinator its neighbours and
+    # the top digests (in a full mesh: every follower).  No proposal or ack in steady state.
+    names = sorted(world.hosts)
+    ring = len(ring_neighbours(names, names[0], world.sim.gossip_fanout))
+    fanin = CoreConfig.relay_fanin
+    analytic_follower = beat_hz * min(hosts - 1, ring + 1)
+    analytic_aggregator = beat_hz * (ring + 1 + fanin) if aggregators else None
+    top = len(layout.tiers[-1]) if layout is not None and layout.enabled else 0
+    analytic_coordinator = beat_hz * (ring + top) if top else beat_hz * (hosts - 1)
+    # Detection: followers that own VMs lose power, one after another, at different phases of the
+    # heartbeat interval; in a large cluster hosts the coordinator hears only relayed.
+    if layout is not None and layout.enabled and coordinator is not None:
+        near = ring_neighbours(names, coordinator, world.sim.gossip_fanout) | {coordinator}
+        ring_order = sorted(names)
+        picks = [ring_order[(ring_order.index(coordinator) + (k + 1) * len(ring_order) // (phases + 1))
+                            % len(ring_order)] for k in range(phases)]
+        victims = [v for v in picks if v not in near]
+    else:
+        victims = []
+    detect, fence = [], []
+    # Crash instants at the same phases of the ticks, heartbeats and pings (all started at 0) in
+    # every run: 600 ms is a multiple of each period.
+    cycle = 600
+    step = cycle // max(1, phases)
+
+    def instant(now: int, k: int) -> int:
+        return (now // cycle + 2) * cycle + k * step
+
+    for k in range(phases):
+        if victims:
+            d, f = _crash(world, victims[k % len(victims)], instant(world.now, k))
+        else:                                   # a small cluster: a fresh world for each crash
+            small, small_coordinator, _ = _steady(hosts, vms_per_host)
+            victim = next(h for h in sorted(small.hosts, reverse=True) if h != small_coordinator)
+            d, f = _crash(small, victim, instant(small.now, k))
+        if d is not None:
+            detect.append(d)
+        if f is not None:
+            fence.append(f)
     wall = time.monotonic() - wall0
     return {
         "hosts": hosts, "vms": hosts * vms_per_host, "settled_ms": settled_ms, "window_ms": window_ms,
+        "relayed": bool(layout is not None and layout.enabled),
+        "relay_tiers": [len(t) for t in layout.tiers] if layout is not None else [],
         "follower_mean": round(statistics.fmean(followers), 1) if followers else None,
         "follower_max": round(max(followers), 1) if followers else None,
+        "aggregator_max": round(max(rates[h] for h in aggregators), 1) if aggregators else None,
         "coordinator": round(rates[coordinator], 1) if coordinator else None,
+        "max_any_host": round(max(rates.values()), 1),
         "analytic_follower": round(analytic_follower, 1),
+        "analytic_aggregator": round(analytic_aggregator, 1) if analytic_aggregator else None,
         "analytic_coordinator": round(analytic_coordinator, 1),
-        "detect_dead_ms": detect_ms, "fence_ordered_ms": fence_ms, "wall_s": round(wall, 1),
+        "detect_dead_ms": detect, "fence_ordered_ms": fence,
+        "detect_mean_ms": round(statistics.fmean(detect)) if detect else None,
+        "fence_mean_ms": round(statistics.fmean(fence)) if fence else None,
+        "wall_s": round(wall, 1),
     }
 
 
@@ -328,6 +384,8 @@ def planning(hosts: int, runs: int) -> dict[str, Any]:
 def main() -> int:
     ap = base_parser(__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, help="random schedules (default 10,000; quick 500)")
+    ap.add_argument("--relayed-seeds", type=int,
+                    help=f"random schedules on {RELAYED.hosts} hosts that relay (default 2,000; quick 100)")
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--sizes", help="host counts for the gossip run (default 3,10,30,100,1000; "
                                     "quick 3,30,1000)")
@@ -335,57 +393,72 @@ def main() -> int:
     ap.add_argument("--skip-schedules", action="store_true", help="experiments only")
     args = ap.parse_args()
     seeds = args.seeds or (500 if args.quick else 10_000)
+    relayed_seeds = args.relayed_seeds or (100 if args.quick else 2_000)
     sizes = [int(s) for s in (args.sizes or ("3,30,1000" if args.quick else "3,10,30,100,1000")).split(",")]
+    phases = 5 if args.quick else 10
 
     plan = planning(1000, 10 if args.quick else 30)
     detector = [detector_cost(n, 3000) for n in (3, 30, 100, 1000)]
     scale = []
     for n in sizes:
         log(f"gossip: {n} hosts x {VMS_PER_HOST} VMs")
-        scale.append(gossip_at(n, VMS_PER_HOST, args.window_ms))
+        scale.append(gossip_at(n, VMS_PER_HOST, args.window_ms, phases))
         log(f"  {scale[-1]}")
     sched = schedules(seeds, args.first_seed, 2) if not args.skip_schedules else {}
+    relayed = (schedules(relayed_seeds, args.first_seed, 2, RELAYED)
+               if not args.skip_schedules else {})
 
-    # Per-host rate at 1,000 hosts: measured if run, else the analytical rate of the layout
-    # (which every measured size matched: a follower's rate does not grow with the cluster).
     at_1000 = next((s for s in scale if s["hosts"] == 1000), None)
-    rate_1000 = at_1000["follower_mean"] if at_1000 else 5.0 * (SimConfig.gossip_fanout + 1)
-    coordinator_1000 = at_1000["coordinator"] if at_1000 else 5.0 * 999
+    rate_1000 = at_1000["max_any_host"] if at_1000 else None
+    coordinator_1000 = at_1000["coordinator"] if at_1000 else None
     base = next((s for s in scale if s["hosts"] == 3), None)
     largest = max(scale, key=lambda s: s["hosts"]) if scale else None
     detect_not_slower = (base is not None and largest is not None and largest["hosts"] > 3
-                         and largest["detect_dead_ms"] is not None and base["detect_dead_ms"] is not None
-                         and largest["detect_dead_ms"] <= base["detect_dead_ms"])
+                         and largest["detect_mean_ms"] is not None and base["detect_mean_ms"] is not None
+                         and largest["detect_mean_ms"] <= base["detect_mean_ms"]
+                         and largest["fence_mean_ms"] is not None and base["fence_mean_ms"] is not None
+                         and largest["fence_mean_ms"] <= base["fence_mean_ms"])
+    clean = all(r and r["violations"] == 0 and r["crashes"] == 0 for r in (sched, relayed))
     targets: dict[str, bool | None] = {
         "schedules_time": bool(sched) and sched["projected_10000_s"] <= TARGET_SCHEDULE_S,
-        "schedules_zero_violations": bool(sched) and sched["violations"] == 0 and sched["crashes"] == 0,
-        "messages_per_host_at_1000": rate_1000 <= TARGET_MSGS_PER_HOST_S,
+        "schedules_zero_violations": bool(sched) and clean,
+        "messages_per_host_at_1000": rate_1000 is not None and rate_1000 <= TARGET_MSGS_PER_HOST_S,
         # None: not measured at 1,000 hosts (only up to `detection_largest_hosts`).
         "detection_not_slower_at_1000": (detect_not_slower if at_1000 else None),
         "plan_one_host_at_1000": plan["coordinator_plan_cpu_max_ms"] <= TARGET_PLAN_MS,
     }
 
-    print("\nRandom schedules (4 hosts, fence devices, 2 workers)")
-    if sched:
-        print(f"  {sched['seeds']} seeds in {sched['time_s']} s ({sched['seeds_per_s']} seeds/s; "
-              f"10,000 projected {sched['projected_10000_s']} s); violations {sched['violations']} "
-              f"(safety {sched['safety_violations']}, liveness {sched['liveness_misses']}), "
-              f"crashes {sched['crashes']}")
-        print(f"  time to recovery after healing: p50 {sched['recovery_p50_ms']} ms, p99 "
-              f"{sched['recovery_p99_ms']} ms, worst {sched['worst_recovery_ms']} ms "
-              f"(seed {sched['worst_recovery_seed']})")
-    print("\nGossip in steady state, messages received per host per second (simulated)")
-    print(f"  {'hosts':>6} {'VMs':>6} {'follower':>9} {'analytic':>9} {'coord':>8} {'analytic':>9} "
-          f"{'dead after':>11} {'fence after':>12} {'wall':>7}")
+    titles = (f"Random schedules ({SimConfig.hosts} hosts, full mesh, fence devices, 2 workers)",
+              f"Random schedules ({RELAYED.hosts} hosts, fanout {RELAYED.gossip_fanout}: relayed, 2 workers)")
+    for title, run_ in zip(titles, (sched, relayed), strict=True):
+        if not run_:
+            continue
+        print(f"\n{title}")
+        print(f"  {run_['seeds']} seeds in {run_['time_s']} s ({run_['seeds_per_s']} seeds/s; "
+              f"10,000 projected {run_['projected_10000_s']} s); violations {run_['violations']} "
+              f"(safety {run_['safety_violations']}, liveness {run_['liveness_misses']}), "
+              f"crashes {run_['crashes']}")
+        print(f"  time to recovery after healing: p50 {run_['recovery_p50_ms']} ms, p99 "
+              f"{run_['recovery_p99_ms']} ms, worst {run_['worst_recovery_ms']} ms "
+              f"(seed {run_['worst_recovery_seed']})")
+    print("\nSteady state, messages received per host per second (simulated; analytic in brackets)")
+    print(f"  {'hosts':>6} {'tiers':>20} {'follower':>14} {'aggregator':>14} {'coordinator':>14} {'max':>6}")
     for s in scale:
-        print(f"  {s['hosts']:>6} {s['vms']:>6} {s['follower_mean']!s:>9} {s['analytic_follower']:>9} "
-              f"{s['coordinator']!s:>8} {s['analytic_coordinator']:>9} {s['detect_dead_ms']!s:>8} ms "
-              f"{s['fence_ordered_ms']!s:>9} ms {s['wall_s']:>6}s")
-    print(f"  at 1,000 hosts: {rate_1000} per follower per second "
-          f"({'measured' if at_1000 else 'analytical'}); target <= {TARGET_MSGS_PER_HOST_S}; the coordinator "
-          f"hears every follower: {coordinator_1000} per second")
-    print(f"  detection no slower than at 3 hosts up to {largest['hosts'] if largest else None} hosts: "
-          f"{'yes' if detect_not_slower else 'no'}")
+        agg = (f"{s['aggregator_max']} ({s['analytic_aggregator']})"
+               if s["aggregator_max"] is not None else "-")
+        follower = f"{s['follower_max']} ({s['analytic_follower']})"
+        coord = f"{s['coordinator']} ({s['analytic_coordinator']})"
+        print(f"  {s['hosts']:>6} {s['relay_tiers'] or '-'!s:>20} {follower:>14} {agg:>14} {coord:>14} "
+              f"{s['max_any_host']:>6}")
+    print("\nDetection of a powered-off host by the coordinator, and its fence order (ms after the crash; "
+          "crashes at different phases of the heartbeat interval)")
+    for s in scale:
+        print(f"  {s['hosts']:>6} hosts: dead {s['detect_dead_ms']} (mean {s['detect_mean_ms']}), "
+              f"fence {s['fence_ordered_ms']} (mean {s['fence_mean_ms']}); wall {s['wall_s']} s")
+    print(f"  at 1,000 hosts: at most {rate_1000} messages per host per second (coordinator "
+          f"{coordinator_1000}); target <= {TARGET_MSGS_PER_HOST_S}")
+    print(f"  detection and fencing no slower than at 3 hosts up to {largest['hosts'] if largest else None} "
+          f"hosts: {'yes' if detect_not_slower else 'no'}")
     print("\nFailure detector: cost per event fed (judges the peers it is about), per tick (judges every "
           "watched peer); events/s of a follower and of the coordinator (which watches everyone)")
     for d in detector:
@@ -401,8 +474,8 @@ def main() -> int:
           f"{plan['coordinator_plan_p50_ms']} ms, max {plan['coordinator_plan_max_ms']} ms (shared machine)")
     verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}
     print("\nTargets: " + ", ".join(f"{k} {verdict[v]}" for k, v in targets.items()))
-    emit_result({"quick": args.quick, "schedules": sched, "gossip": scale,
-                 "messages_per_host_s_at_1000": rate_1000, "messages_at_1000_measured": at_1000 is not None,
+    emit_result({"quick": args.quick, "schedules": sched, "schedules_relayed": relayed, "gossip": scale,
+                 "messages_per_host_s_at_1000": rate_1000,
                  "coordinator_messages_s_at_1000": coordinator_1000,
                  "detection_largest_hosts": largest["hosts"] if largest else None,
                  "detection_not_slower_up_to_largest": detect_not_slower,

@@ -66,7 +66,8 @@ class SimConfig:
                anti_affinity="web" if i <= 2 else None) for i in range(1, 7))
     host_memory_mib: int = 8192
     host_vcpus: int = 8
-    timing: ClusterTiming = field(default_factory=ClusterTiming)
+    # relay_transit_ms: the bus's mean delay (delay_ms below), as an operator would set it.
+    timing: ClusterTiming = field(default_factory=lambda: ClusterTiming(relay_transit_ms=20))
     detector: DetectorTiming = field(default_factory=lambda: DetectorTiming(
         suspect_timeout_ms=600, dead_timeout_ms=1200, isolation_timeout_ms=1000, min_failed_pings=3))
     ping_interval_ms: int = 300

@@ -39,7 +39,7 @@ from dataclasses import fields, replace
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.quorum import Quorum
-from haguard.core.cluster.relay import RelayLayout, relay_layout, ring_neighbours
+from haguard.core.cluster.relay import RelayLayout, relay_layout, reported_by, ring_neighbours
 from haguard.core.cluster.state import ClusterState, Proposer, StateKey, initial_state
 from haguard.core.cluster.types import (
     INCOMING_UNWANTED,
@@ -125,6 +125,7 @@ class ClusterAgent:
         self._relayed: set[str] = set()                         # peers whose latest beat was relayed
         self._roles = self.layout.roles_of(self.me)
         self._reporter = any(r.tier == 1 for r in self._roles)
+        self._reported_by = reported_by(self.layout, config.gossip_fanout) if self.layout.enabled else {}
         self._children = frozenset(h for h, roles in self.layout.roles.items()
                                    for r in roles if r.parent == self.me and h != self.me)
         self._local_quorum = Quorum({h: config.hosts[h].weight for h in self.neighbours | {self.me}})
@@ -555,20 +556,28 @@ class ClusterAgent:
 
     def _digest(self, d: Digest) -> list[ClusterOutput]:
         now = self.now_ms
-        self._digests[d.sender] = (now, d.entries)
+        if not self.layout.enabled:
+            return []
+        # Only a reporter's own neighbourhood, as the layout has it: nothing misrouted is relayed.
+        entries = tuple(e for e in d.entries
+                        if e.reporter in self._reported_by.get(e.beat.sender, ())
+                        and e.heard_age_ms >= 0 and e.relay_age_ms >= 0)
+        sent = now - self.config.timing.relay_transit_ms    # the digest's age counts from then
+        self._digests[d.sender] = (sent, entries)
         if self.election.role is Role.COORDINATOR:
             out: list[ClusterOutput] = []
-            for entry in d.entries:
-                out += self._relayed_beat(entry, now)
+            for entry in entries:
+                out += self._relayed_beat(entry, sent, now)
             return out
         return []
 
-    def _relayed_beat(self, entry: RelayEntry, now: int) -> list[ClusterOutput]:
-        """The coordinator takes a relayed heartbeat like a direct one, dated when it was heard."""
+    def _relayed_beat(self, entry: RelayEntry, sent: int, now: int) -> list[ClusterOutput]:
+        """The coordinator takes a relayed heartbeat like a direct one, dated when it was heard
+        (`sent`: when the digest left its last hop)."""
         beat, host = entry.beat, entry.beat.sender
         if host == self.me or host not in self.config.hosts or beat.coordinator:
             return []
-        built = now - entry.relay_age_ms
+        built = sent - entry.relay_age_ms
         heard = built - entry.heard_age_ms
         previous = self.beats.get(host)
         if previous is not None and previous[1].incarnation > beat.incarnation:

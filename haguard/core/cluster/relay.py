@@ -32,7 +32,11 @@ def ring_neighbours(hosts: list[str], me: str, fanout: int) -> frozenset[str]:
     ring = sorted(hosts)
     if len(ring) - 1 <= fanout or me not in ring:
         return frozenset(h for h in ring if h != me)
-    i, half = ring.index(me), (fanout + 1) // 2
+    return _around(ring, ring.index(me), fanout)
+
+
+def _around(ring: list[str] | tuple[str, ...], i: int, fanout: int) -> frozenset[str]:
+    half = (fanout + 1) // 2
     return frozenset(ring[(i + d) % len(ring)] for d in range(-half, half + 1) if d != 0)
 
 
@@ -79,11 +83,12 @@ def relay_layout(hosts: list[str], fanout: int, fanin: int) -> RelayLayout:
     depth = max(len(h) for h in halves)
     tiers: list[list[str]] = [[] for _ in range(depth)]
     roles: dict[str, list[Role]] = {}
+    position = {h: i for i, h in enumerate(ring)}
     for half in halves:
         for t, tier in enumerate(half):
             if t:                               # aggregators: distinct hosts across both halves
                 for i, host in enumerate(tier):
-                    pos = ring.index(host)
+                    pos = position[host]
                     while ring[pos % len(ring)] in used:
                         pos += 1
                     tier[i] = ring[pos % len(ring)]
@@ -110,6 +115,11 @@ def _tiers(reporters: list[str], ring: tuple[str, ...], fanin: int, top: int,
     return tiers
 
 
-def children(layout: RelayLayout, host: str) -> frozenset[str]:
-    """The hosts whose digests `host` takes (tier 2 and up)."""
-    return frozenset(h for h, roles in layout.roles.items() for r in roles if r.parent == host)
+def reported_by(layout: RelayLayout, fanout: int) -> dict[str, frozenset[str]]:
+    """host -> the reporters that may relay its heartbeat (itself and neighbours at tier 1)."""
+    out: dict[str, set[str]] = {h: set() for h in layout.hosts}
+    for i, reporter in enumerate(layout.hosts):
+        if any(r.tier == 1 for r in layout.roles_of(reporter)):
+            for host in _around(layout.hosts, i, fanout) | {reporter}:
+                out[host].add(reporter)
+    return {h: frozenset(r) for h, r in out.items()}

@@ -50,6 +50,11 @@ class ClusterTiming:
     fence_timeout_ms: int = 3000    # default for hosts whose HostSpec gives none
     fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
     max_local_restarts: int = 3
+    # The typical one-way delay of a message through the broker.  A relayed heartbeat is dated
+    # from its digest's ages, which cannot count the time on the wire: each hop is taken as this
+    # long.  0 (conservative: relayed news looks fresher than it is, a dead host is declared a
+    # hop later than in a full mesh).
+    relay_transit_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -226,32 +226,37 @@ def gossip_at(hosts: int, vms_per_host: int, window_ms: int, phases: int) -> dic
     analytic_aggregator = beat_hz * (ring + 1 + fanin) if aggregators else None
     top = len(layout.tiers[-1]) if layout is not None and layout.enabled else 0
     analytic_coordinator = beat_hz * (ring + top) if top else beat_hz * (hosts - 1)
-    # Detection: followers that own VMs lose power, one after another, at different phases of the
-    # heartbeat interval; in a large cluster hosts the coordinator hears only relayed.
-    if layout is not None and layout.enabled and coordinator is not None:
-        near = ring_neighbours(names, coordinator, world.sim.gossip_fanout) | {coordinator}
-        ring_order = sorted(names)
-        picks = [ring_order[(ring_order.index(coordinator) + (k + 1) * len(ring_order) // (phases + 1))
-                            % len(ring_order)] for k in range(phases)]
-        victims = [v for v in picks if v not in near]
-    else:
-        victims = []
-    detect, fence = [], []
+    # Detection: followers that own VMs lose power, one per phase of the heartbeat interval, each
+    # the coordinator does not hear directly where it relays (a host it hears only in digests).
     # Crash instants at the same phases of the ticks, heartbeats and pings (all started at 0) in
-    # every run: 600 ms is a multiple of each period.
+    # every run: 600 ms is a multiple of each period.  A large cluster loses them one after
+    # another; a small one gets a fresh world for each (it would lose its quorum).
     cycle = 600
     step = cycle // max(1, phases)
 
     def instant(now: int, k: int) -> int:
         return (now // cycle + 2) * cycle + k * step
 
+    def victims_of(w: CountingWorld, coord: str | None, count: int) -> list[str]:
+        order = sorted(w.hosts)
+        if coord is None:
+            return []
+        near = ring_neighbours(order, coord, w.sim.gossip_fanout) | {coord}
+        if len(near) == len(order):                             # a full mesh: any follower
+            return [h for h in reversed(order) if h != coord][:count]
+        spread = [order[(order.index(coord) + (k + 1) * len(order) // (count + 1)) % len(order)]
+                  for k in range(count)]
+        return [h for h in dict.fromkeys(spread) if h not in near]
+
+    detect, fence = [], []
+    reuse = victims_of(world, coordinator, phases) if hosts >= 100 else []
     for k in range(phases):
-        if victims:
-            d, f = _crash(world, victims[k % len(victims)], instant(world.now, k))
-        else:                                   # a small cluster: a fresh world for each crash
-            small, small_coordinator, _ = _steady(hosts, vms_per_host)
-            victim = next(h for h in sorted(small.hosts, reverse=True) if h != small_coordinator)
-            d, f = _crash(small, victim, instant(small.now, k))
+        if len(reuse) == phases:
+            d, f = _crash(world, reuse[k], instant(world.now, k))
+        else:
+            fresh, fresh_coordinator, _ = _steady(hosts, vms_per_host)
+            victim = victims_of(fresh, fresh_coordinator, 1)[0]
+            d, f = _crash(fresh, victim, instant(fresh.now, k))
         if d is not None:
             detect.append(d)
         if f is not None:

@@ -7,12 +7,14 @@ moves).  A deliberately broken core shows that the checks can fail.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from haguard.core.cluster.agent import ClusterAgent
 from haguard.core.cluster.coordinator import Coordinator
 from haguard.core.cluster.placement import VmSpec
-from haguard.core.cluster.types import HostSpec
+from haguard.core.cluster.types import HostSpec, MessageReceived
 from haguard.sim.faults import Fault, Schedule
 from haguard.sim.runner import main, run, shrink
 from haguard.sim.world import SimConfig, World
@@ -474,3 +476,69 @@ def test_a_broker_outage_in_a_large_cluster_resets_the_hosts_and_never_doubles_a
     assert {h for _at, h, why in world.power_offs if why == "watchdog"} == set(world.hosts)
     assert not world.fences, "nothing decided without the broker"
     settle(world, 9000 + sim.liveness_bound_ms)
+
+
+class _Counting(World):
+    """Counts the messages each host's agent is handed."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        self.received: dict[str, int] = {}
+        super().__init__(*args, **kwargs)       # type: ignore[arg-type]
+
+    def _feed(self, host, event):               # type: ignore[no-untyped-def]
+        if isinstance(event, MessageReceived):
+            self.received[host.name] = self.received.get(host.name, 0) + 1
+        super()._feed(host, event)
+
+
+@pytest.mark.timeout(90)
+def test_relay_tiers_bound_every_hosts_intake_and_a_lost_aggregator_cuts_nobody_off() -> None:
+    # 40 hosts: reporters, two aggregator tiers; no host, the coordinator included, hears more
+    # than its neighbours, the coordinator's heartbeat and the digests of 4 hosts.
+    sim = _large(40)
+    world = _Counting(3, Schedule(faults=(), heal_ms=10**9), sim)
+    world.run(6000)
+    assert world.checker.all_running()
+    (coordinator,) = world.coordinators()
+    before, t0 = dict(world.received), world.now
+    world.run(t0 + 2000)
+    rates = {h: (world.received.get(h, 0) - before.get(h, 0)) / 2 for h in world.hosts}
+    beat_hz = 1000 / sim.timing.heartbeat_ms
+    assert max(rates.values()) <= beat_hz * (4 + 1 + 4), rates
+    assert rates[coordinator] <= beat_hz * (4 + 2), "its neighbours and the two top digests"
+    agent = world.hosts[coordinator].agent
+    assert agent is not None and agent.layout.enabled
+    # A top aggregator with VMs loses power: the hosts below it are still heard through the other
+    # half (none stops petting its watchdog), and it is fenced before its VMs run elsewhere.
+    victim = next(h for h in agent.layout.tiers[-1] if h != coordinator and world.hosts[h].vms)
+    lost = set(world.hosts[victim].vms)
+    crash = world.now
+    world._on_fault(Fault(at_ms=crash, kind="crash", args=(victim,)))
+    world.run(crash + 8000)
+    assert not [p for p in world.power_offs if p[2] == "watchdog"], "nobody lost quorum"
+    fenced = [at for at, _by, h in world.fences if h == victim]
+    assert fenced and fenced[0] - crash < 2500
+    restarted = {vm: at for at, _h, vm in world.starts if vm in lost and at > crash}
+    assert set(restarted) == lost and min(restarted.values()) >= fenced[0]
+    assert world.checker.all_running()
+
+
+@pytest.mark.timeout(90)
+def test_a_relayed_host_that_can_no_longer_send_stops_petting_before_the_watchdog_wait_ends() -> None:
+    # No fence devices: the others may restart its VMs only after its watchdog deadline.  It still
+    # hears the coordinator, so it must learn from it (relayed news of its silence) that it is out.
+    sim = replace(_large(16), fence_devices=False)
+    world = World(4, Schedule(faults=(), heal_ms=10**9), sim)
+    world.run(6000)
+    (coordinator,) = world.coordinators()
+    victim = next(h for h in sorted(world.hosts, reverse=True) if h != coordinator and world.hosts[h].vms)
+    lost = set(world.hosts[victim].vms)
+    cut = world.now
+    for peer in world.hosts:
+        if peer != victim:
+            world._on_fault(Fault(at_ms=cut, kind="cut", args=(victim, peer)))
+    world.run(cut + 12_000)
+    resets = [at for at, h, why in world.power_offs if h == victim and why == "watchdog"]
+    restarted = [at for at, h, vm in world.starts if vm in lost and h != victim and at > cut]
+    assert resets and restarted and max(resets) < min(restarted)
+    assert not [p for p in world.power_offs if p[1] != victim]

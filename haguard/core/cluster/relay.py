@@ -84,15 +84,19 @@ def relay_layout(hosts: list[str], fanout: int, fanin: int) -> RelayLayout:
     tiers: list[list[str]] = [[] for _ in range(depth)]
     roles: dict[str, list[Role]] = {}
     position = {h: i for i, h in enumerate(ring)}
-    for half in halves:
+    for k, half in enumerate(halves):
+        # Aggregators: distinct hosts across both halves, and none a reporter of the other half
+        # (else a host whose reporters are on both sides could lose both paths with it).
+        barred = used | set(halves[1 - k][0])
         for t, tier in enumerate(half):
-            if t:                               # aggregators: distinct hosts across both halves
+            if t:
                 for i, host in enumerate(tier):
                     pos = position[host]
-                    while ring[pos % len(ring)] in used:
+                    while ring[pos % len(ring)] in barred:
                         pos += 1
                     tier[i] = ring[pos % len(ring)]
                     used.add(tier[i])
+                    barred.add(tier[i])
         for t, tier in enumerate(half):
             above = half[t + 1] if t + 1 < len(half) else None
             for i, host in enumerate(tier):

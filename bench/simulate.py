@@ -4,15 +4,20 @@
               devices, the simulator's defaults) on 2 worker processes: wall time, seeds per
               second, invariant violations (safety 1-4 and liveness 5), crashes, and the worst
               time-to-recovery seen (the simulator's convergence time after healing: from the
-              instant faults stop until every VM runs exactly once)
+              instant faults stop until every VM runs exactly once); then more seeds on 10
+              hosts with fanout 2, whose heartbeats reach the coordinator through relays
   gossip      a fault-free world of N hosts with 20 VMs each, started in steady state (every VM
               placed and running, as committed by an earlier coordinator): messages delivered
-              per host per second once a coordinator committed in its term, mean and max over
-              followers and the coordinator's own rate, next to the analytical rate of the
-              layout (docs/cluster-design.md: a follower hears its ring neighbours and the
-              coordinator's broadcast heartbeat; the coordinator hears every follower)
-  detection   in the same world, a follower host loses power: time until the first agent's
-              detector says `dead`, and until the coordinator orders its fence
+              per host per second once a coordinator committed in its term: the most loaded
+              follower, aggregator and host, and the coordinator, next to the analytical rates
+              of the layout (docs/cluster-design.md: a follower hears its ring neighbours and
+              the coordinator's heartbeat, an aggregator also 4 digests, the coordinator its
+              neighbours and the top digests)
+  detection   in the same world (a fresh one for each crash below 100 hosts), hosts that own
+              VMs lose power one after another, at different phases of the tick, heartbeat and
+              ping periods, the same phases at every size; beyond a full mesh, hosts the
+              coordinator hears only relayed: time until the coordinator's detector says
+              `dead`, and until it orders the fence; the mean over the phases
   detector    one agent's failure detector: cost of a fed event (it judges the peers the event
               is about) and of a tick (every watched peer), and the events per second a
               follower and the coordinator get at N hosts
@@ -38,7 +43,7 @@ from bench.common import base_parser, emit_result, log
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.placement import HostCandidate, PlacementLimits, VmSpec
 from haguard.core.cluster.recovery import plan_recovery
-from haguard.core.cluster.relay import ring_neighbours
+from haguard.core.cluster.relay import relay_layout, ring_neighbours
 from haguard.core.cluster.state import ClusterState, HostRecord, VmRecord
 from haguard.core.cluster.types import (
     CoreConfig,
@@ -214,7 +219,7 @@ def gossip_at(hosts: int, vms_per_host: int, window_ms: int, phases: int) -> dic
     agent = world.hosts[coordinator].agent if coordinator is not None else None
     layout = agent.layout if agent is not None else None
     aggregators = {h for t in layout.tiers[1:] for h in t} if layout is not None else set()
-    followers = [r for h, r in rates.items() if h != coordinator]
+    followers = [r for h, r in rates.items() if h != coordinator and h not in aggregators]
     beat_hz = 1000 / world.sim.timing.heartbeat_ms
     # The layout (relay.py): a follower hears its ring neighbours and the coordinator's heartbeat;
     # an aggregator also the digests of up to relay_fanin hosts; the coordinator its neighbours and
@@ -285,7 +290,9 @@ def gossip_at(hosts: int, vms_per_host: int, window_ms: int, phases: int) -> dic
 
 def detector_cost(hosts: int, events: int, fanout: int = 4) -> dict[str, Any]:
     """The coordinator's detector watches every host; a follower's only its neighbours and the
-    coordinator.  A fed event judges the peers it is about; a tick (every 100 ms) judges all."""
+    coordinator.  A fed event judges the peers it is about; a tick (every 100 ms) judges all.
+    Beyond a full mesh the coordinator takes each host's heartbeat from each of its reporters
+    (relay.py): about 2.5 entries per host per heartbeat interval."""
     names = [f"h{i}" for i in range(1, hosts + 1)]
     det = FailureDetector(names[0], names, DetectorTiming(), 0)
     for h in names[1:]:
@@ -306,7 +313,12 @@ def detector_cost(hosts: int, events: int, fanout: int = 4) -> dict[str, Any]:
     watched = min(hosts - 1, fanout + 1)
     # Heartbeats every 200 ms, pings every 300 ms, from and to the watched hosts; ticks 10 a second.
     follower_per_s = 5.0 * watched + watched / 0.3
-    coordinator_per_s = 5.0 * (hosts - 1) + (hosts - 1) / 0.3
+    layout = relay_layout(names, fanout, CoreConfig.relay_fanin)
+    if layout.enabled:      # one relayed entry per reporter per host it reports; its neighbours direct
+        reporters = sum(any(r.tier == 1 for r in roles) for roles in layout.roles.values())
+        coordinator_per_s = 5.0 * (reporters * (fanout + 1) + fanout) + (hosts - 1) / 0.3
+    else:
+        coordinator_per_s = 5.0 * (hosts - 1) + (hosts - 1) / 0.3
     cpu_pct = (per_event_us * coordinator_per_s + per_tick_us * 10) / 1e4
     return {"hosts": hosts, "per_event_us": round(per_event_us, 1),
             "per_tick_us_all_watched": round(per_tick_us), "follower_events_per_s": round(follower_per_s),

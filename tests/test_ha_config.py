@@ -50,3 +50,23 @@ def test_a_host_without_fence_device_needs_the_watchdog(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     bad = _check(tmp_path, hosts, "ha:\n  enabled: true\n  isolation: sometimes\n")
     assert bad.returncode == 2 and "ha.isolation" in bad.stderr and ":" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_relay_transit_reaches_the_core_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
+    from haguard.agent.cluster import core_config
+    from haguard.config.cluster import ClusterConfig
+
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    cfg = ClusterConfig.model_validate({
+        "cluster": "c1", "host": "a", "key_file": str(key), "mqtt": {"urls": ["mqtt://127.0.0.1"]},
+        "hosts": [{"name": h, "address": f"198.18.0.{i + 1}", "fence": {"agent": "fence_dummy"}}
+                  for i, h in enumerate("abcdefg")],
+        "ha": {"enabled": True, "relay_transit_ms": 3}})
+    core = core_config(cfg, {})
+    assert core.timing.relay_transit_ms == 3
+    bad = _check(tmp_path, TWO + "  - {name: w, address: 198.18.0.3, witness: true}\n",
+                 "ha:\n  enabled: true\n  relay_transit_ms: -5\n")
+    assert bad.returncode == 2 and "ha.relay_transit_ms" in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr

@@ -14,7 +14,7 @@ import pytest
 from haguard.core.cluster.agent import ClusterAgent
 from haguard.core.cluster.coordinator import Coordinator
 from haguard.core.cluster.placement import VmSpec
-from haguard.core.cluster.types import HostSpec, MessageReceived
+from haguard.core.cluster.types import ClusterOutput, HostSpec, MessageReceived, RelayEntry
 from haguard.sim.faults import Fault, Schedule
 from haguard.sim.runner import main, run, shrink
 from haguard.sim.world import SimConfig, World
@@ -523,12 +523,18 @@ def test_relay_tiers_bound_every_hosts_intake_and_a_lost_aggregator_cuts_nobody_
     assert world.checker.all_running()
 
 
-@pytest.mark.timeout(90)
-def test_a_relayed_host_that_can_no_longer_send_stops_petting_before_the_watchdog_wait_ends() -> None:
-    # No fence devices: the others may restart its VMs only after its watchdog deadline.  It still
-    # hears the coordinator, so it must learn from it (relayed news of its silence) that it is out.
+class _AgeBlindAgent(ClusterAgent):
+    """Broken on purpose: takes relayed heartbeats as heard when the digest comes (and without
+    their numbers, which would otherwise show an old heartbeat relayed again as old)."""
+
+    def _relayed_beat(self, entry: RelayEntry, sent: int, now: int) -> list[ClusterOutput]:
+        blind = replace(entry, beat=replace(entry.beat, seq=0), heard_age_ms=0, relay_age_ms=0)
+        return super()._relayed_beat(blind, now, now)
+
+
+def _cut_off_sender(agent_class: type[ClusterAgent]) -> tuple[World, str, int, set[str]]:
     sim = replace(_large(16), fence_devices=False)
-    world = World(4, Schedule(faults=(), heal_ms=10**9), sim)
+    world = World(4, Schedule(faults=(), heal_ms=10**9), sim, agent_class)
     world.run(6000)
     (coordinator,) = world.coordinators()
     victim = next(h for h in sorted(world.hosts, reverse=True) if h != coordinator and world.hosts[h].vms)
@@ -538,7 +544,20 @@ def test_a_relayed_host_that_can_no_longer_send_stops_petting_before_the_watchdo
         if peer != victim:
             world._on_fault(Fault(at_ms=cut, kind="cut", args=(victim, peer)))
     world.run(cut + 12_000)
+    return world, victim, cut, lost
+
+
+@pytest.mark.timeout(90)
+def test_a_relayed_host_that_can_no_longer_send_stops_petting_before_the_watchdog_wait_ends() -> None:
+    # No fence devices: the others may restart its VMs only after its watchdog deadline.  It still
+    # hears the coordinator, so it must learn from it (relayed news of its silence) that it is out.
+    world, victim, cut, lost = _cut_off_sender(ClusterAgent)
     resets = [at for at, h, why in world.power_offs if h == victim and why == "watchdog"]
     restarted = [at for at, h, vm in world.starts if vm in lost and h != victim and at > cut]
     assert resets and restarted and max(resets) < min(restarted)
     assert not [p for p in world.power_offs if p[1] != victim]
+    # A coordinator that dates relayed news by its arrival keeps hearing the silent host through
+    # its reporters' entries: it never lists it as unheard, so the host is never reset or recovered.
+    world, victim, cut, lost = _cut_off_sender(_AgeBlindAgent)
+    assert not [p for p in world.power_offs if p[1] == victim and p[2] == "watchdog"]
+    assert not [vm for _at, h, vm in world.starts if vm in lost and h != victim]

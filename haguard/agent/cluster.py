@@ -119,7 +119,8 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
         lease_ms=t.dead_timeout_ms, election_timeout_ms=max(t.heartbeat_interval_ms * 3,
                                                             t.dead_timeout_ms * 2 // 3),
         watchdog_timeout_ms=watchdog_ms,
-        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000)
+        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
+        relay_transit_ms=ha.relay_transit_ms)
     return CoreConfig(
         me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
         detector=detector_timing(t),

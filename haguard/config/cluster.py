@@ -184,6 +184,8 @@ class HaConfig(_Strict):
     # leaves the VMs alone), "always" at every stop, "never" (the default).
     migrate_on_shutdown: Literal["never", "system-shutdown", "always"] = "never"
     shutdown_timeout_s: float = Field(default=600.0, gt=0)   # then the agent stops anyway
+    # The broker's typical one-way delay: relayed heartbeats (more than 5 hosts) are dated with it.
+    relay_transit_ms: int = Field(default=0, ge=0, le=1000)
 
 
 class ClusterConfig(_Strict):

@@ -322,3 +322,40 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
         for h in c.hosts:
             assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
         watch.check()
+
+
+@pytest.mark.timeout(240)
+def test_seven_hosts_relay_their_heartbeats_and_a_relayed_host_is_fenced_and_recovered() -> None:
+    # More than 5 hosts: heartbeats reach the coordinator in digests (docs/cluster-design.md,
+    # Relays), signed and checked like every message.  Room for one guest per host: six guests,
+    # so the lost one has one place to go.
+    from haguard.core.cluster.relay import ring_neighbours
+
+    hosts = tuple(f"h{i}" for i in range(1, 8))
+    vms = ha_vms(6)
+    with ha_cluster(vms, hosts=hosts, host_extra="memory_mib: 100") as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=90)
+        coordinator = c.cluster_view("h1").get("coordinator")
+        assert coordinator in hosts, c.cluster_view("h1")
+        near = ring_neighbours(list(hosts), coordinator, 4)
+        victim = next(h for h in hosts if h != coordinator and h not in near and _owned_by(c, h))
+        lost = _owned_by(c, victim)
+        assert c.cluster_view(coordinator).get("rejected") == 0, c.cluster_view(coordinator)
+        cut_at = now()
+        c.cut(victim)
+        c.kill_vms(victim)
+        c.kill9(victim)
+        wait_placed(c, [v.name for v in vms], timeout_s=45, avoid=(victim,))
+        took = now() - cut_at
+        print(f"7 hosts: recovered {lost} from {victim} (heard relayed by {coordinator}) in {took:.2f} s")
+        assert took < 15, took
+        calls = fence_calls(c)
+        assert any(f" off {victim} 0" in line for line in calls), calls
+        fenced_at = min(float(line.split()[0]) for line in calls if f" off {victim} 0" in line)
+        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        assert starts and all(_wall(e) >= fenced_at for e in starts), (starts, fenced_at)
+        for h in c.hosts:
+            if h != victim:
+                assert c.cluster_view(h).get("rejected") == 0, (h, c.cluster_view(h))
+        watch.check()

@@ -55,11 +55,12 @@ class TwiceWatch:
 @contextlib.contextmanager
 def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "",
                timing: dict[str, int] | None = None, host_extra: str = "", extra: str = "",
-               prepare: Callable[[Cluster], None] | None = None) -> Iterator[Cluster]:
-    """Three agents with `ha.enabled`; every host gets the fence stand-in when `fence`, and
-    `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200")."""
+               prepare: Callable[[Cluster], None] | None = None,
+               hosts: tuple[str, ...] = ("h1", "h2", "h3")) -> Iterator[Cluster]:
+    """Agents (three by default) with `ha.enabled`; every host gets the fence stand-in when
+    `fence`, and `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200")."""
     cluster_dir_hint: dict[str, str] = {}
-    c = Cluster(timing=dict(HA_TIMING, **(timing or {})), vms=vms,
+    c = Cluster(hosts=hosts, timing=dict(HA_TIMING, **(timing or {})), vms=vms,
                 extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint)
     for h in c.hosts:
         fields = [host_extra] if host_extra else []

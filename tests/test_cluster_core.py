@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -411,10 +412,21 @@ def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_relays_up_a_d
     assert sorted(m.to or "" for m in beats) == ["h08", "h09", "h11", "h12"], "not to the coordinator"
     digests = [m for m in sent if isinstance(m, Digest)]
     parent = next(r.parent for r in agent.layout.roles_of("h10") if r.tier == 1)
-    assert len(digests) == 1 and digests[0].to == parent, "h10 reports its neighbourhood to its aggregator"
+    # Its neighbourhood to its aggregator, and (news: a neighbour heard for the first time) at once
+    # to the coordinator.
+    assert sorted(d.to for d in digests) == sorted([parent, "h00"]), digests
+    assert digests[0].entries == digests[1].entries
     entries = {e.beat.sender: e for e in digests[0].entries}
     assert set(entries) == {"h10", "h11"} and entries["h11"].heard_age_ms == 50
     assert all(e.reporter == "h10" and e.relay_age_ms == 0 for e in entries.values())
+    # A heartbeat that says the same again is no news: only the periodic digest goes.
+    agent.step(MessageReceived(message=replace(near, seq=2), now_ms=350))
+    sent = [o.message for o in agent.tick(400) if isinstance(o, Send)]
+    assert [d.to for d in sent if isinstance(d, Digest)] == [parent]
+    # Its VMs changed: news.
+    agent.step(MessageReceived(message=replace(near, seq=3, vms={}), now_ms=450))
+    sent = [o.message for o in agent.tick(500) if isinstance(o, Send)]
+    assert [d.to for d in sent if isinstance(d, Digest)] == ["h00"]
 
 
 def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> None:

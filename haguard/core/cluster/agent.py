@@ -95,6 +95,14 @@ HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
 __all__ = ["ClusterAgent", "heard_by", "ring_neighbours"]
 
 
+def _news_of(beat: Heartbeat) -> tuple[object, ...]:
+    """What in a host's heartbeat the coordinator must learn at once (its VMs and moves, its
+    requests); the rest (keys, terms) reaches it in acks or the next digests, and changes on
+    every host at every commit: at once, that would be a burst of news from every reporter."""
+    return (beat.incarnation, beat.vms, beat.failed_vms, beat.migrations, beat.requests, beat.moves,
+            beat.degraded)
+
+
 def heard_by(beat: Heartbeat, host: str) -> bool:
     """Whether the heartbeat's sender says it hears `host`."""
     if host in beat.hears:
@@ -240,7 +248,7 @@ class ClusterAgent:
                 self.beats[message.sender] = (now, message)
                 self._relayed.discard(message.sender)
                 if (self._reporter and message.sender in self.neighbours and not message.coordinator
-                        and (previous is None or previous[1] != message)):
+                        and (previous is None or _news_of(previous[1]) != _news_of(message))):
                     self._urgent = True             # a reporter sends its news up at once
                 self._observe_term(message.term)
                 out: list[ClusterOutput] = []
@@ -503,7 +511,7 @@ class ClusterAgent:
             self._last_beat_ms = now
             out += self._send_heartbeats(now, standing)
             out += self._send_digests(now)
-        elif self._relay_news(now):
+        if self._relay_news(now):
             out += self._send_news(now)
         out += self._watchdog(now)
         out += self._local_actions(now)
@@ -634,7 +642,6 @@ class ClusterAgent:
         keep = self.lag_ms + self.config.detector.dead_timeout_ms
         self._digests = {h: d for h, d in self._digests.items() if now - d[0] <= keep}
         reports = self._reports(now)
-        self._urgent, self._silent_sent = False, self._silent_neighbours(now)
         self_fed = any(r.tier == 1 and r.parent == self.me for r in self._roles)
         out: list[ClusterOutput] = []
         for role in self._roles:

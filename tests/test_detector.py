@@ -19,6 +19,7 @@ from haguard.core.detector import (
     PeerStateChanged,
     PeerWentOffline,
     PingObserved,
+    RelayedHeard,
 )
 
 T = DetectorTiming(suspect_timeout_ms=900, dead_timeout_ms=1500, isolation_timeout_ms=5000)
@@ -169,3 +170,29 @@ def test_never_dead_while_pings_answer_or_without_broker_or_reached_by_a_peer(
             assert not dead, "dead while this agent has no broker"
         if last_reached is not None and now - last_reached <= T.suspect_timeout_ms:
             assert not dead, "dead while another peer reaches it"
+
+
+def test_relayed_gossip_is_dated_by_its_quickest_path_and_its_allowance_ends_with_the_news() -> None:
+    det = FailureDetector("h1", ["h1", "h2", "h3", "h4"], T, 0)
+    det.step(BrokerStatus(connected=True, now_ms=0))
+
+    def relayed(reporter: str, seq: int, heard: int, built: int, now: int) -> None:
+        det.step(RelayedHeard(host="h3", reporter=reporter, incarnation=1, heard_ms=heard, built_ms=built,
+                              lag_ms=1000, now_ms=now, seq=seq))
+
+    relayed("h2", 5, heard=900, built=950, now=1400)        # by a slow path
+    relayed("h4", 5, heard=880, built=890, now=1000 + 500)  # the same heartbeat, a quicker path
+    relayed("h3", 5, heard=1200, built=1200, now=1500)      # h3's own report of it: no better date
+    view = next(v for v in det.views() if v.host == "h3")
+    assert view.last_gossip_ms == 880, "one heartbeat: its earliest date"
+    # Relayed news may be late: heard 880 + suspect 900 + lag 1000.
+    assert "h3" in det.hears(2780) and "h3" not in det.hears(2781)
+    # Both reporters now say they have not heard it for longer than suspect_timeout (its own
+    # report does not count): the allowance goes at once.
+    relayed("h2", 5, heard=900, built=1850, now=1900)
+    assert "h3" in det.hears(1900) and det.lag("h3", 1900) == 1000, "h4 has not said so yet"
+    relayed("h4", 5, heard=880, built=1800, now=1900)
+    assert det.lag("h3", 1900) == 0 and "h3" not in det.hears(1900)
+    # A newer heartbeat by any path brings it back, with the allowance.
+    relayed("h2", 6, heard=1950, built=1960, now=2000)
+    assert "h3" in det.hears(2000) and det.lag("h3", 2000) == 1000

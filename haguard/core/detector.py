@@ -9,7 +9,9 @@ this agent cannot reach but another peer still can is not dead, it is cut off
 from us.
 
 Rules, each with its reason in the output:
-    alive        gossip within suspect_timeout_ms
+    alive        gossip within suspect_timeout_ms (relayed gossip, dated when its reporter
+                 heard it: lag_ms longer, until every reporter with recent news says it
+                 no longer hears the peer)
     unreachable  no gossip, but this agent itself has lost the broker (the peer's
                  silence says nothing then); "unreachable via broker"
     suspect      no gossip for suspect_timeout_ms; or worse, but still answering some

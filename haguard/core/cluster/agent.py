@@ -124,7 +124,7 @@ class ClusterAgent:
         self.neighbours = ring_neighbours(self.hosts, self.me, config.gossip_fanout)
         self.layout: RelayLayout = relay_layout(self.hosts, config.gossip_fanout, config.relay_fanin)
         self.lag_ms = self.layout.lag_ms(config.timing.heartbeat_ms)
-        # Digests taken, per sender: (received at, entries); and what went up last per tier.
+        # Digests taken, per sender: (when it was sent, by our clock: see relay_transit_ms; entries).
         self._digests: dict[str, tuple[int, tuple[RelayEntry, ...]]] = {}
         self._silent_sent: frozenset[str] = frozenset()         # tier 1: neighbours last reported silent
         self._urgent = False                                    # news for the coordinator, not yet sent

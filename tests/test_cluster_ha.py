@@ -62,6 +62,25 @@ def _owned_by(c, host: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(vm for vm, hs in running_on(c).items() if host in hs)
 
 
+def _power_off_and_recover(c: Cluster, victim: str, names: list[str], lost: list[str],
+                           within_s: float) -> None:
+    """`victim` loses power (no link, its QEMUs and agent gone): it is fenced, and its VMs run
+    elsewhere within `within_s`, none started before the fence."""
+    cut_at = now()
+    c.cut(victim)
+    c.kill_vms(victim)
+    c.kill9(victim)
+    wait_placed(c, names, timeout_s=3 * within_s, avoid=(victim,))
+    took = now() - cut_at
+    print(f"{len(c.hosts)} hosts: recovered {lost} from {victim} in {took:.2f} s")
+    assert took < within_s, took
+    calls = fence_calls(c)
+    assert any(f" off {victim} 0" in line for line in calls), calls
+    fenced_at = min(float(line.split()[0]) for line in calls if f" off {victim} 0" in line)
+    starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+    assert starts and all(_wall(e) >= fenced_at for e in starts), (starts, fenced_at)
+
+
 @pytest.mark.timeout(150)
 def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
     vms = ha_vms(4)
@@ -70,19 +89,7 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         coordinator = c.cluster_view("h1").get("coordinator")
         victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
         lost = _owned_by(c, victim)
-        cut_at = now()
-        c.cut(victim)                  # a power-off: no link, its QEMUs and agent gone
-        c.kill_vms(victim)
-        c.kill9(victim)
-        wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
-        took = now() - cut_at
-        print(f"recovered {lost} from {victim} in {took:.2f} s")
-        assert took < 10, took
-        calls = fence_calls(c)
-        assert any(f" off {victim} 0" in line for line in calls), calls
-        fenced_at = min(float(line.split()[0]) for line in calls if f" off {victim} 0" in line)
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
-        assert starts and all(_wall(e) >= fenced_at for e in starts), (starts, fenced_at)
+        _power_off_and_recover(c, victim, [v.name for v in vms], lost, within_s=10)
         alerts = {(e.get("alert"), e.get("vm")) for h in c.hosts if h != victim for e in c.events(h, "alert")}
         assert ("fencing-done", None) in alerts, alerts
         fencer = next(h for h in c.hosts if h != victim and any(e for e in c.events(h, "fence-result")))
@@ -342,19 +349,7 @@ def test_seven_hosts_relay_their_heartbeats_and_a_relayed_host_is_fenced_and_rec
         victim = next(h for h in hosts if h != coordinator and h not in near and _owned_by(c, h))
         lost = _owned_by(c, victim)
         assert c.cluster_view(coordinator).get("rejected") == 0, c.cluster_view(coordinator)
-        cut_at = now()
-        c.cut(victim)
-        c.kill_vms(victim)
-        c.kill9(victim)
-        wait_placed(c, [v.name for v in vms], timeout_s=45, avoid=(victim,))
-        took = now() - cut_at
-        print(f"7 hosts: recovered {lost} from {victim} (heard relayed by {coordinator}) in {took:.2f} s")
-        assert took < 15, took
-        calls = fence_calls(c)
-        assert any(f" off {victim} 0" in line for line in calls), calls
-        fenced_at = min(float(line.split()[0]) for line in calls if f" off {victim} 0" in line)
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
-        assert starts and all(_wall(e) >= fenced_at for e in starts), (starts, fenced_at)
+        _power_off_and_recover(c, victim, [v.name for v in vms], lost, within_s=15)
         for h in c.hosts:
             if h != victim:
                 assert c.cluster_view(h).get("rejected") == 0, (h, c.cluster_view(h))

@@ -196,6 +196,21 @@ def test_drain_moves_four_vms_live_within_anti_affinity_and_capacity() -> None:
 
 
 @pytest.mark.timeout(20)
+def test_a_hung_qemu_during_a_drain_fails_its_move_then_is_killed_and_moved_after_restart() -> None:
+    # vm1's monitor stops answering as the drain begins: its move fails (the guest may still run,
+    # so nothing starts it elsewhere), the agent's watcher kills it and it is started again on
+    # h3 (its restart budget); the drain then moves it live, to the host its move failed to (the
+    # only one anti-affinity allows: a failed target is tried again when no other will do).
+    sim = _drain_cluster(3)
+    world = scenario("4000:qemu-hang:vm1", "4000:drain:h3", until_ms=25_000, sim=sim)
+    assert not [vm for vm, q in world.hosts["h3"].vms.items() if q == "running"]
+    assert world.checker.all_running()
+    restarted = [at for at, h, vm in world.starts if vm == "vm1" and at > 4000]
+    assert restarted and min(restarted) >= 4000 + sim.hang_detect_ms, "not before the watcher killed it"
+    assert "vm1" in [vm for _at, src, _dst, vm in world.migrations_done if src == "h3"]
+
+
+@pytest.mark.timeout(20)
 def test_hard_host_failure_is_fenced_then_recovered() -> None:
     world = scenario("4000:crash:h2", until_ms=12_000, heal_ms=30_000)
     lost = vms_of(world, "h2", 4000)

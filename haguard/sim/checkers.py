@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from haguard.sim.world import World
 
 # Ways a VM's copy ends that make starting it elsewhere safe by themselves.
-SAFE_ENDS = frozenset({"stopped", "killed", "qemu-crash", "fenced", "watchdog", "migrated"})
+SAFE_ENDS = frozenset({"stopped", "killed", "qemu-crash", "hang-killed", "fenced", "watchdog", "migrated"})
 
 
 class Violation(Exception):

@@ -25,6 +25,7 @@ KINDS = {
     "agent-restart": 1,  # agent process restarts, VMs keep running
     "fence": 2,          # fence device of a host: ok | fail | hang
     "qemu-crash": 1,     # a VM's QEMU dies on whichever host runs it
+    "qemu-hang": 1,      # a VM's QEMU stops answering its monitor (the guest may still run)
     "migrations": 1,     # how migrations end: ok | fail | stall
     "loss": 1,           # percent of messages lost
     "dup": 1,            # percent of messages delivered twice
@@ -78,8 +79,8 @@ class FaultMix:
 
     weights: dict[str, int] = field(default_factory=lambda: {
         "cut": 3, "cut2": 3, "heal": 3, "isolate": 2, "rejoin": 2, "broker-down": 1, "broker-up": 1,
-        "crash": 3, "boot": 2, "agent-restart": 2, "fence": 2, "qemu-crash": 2, "migrations": 1,
-        "loss": 1, "dup": 1, "drain": 1, "undrain": 1})
+        "crash": 3, "boot": 2, "agent-restart": 2, "fence": 2, "qemu-crash": 2, "qemu-hang": 1,
+        "migrations": 1, "loss": 1, "dup": 1, "drain": 1, "undrain": 1})
 
 
 def random_schedule(seed: int, hosts: list[str], vms: list[str], *, heal_ms: int = 15_000,
@@ -95,7 +96,7 @@ def random_schedule(seed: int, hosts: list[str], vms: list[str], *, heal_ms: int
         match KINDS[kind], kind:
             case _, "fence":
                 args: tuple[str, ...] = (a, rng.choice(["ok", "fail", "hang"]))
-            case _, "qemu-crash":
+            case _, "qemu-crash" | "qemu-hang":
                 args = (rng.choice(vms),)
             case _, "drain" | "undrain":
                 args = (hosts[-1],)       # one host at most: the others keep room for every VM

@@ -77,6 +77,12 @@ class SimConfig:
     fence_ms: int = 300
     migration_ms: tuple[int, int] = (300, 1500)
     stall_ms: int = 5000
+    # A QEMU whose monitor stopped answering: the agent's VM watcher kills it after this long
+    # (then it counts as crashed); a stop meanwhile ends in SIGKILL after the guest's grace, a
+    # move fails at the migration core's first unanswered command.
+    hang_detect_ms: int = 2000
+    hang_stop_ms: int = 1000
+    hang_migrate_ms: int = 1500
     liveness_bound_ms: int = 25_000
     host_specs: tuple[HostSpec, ...] = ()   # replaces the generated hosts when given
     gossip_fanout: int = CoreConfig.gossip_fanout   # below hosts - 1: partial views (a large cluster)
@@ -92,6 +98,7 @@ class SimHost:
     disk: PersistedState = field(default_factory=PersistedState)
     vms: dict[str, QemuState] = field(default_factory=dict)
     crashed: set[str] = field(default_factory=set)
+    hung: set[str] = field(default_factory=set)     # QEMUs whose monitor does not answer
     watchdog_armed: bool = False
     last_pet_ms: int = 0
     fenced_ms: int = -1               # last time a fence device turned it off
@@ -253,6 +260,9 @@ class World:
                         self.checker.vm_started(out.vm, host.name)
                         self.starts.append((self.now, host.name, out.vm))
                     self._result(host, out.id, ok, 20)
+                case StopVm() if out.vm in host.hung:
+                    self._at(self.now + self.sim.hang_stop_ms, "hung_stop",
+                             (host.name, host.incarnation, out.vm, out.id))
                 case StopVm() | KillVm():
                     if out.vm in host.vms:
                         self._end_vm(host, out.vm, "stopped" if isinstance(out, StopVm) else "killed")
@@ -260,7 +270,10 @@ class World:
                 case MigrateVm():
                     self.checker.observe(host.name, agent.committed, self.now)
                     self.checker.command(host.name, out, agent.term, self.now)
-                    self._start_migration(host, out)
+                    if out.vm in host.hung:
+                        self._result(host, out.id, False, self.sim.hang_migrate_ms, "monitor not answering")
+                    else:
+                        self._start_migration(host, out)
                 case FenceHost():
                     self.checker.fence(host.name, out, agent.role == "coordinator",
                                        agent.broker_quorate(self.now), self.now)
@@ -285,6 +298,7 @@ class World:
         self._feed(host, LocalVmsObserved(vms=dict(host.vms), crashed=crashed, now_ms=self.now))
 
     def _end_vm(self, host: SimHost, vm: str, how: str) -> None:
+        host.hung.discard(vm)
         if host.vms.pop(vm, None) is not None:
             self.checker.vm_ended(vm, host.name, how, self.now)
 
@@ -302,6 +316,29 @@ class World:
             self._feed(by_host, CommandResult(id=cmd.id, ok=ok, now_ms=self.now,
                                               reason="" if ok else "fence device error"))
 
+    def _on_hang_detected(self, payload: tuple[str, str]) -> None:
+        """The agent's VM watcher gives up on a hung monitor: SIGKILL, reported as a crash (an
+        agent restarting meanwhile watches it afresh once it runs)."""
+        name, vm = payload
+        host = self.hosts[name]
+        if vm not in host.hung:
+            return
+        if host.agent is None:
+            self._at(self.now + self.sim.hang_detect_ms, "hang_detected", payload)
+            return
+        self._end_vm(host, vm, "hang-killed")
+        host.crashed.add(vm)
+        self._observe_vms(host)
+
+    def _on_hung_stop(self, payload: tuple[str, int, str, str]) -> None:
+        """A stop of a hung QEMU: no answer to the power-off, SIGKILL after the grace."""
+        name, incarnation, vm, cid = payload
+        host = self.hosts[name]
+        if host.incarnation == incarnation:
+            if vm in host.vms:
+                self._end_vm(host, vm, "killed")
+            self._result(host, cid, True, 0)
+
     # ---- migrations -----------------------------------------------------------------
 
     def _start_migration(self, src: SimHost, cmd: MigrateVm) -> None:
@@ -318,13 +355,14 @@ class World:
     def _on_migration_done(self, payload: tuple[str, int, str, MigrateVm, bool]) -> None:
         src_name, incarnation, dst_name, cmd, ok = payload
         src, dst = self.hosts[src_name], self.hosts[dst_name]
-        ok = ok and src.vms.get(cmd.vm) == "running" and dst.vms.get(cmd.vm) == "inmigrate"
+        ok = (ok and src.vms.get(cmd.vm) == "running" and dst.vms.get(cmd.vm) == "inmigrate"
+              and cmd.vm not in src.hung)
         if ok:
             src.vms[cmd.vm], dst.vms[cmd.vm] = "postmigrate", "running"
             self.checker.vm_ended(cmd.vm, src.name, "migrated", self.now)
             self.checker.vm_started(cmd.vm, dst.name)
             self.migrations_done.append((self.now, src.name, dst.name, cmd.vm))
-        elif dst.vms.get(cmd.vm) == "inmigrate" and src.vms.get(cmd.vm) == "running":
+        elif dst.vms.get(cmd.vm) == "inmigrate" and src.vms.get(cmd.vm) in ("running", None):
             del dst.vms[cmd.vm]                 # a failed incoming QEMU exits
         self._observe_vms(dst)
         if src.incarnation == incarnation:
@@ -400,6 +438,11 @@ class World:
                         self._end_vm(host, f.args[0], "qemu-crash")
                         host.crashed.add(f.args[0])
                         self._observe_vms(host)
+            case "qemu-hang":
+                for host in self.hosts.values():
+                    if host.vms.get(f.args[0]) == "running" and f.args[0] not in host.hung:
+                        host.hung.add(f.args[0])
+                        self._at(self.now + self.sim.hang_detect_ms, "hang_detected", (host.name, f.args[0]))
             case "migrations":
                 self.migration_mode = f.args[0]
             case "loss":

@@ -20,6 +20,7 @@ from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord
 from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, PlacementDecided, RaiseAlert
 
 PlanOutput = FenceHost | RaiseAlert | PlacementDecided
+FAILED_TARGET_MS = 60_000           # a host a VM failed on is avoided this long
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,7 +41,8 @@ class Coordinator:
                                fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms,
                                host_timeouts_ms={h: s.fence_timeout_ms for h, s in config.hosts.items()
                                                  if s.fence_timeout_ms is not None})
-        self.failed_targets: dict[str, set[str]] = {}     # vm -> hosts a move or run failed on
+        # vm -> host a move to it or a run on it failed -> when; avoided for FAILED_TARGET_MS.
+        self.failed_targets: dict[str, dict[str, int]] = {}
         self._refused: set[tuple[str, str, int]] = set()  # (vm, target, generation) moves said no to
         self._since: dict[tuple[str, str], int] = {}      # (vm, condition) -> held since
 
@@ -94,7 +96,7 @@ class Coordinator:
                 vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
                 del migrations[vm]
             elif report is not None:
-                self.failed_targets.setdefault(vm, set()).add(mig.target)
+                self.failed_targets.setdefault(vm, {})[mig.target] = now_ms
                 del migrations[vm]
             elif source_beat is not None and vm not in source_beat.vms and target_beat is not None:
                 # The source lost its copy (rebooted, QEMU died) with the result unreported: a target
@@ -144,7 +146,7 @@ class Coordinator:
                 failed = vms.get(vm)
                 if (failed is not None and failed.owner == host and vm not in failing.vms
                         and vm not in migrations):
-                    self.failed_targets.setdefault(vm, set()).add(host)
+                    self.failed_targets.setdefault(vm, {})[host] = now_ms
                     vms[vm] = replace(failed, owner=None, generation=failed.generation + 1)
 
         # Running copies not on their owner (one pass over the reports, not over every VM).
@@ -165,7 +167,7 @@ class Coordinator:
         unplaced = [vm for vm, rec in vms.items()
                     if rec.owner is None and rec.desired == "running" and vm not in running_unowned]
         candidates = self._candidates(vms, hosts, migrations, views)
-        excluded = {vm: frozenset(self.failed_targets.get(vm, ())) for vm in unplaced}
+        excluded = {vm: self._failed(vm, now_ms) for vm in unplaced}
         for placement in plan_recovery(self.config.vms, unplaced, candidates, self.config.limits, excluded):
             if placement.host is not None:
                 vms[placement.vm] = replace(vms[placement.vm], owner=placement.host)
@@ -174,7 +176,7 @@ class Coordinator:
                 self._refused.add(no_room)          # said once, not at every plan
                 out.append(self._decided(placement, "place"))
 
-        self._drain(vms, hosts, migrations, views, beats, out)
+        self._drain(vms, hosts, migrations, views, beats, out, now_ms)
         self._moves(vms, hosts, migrations, views, beats, out)
 
         new = ClusterState(term=self.term, version=state.version + 1, vms=vms, hosts=hosts,
@@ -270,9 +272,14 @@ class Coordinator:
                 self._refused.add(key)
                 out.append(self._decided(placement, "move"))
 
+    def _failed(self, vm: str, now_ms: int) -> frozenset[str]:
+        """Hosts a move or run of `vm` failed on lately: avoided while others will do."""
+        failed = self.failed_targets.get(vm, {})
+        return frozenset(h for h, at in failed.items() if now_ms - at < FAILED_TARGET_MS)
+
     def _drain(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],
                migrations: dict[str, MigrationRecord], views: Mapping[str, HostView],
-               beats: Mapping[str, Heartbeat], out: list[PlanOutput]) -> None:
+               beats: Mapping[str, Heartbeat], out: list[PlanOutput], now_ms: int) -> None:
         """Plan live moves off hosts in maintenance or degraded, highest priority first, within
         the limits."""
         for host, host_rec in sorted(hosts.items()):
@@ -286,14 +293,16 @@ class Coordinator:
                 if outgoing >= self.config.limits.max_migrations_per_host:
                     break
                 spec: VmSpec = self.config.vms[vm]
-                skip = self.failed_targets.get(vm, set())
+                skip = self._failed(vm, now_ms)
                 candidates = [c for c in self._candidates(vms, hosts, migrations, views)
                               if c.name not in skip]
-                if not candidates and skip:
-                    self.failed_targets.pop(vm, None)      # every target failed once: try them all again
-                    continue
                 placement = place(spec, candidates, self.config.limits, migration=True,
                                   cluster_migrations=len(migrations))
+                if placement.host is None and skip:
+                    # No other target will do: try the failed ones again (the failure may have been
+                    # the source's, a QEMU that hung, say).
+                    self.failed_targets.pop(vm, None)
+                    continue
                 if placement.host is not None:
                     migrations[vm] = MigrationRecord(source=host, target=placement.host,
                                                      generation=vms[vm].generation)

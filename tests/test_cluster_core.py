@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import haguard.core.cluster as cluster_pkg
-from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.cluster.agent import RELAY_REFRESH_MS, ClusterAgent
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.placement import VmSpec
@@ -416,7 +416,7 @@ def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_relays_up_a_d
     # to the coordinator.
     assert sorted(d.to for d in digests) == sorted([parent, "h00"]), digests
     assert digests[0].entries == digests[1].entries
-    entries = {e.beat.sender: e for e in digests[0].entries}
+    entries = {e.host: e for e in digests[0].entries}
     assert set(entries) == {"h10", "h11"} and entries["h11"].heard_age_ms == 50
     assert all(e.reporter == "h10" and e.relay_age_ms == 0 for e in entries.values())
     # A heartbeat that says the same again is no news: only the periodic digest goes.
@@ -429,6 +429,41 @@ def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_relays_up_a_d
     assert [d.to for d in sent if isinstance(d, Digest)] == ["h00"]
 
 
+def test_a_relayed_heartbeat_travels_whole_only_when_its_content_changed_or_is_due_again() -> None:
+    reporter = ClusterAgent(_large("h10"), incarnation=1, now_ms=0)
+    connected(reporter)
+    parent = next(r.parent for r in reporter.layout.roles_of("h10") if r.tier == 1)
+    assert parent is not None
+    aggregator = ClusterAgent(_large(parent), incarnation=1, now_ms=0)
+    near = Heartbeat(sender="h11", incarnation=1, term=0, hears=frozenset({"h10"}), reaches=frozenset(),
+                     accepted=(0, 0), quorate=True, vms={"vm1": "running"}, seq=1)
+
+    def digest(now: int, beat: Heartbeat) -> Digest:
+        reporter.step(MessageReceived(message=beat, now_ms=now - 50))
+        sent = [o.message for o in reporter.tick(now) if isinstance(o, Send)]
+        (d,) = [m for m in sent if isinstance(m, Digest) and m.to == parent]
+        aggregator.step(MessageReceived(message=d, now_ms=now + 5))
+        return d
+
+    def h11(d: Digest) -> RelayEntry:
+        return next(e for e in d.entries if e.host == "h11")
+
+    assert h11(digest(200, near)).beat == near, "first time: whole"
+    again = digest(400, replace(near, seq=2))
+    assert h11(again).beat is None and h11(again).seq == 2 and h11(again).since == 1, "same content"
+    kept = next(e for e in aggregator._digests["h10"][1] if e.host == "h11")
+    assert kept.beat == near and kept.seq == 2, "the aggregator takes the content it had"
+    moved = replace(near, seq=3, vms={})
+    assert h11(digest(600, moved)).beat == moved, "changed: whole again"
+    assert h11(digest(800, replace(moved, seq=4))).beat is None
+    assert h11(digest(800 + RELAY_REFRESH_MS, replace(moved, seq=5))).beat is not None, "refreshed"
+    # A receiver without that content (restarted, or a lost digest) drops the entry until then.
+    fresh = ClusterAgent(_large(parent), incarnation=1, now_ms=0)
+    d = digest(800 + RELAY_REFRESH_MS + 200, replace(moved, seq=6))
+    fresh.step(MessageReceived(message=d, now_ms=800 + RELAY_REFRESH_MS + 205))
+    assert "h11" not in {e.host for e in fresh._digests["h10"][1]}
+
+
 def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> None:
     agent = ClusterAgent(_large("h20"), incarnation=1, now_ms=0)
     connected(agent, now=0)
@@ -436,7 +471,8 @@ def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> N
     agent._retrack()                                # the coordinator watches every host
     beat = Heartbeat(sender="h31", incarnation=1, term=3, hears=frozenset({"h20"}), reaches=frozenset(),
                      accepted=(3, 4), quorate=True, vms={"vm2": "running"})
-    entry = RelayEntry(beat=beat, reporter="h30", heard_age_ms=120, relay_age_ms=380)
+    entry = RelayEntry(host="h31", reporter="h30", incarnation=1, seq=5, since=5, heard_age_ms=120,
+                       relay_age_ms=380, beat=beat)
     agent.step(MessageReceived(message=Digest(sender="h02", term=3, entries=(entry,), to="h20"),
                                now_ms=1000))
     assert agent.beats["h31"][0] == 500, "heard 500 ms ago, not when the digest came"
@@ -446,7 +482,9 @@ def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> N
     # Its reporter says it no longer hears it: that news is taken at once, the allowance goes.
     later = 500 + suspect + 100
     assert "h31" in agent.detector.hears(later)
-    silent = RelayEntry(beat=beat, reporter="h30", heard_age_ms=later - 20 - 500, relay_age_ms=20)
+    # (without its heartbeat: the coordinator has this content already)
+    silent = RelayEntry(host="h31", reporter="h30", incarnation=1, seq=5, since=5,
+                        heard_age_ms=later - 20 - 500, relay_age_ms=20)
     agent.step(MessageReceived(message=Digest(sender="h02", term=3, entries=(silent,), to="h20"),
                                now_ms=later))
     assert agent.beats["h31"][0] == 500

@@ -49,10 +49,13 @@ MESSAGES = [
     Ack(sender="h2", term=2, accepted=(2, 5), to="h1", incarnation=1, seq=3),
     VoteRequest(sender="h2", term=3, accepted=(2, 5)),
     VoteGranted(sender="h2", term=3, to="h1"),
-    Digest(sender="h4", term=2, to="h1", entries=(RelayEntry(
-        beat=Heartbeat(sender="h3", incarnation=1, term=2, hears=frozenset({"h4"}), reaches=frozenset(),
-                       accepted=(2, 5), quorate=True, vms={"b": "inmigrate"}, seq=7),
-        reporter="h4", heard_age_ms=120, relay_age_ms=40),)),
+    Digest(sender="h4", term=2, to="h1", entries=(
+        RelayEntry(host="h3", reporter="h4", incarnation=1, seq=7, since=6, heard_age_ms=120, relay_age_ms=40,
+                   beat=Heartbeat(sender="h3", incarnation=1, term=2, hears=frozenset({"h4"}),
+                                  reaches=frozenset(), accepted=(2, 5), quorate=True, vms={"b": "inmigrate"},
+                                  seq=7)),
+        RelayEntry(host="h5", reporter="h4", incarnation=2, seq=9, since=3, heard_age_ms=80,
+                   relay_age_ms=0))),
 ]
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -543,7 +543,7 @@ class _AgeBlindAgent(ClusterAgent):
     their numbers, which would otherwise show an old heartbeat relayed again as old)."""
 
     def _relayed_beat(self, entry: RelayEntry, sent: int, now: int) -> list[ClusterOutput]:
-        blind = replace(entry, beat=replace(entry.beat, seq=0), heard_age_ms=0, relay_age_ms=0)
+        blind = replace(entry, seq=0, heard_age_ms=0, relay_age_ms=0)
         return super()._relayed_beat(blind, now, now)
 
 

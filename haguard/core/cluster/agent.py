@@ -88,6 +88,7 @@ VmCommand = StartVm | StopVm | KillVm | MigrateVm
 COMMAND_EXPIRY_MS = 30_000          # a command without result by then is forgotten (lost result)
 INMIGRATE_GRACE_MS = 1_000          # an incoming QEMU may show up before its record reaches us
 MOVE_REQUEST_MS = 60_000            # an operator's move request not taken by then is dropped
+RELAY_REFRESH_MS = 5_000            # a relayed heartbeat's content is sent again at least this often
 NO_KEY: StateKey = (-1, -1)
 HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
 
@@ -131,6 +132,11 @@ class ClusterAgent:
         self._beat_seq = 0
         self._own_beat: tuple[int, Heartbeat] | None = None
         self._relayed: set[str] = set()                         # peers whose latest beat was relayed
+        # Compact relays: the first heartbeat number of each content, per host heard (tier 1) ...
+        self._since: dict[str, int] = {}
+        # ... what content each hop received per (host, reporter), and sent per parent.
+        self._contents: dict[tuple[str, str], tuple[int, Heartbeat]] = {}
+        self._sent: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}   # to -> key -> (since, at)
         self._roles = self.layout.roles_of(self.me)
         self._reporter = any(r.tier == 1 for r in self._roles)
         self._reported_by = reported_by(self.layout, config.gossip_fanout) if self.layout.enabled else {}
@@ -247,9 +253,11 @@ class ClusterAgent:
                     return []                       # an older life of that agent
                 self.beats[message.sender] = (now, message)
                 self._relayed.discard(message.sender)
-                if (self._reporter and message.sender in self.neighbours and not message.coordinator
-                        and (previous is None or _news_of(previous[1]) != _news_of(message))):
-                    self._urgent = True             # a reporter sends its news up at once
+                if self._reporter and message.sender in self.neighbours and not message.coordinator:
+                    if previous is None or previous[1] != message or message.sender not in self._since:
+                        self._since[message.sender] = message.seq
+                    if previous is None or _news_of(previous[1]) != _news_of(message):
+                        self._urgent = True         # a reporter sends its news up at once
                 self._observe_term(message.term)
                 out: list[ClusterOutput] = []
                 if message.coordinator:
@@ -523,6 +531,8 @@ class ClusterAgent:
             self._acks_new = {}
             return [self._send(beat)]                                   # to everyone
         beat = self._heartbeat(now, standing)
+        if self._own_beat is None or self._own_beat[1] != beat:
+            self._since[self.me] = beat.seq
         self._own_beat = (now, beat)
         to = set(self.neighbours)
         followed = self.election.following(now)
@@ -567,9 +577,10 @@ class ClusterAgent:
         if not self.layout.enabled:
             return []
         # Only a reporter's own neighbourhood, as the layout has it: nothing misrouted is relayed.
-        entries = tuple(e for e in d.entries
-                        if e.reporter in self._reported_by.get(e.beat.sender, ())
-                        and e.heard_age_ms >= 0 and e.relay_age_ms >= 0)
+        entries = tuple(full for e in d.entries
+                        if e.reporter in self._reported_by.get(e.host, ())
+                        and e.heard_age_ms >= 0 and e.relay_age_ms >= 0
+                        and (full := self._expand(e)) is not None)
         sent = now - self.config.timing.relay_transit_ms    # the digest's age counts from then
         self._digests[d.sender] = (sent, entries)
         if self.election.role is Role.COORDINATOR:
@@ -579,11 +590,39 @@ class ClusterAgent:
             return out
         return []
 
+    def _expand(self, e: RelayEntry) -> RelayEntry | None:
+        """The entry with its heartbeat: the one it carries, or the one received before with the
+        same content (None: not received, or another content; it comes again within the refresh)."""
+        key = (e.host, e.reporter)
+        if e.beat is not None:
+            if e.beat.sender != e.host or e.beat.incarnation != e.incarnation:
+                return None
+            self._contents[key] = (e.since, e.beat)
+            return e
+        known = self._contents.get(key)
+        if known is None or known[0] != e.since or known[1].incarnation != e.incarnation:
+            return None
+        return replace(e, beat=known[1])
+
+    def _compact(self, entries: list[RelayEntry], to: str, now: int) -> tuple[RelayEntry, ...]:
+        """The entries for `to`: a heartbeat whose content `to` already has goes without it."""
+        sent = self._sent.setdefault(to, {})
+        out = []
+        for e in entries:
+            key = (e.host, e.reporter)
+            before = sent.get(key)
+            if before is not None and before[0] == e.since and now - before[1] < RELAY_REFRESH_MS:
+                out.append(replace(e, beat=None))
+            else:
+                sent[key] = (e.since, now)
+                out.append(e)
+        return tuple(out)
+
     def _relayed_beat(self, entry: RelayEntry, sent: int, now: int) -> list[ClusterOutput]:
         """The coordinator takes a relayed heartbeat like a direct one, dated when it was heard
         (`sent`: when the digest left its last hop)."""
-        beat, host = entry.beat, entry.beat.sender
-        if host == self.me or host not in self.config.hosts or beat.coordinator:
+        beat, host = entry.beat, entry.host
+        if beat is None or host == self.me or host not in self.config.hosts or beat.coordinator:
             return []
         built = sent - entry.relay_age_ms
         heard = built - entry.heard_age_ms
@@ -597,21 +636,20 @@ class ClusterAgent:
         return self._detected(self.detector.step(RelayedHeard(
             host=host, reporter=entry.reporter, incarnation=beat.incarnation, heard_ms=heard,
             built_ms=built, lag_ms=self.lag_ms, now_ms=now, hears=beat.hears, reaches=beat.reaches,
-            seq=beat.seq or None)))
+            seq=entry.seq or None)))
 
     def _reports(self, now: int) -> list[RelayEntry]:
         """Tier 1: this host's own heartbeat and its neighbours' latest, with their ages."""
         if not self._reporter:
             return []
         out = []
-        if self._own_beat is not None:
-            at, beat = self._own_beat
-            out.append(RelayEntry(beat=beat, reporter=self.me, heard_age_ms=now - at, relay_age_ms=0))
-        for host in sorted(self.neighbours):
-            got = self.beats.get(host)
-            if got is not None and not got[1].coordinator:
-                out.append(RelayEntry(beat=got[1], reporter=self.me, heard_age_ms=now - got[0],
-                                      relay_age_ms=0))
+        heard = [self._own_beat] if self._own_beat is not None else []
+        heard += [got for host in sorted(self.neighbours) if (got := self.beats.get(host)) is not None
+                  and not got[1].coordinator]
+        for at, beat in heard:
+            out.append(RelayEntry(host=beat.sender, reporter=self.me, incarnation=beat.incarnation,
+                                  seq=beat.seq, since=self._since.get(beat.sender, beat.seq),
+                                  heard_age_ms=now - at, relay_age_ms=0, beat=beat))
         return out
 
     def _silent_neighbours(self, now: int) -> frozenset[str]:
@@ -633,7 +671,7 @@ class ClusterAgent:
         if to is None or to == self.me:
             return []
         return [self._send(Digest(sender=self.me, term=self.election.term,
-                                  entries=tuple(self._reports(now)), to=to))]
+                                  entries=self._compact(self._reports(now), to, now), to=to))]
 
     def _send_digests(self, now: int) -> list[ClusterOutput]:
         """A digest per upward role: to the parent, or the coordinator this agent follows."""
@@ -643,6 +681,8 @@ class ClusterAgent:
         self._digests = {h: d for h, d in self._digests.items() if now - d[0] <= keep}
         reports = self._reports(now)
         self_fed = any(r.tier == 1 and r.parent == self.me for r in self._roles)
+        targets = {r.parent if r.parent is not None else self.election.following(now) for r in self._roles}
+        self._sent = {to: sent for to, sent in self._sent.items() if to in targets}
         out: list[ClusterOutput] = []
         for role in self._roles:
             if role.tier == 1:
@@ -650,8 +690,7 @@ class ClusterAgent:
                     continue                    # taken up by this host's own aggregator role
                 entries = reports
             else:
-                entries = [RelayEntry(beat=e.beat, reporter=e.reporter, heard_age_ms=e.heard_age_ms,
-                                      relay_age_ms=e.relay_age_ms + now - at)
+                entries = [replace(e, relay_age_ms=e.relay_age_ms + now - at)
                            for sender, (at, got) in sorted(self._digests.items())
                            if sender in self._children for e in got]
                 if self_fed:
@@ -659,7 +698,7 @@ class ClusterAgent:
             to = role.parent if role.parent is not None else self.election.following(now)
             if to is not None and to != self.me and entries:
                 out.append(self._send(Digest(sender=self.me, term=self.election.term,
-                                             entries=tuple(entries), to=to)))
+                                             entries=self._compact(entries, to, now), to=to)))
         return out
 
     def _next_beat(self) -> int:

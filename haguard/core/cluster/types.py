@@ -156,12 +156,20 @@ class Ack:
 
 @dataclass(frozen=True, kw_only=True)
 class RelayEntry:
-    """What a reporter (a host at an even ring position) knows of one host it hears."""
+    """What a reporter (a host at an even ring position) knows of one host it hears.
 
-    beat: Heartbeat                             # that host's latest heartbeat, as the reporter got it
+    The heartbeat itself travels only when its content changed since the last one sent on
+    that hop, or once every RELAY_REFRESH_MS; otherwise `beat` is None and the receiver
+    takes the content it got before for (host, reporter), if it is the one `since` names."""
+
+    host: str
     reporter: str
+    incarnation: int
+    seq: int                                    # the heartbeat's number
+    since: int                                  # the number of the first heartbeat with this content
     heard_age_ms: int                           # the reporter got it this long before building the entry
     relay_age_ms: int                           # the entry was built this long before this digest
+    beat: Heartbeat | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

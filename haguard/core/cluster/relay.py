@@ -5,20 +5,22 @@ either side).  A cluster of at most fanout + 1 hosts is a full mesh and every fo
 also sends its heartbeat to the coordinator.  A larger cluster relays instead, so that
 nobody, the coordinator included, receives more than a bounded number of messages:
 
-- tier 1, the reporters: the hosts at even ring positions.  A reporter already hears its
-  neighbours, so it reports them and itself at no extra message; every host is covered
-  by two reporters at least (an odd position by both of its adjacent even ones).
+- tier 1, the reporters: the hosts at even ring positions (and the last one when that
+  makes their number even).  A reporter already hears its neighbours, so it reports them
+  and itself at no extra message received; every host has two reporters at least (an
+  odd position both of its adjacent even ones).
+- two halves: the reporters alternate between them, so a host's two reporters go up
+  disjoint paths.  Each half has its own aggregators: no host holds two slots, and none
+  is a reporter of the other half, so one host lost leaves every other host a path.
 - tiers 2.., the aggregators: each takes the digests of at most `fanin` hosts of the
-  tier below and sends one digest up.  Slot `i` of a tier sends to slot `i mod n` of
-  the next, so two adjacent reporters go up different paths: one aggregator lost still
-  leaves every host a path.  The last tier (at most `fanin` slots) sends to the
-  coordinator.  Aggregators are spread around the ring, no host holds two slots.
+  tier below (slot `i` sends to slot `i mod n` of the next tier) and sends one digest up;
+  the last tier, one aggregator per half, sends to the coordinator.
 
-At 1,000 hosts with fanin 4: 500 reporters, then 125, 32, 8 and 2 aggregators.  An
+At 1,000 hosts with fanin 4: 500 reporters, then 126, 32, 8 and 2 aggregators.  An
 aggregator receives its 4 neighbours, the coordinator and 4 digests per heartbeat; the
 coordinator its neighbours and 2 digests.  The price is delay: each tier holds what it
-heard for up to a heartbeat interval, which `lag_ms` bounds (see agent.py for where it
-enters the windows).
+heard for up to a heartbeat interval, which `lag_ms` bounds (agent.py shows where it
+enters the windows; docs/cluster-design.md, Relays, why the margins still hold).
 """
 
 from __future__ import annotations

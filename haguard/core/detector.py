@@ -216,12 +216,20 @@ class FailureDetector:
                 out += self._rejudge(host, peer, event.now_ms)
         return out + self._isolation(event.now_ms)
 
+    def _current(self, host: str, incarnation: int) -> _Peer | None:
+        """The watched peer news of this incarnation is about (its numbering and reports start
+        again with a newer one); None for a peer not watched or an older life of it."""
+        peer = self._peers.get(host)
+        if peer is None or incarnation < peer.incarnation:
+            return None
+        if incarnation > peer.incarnation:
+            peer.incarnation, peer.seq, peer.reports = incarnation, 0, {}
+        return peer
+
     def _gossip(self, g: GossipHeard) -> list[str]:
-        peer = self._peers.get(g.host)
-        if peer is None or g.incarnation < peer.incarnation:
+        peer = self._current(g.host, g.incarnation)
+        if peer is None:
             return []
-        if g.incarnation > peer.incarnation:
-            peer.incarnation, peer.seq, peer.reports = g.incarnation, 0, {}
         if g.seq is None or g.seq >= peer.seq:
             peer.lag_ms = 0
         return self._heard(g.host, peer, g.now_ms, g.hears | g.reaches, g.seq)
@@ -245,11 +253,9 @@ class FailureDetector:
         return touched
 
     def _relayed(self, g: RelayedHeard) -> list[str]:
-        peer = self._peers.get(g.host)
-        if peer is None or g.incarnation < peer.incarnation:
+        peer = self._current(g.host, g.incarnation)
+        if peer is None:
             return []
-        if g.incarnation > peer.incarnation:
-            peer.incarnation, peer.seq, peer.reports = g.incarnation, 0, {}
         if g.built_ms >= peer.reports.get(g.reporter, (g.built_ms, 0))[0]:
             peer.reports[g.reporter] = (g.built_ms, g.heard_ms)
         newer = g.seq > peer.seq if g.seq is not None else (peer.last_gossip_ms is None

@@ -139,6 +139,8 @@ class ClusterAgent:
         self._sent: dict[str, dict[tuple[str, str], tuple[int, int]]] = {}   # to -> key -> (since, at)
         self._roles = self.layout.roles_of(self.me)
         self._reporter = any(r.tier == 1 for r in self._roles)
+        # A reporter whose own aggregator slot takes its reports (they go up in that digest).
+        self._self_fed = any(r.tier == 1 and r.parent == self.me for r in self._roles)
         self._reported_by = reported_by(self.layout, config.gossip_fanout) if self.layout.enabled else {}
         self._children = frozenset(h for h, roles in self.layout.roles.items()
                                    for r in roles if r.parent == self.me and h != self.me)
@@ -680,7 +682,6 @@ class ClusterAgent:
         keep = self.lag_ms + self.config.detector.dead_timeout_ms
         self._digests = {h: d for h, d in self._digests.items() if now - d[0] <= keep}
         reports = self._reports(now)
-        self_fed = any(r.tier == 1 and r.parent == self.me for r in self._roles)
         targets = {r.parent if r.parent is not None else self.election.following(now) for r in self._roles}
         self._sent = {to: sent for to, sent in self._sent.items() if to in targets}
         out: list[ClusterOutput] = []
@@ -693,7 +694,7 @@ class ClusterAgent:
                 entries = [replace(e, relay_age_ms=e.relay_age_ms + now - at)
                            for sender, (at, got) in sorted(self._digests.items())
                            if sender in self._children for e in got]
-                if self_fed:
+                if self._self_fed:
                     entries += reports
             to = role.parent if role.parent is not None else self.election.following(now)
             if to is not None and to != self.me and entries:

@@ -53,7 +53,7 @@ from haguard.core.cluster.types import (
     PersistedState,
     QemuState,
 )
-from haguard.core.detector import DetectorTiming, FailureDetector, GossipHeard, PeerState, PingObserved
+from haguard.core.detector import DetectorTiming, FailureDetector, PeerHeard, PeerState, PingObserved
 from haguard.sim.faults import Schedule
 from haguard.sim.runner import run
 from haguard.sim.world import SimConfig, SimHost, World
@@ -296,14 +296,14 @@ def detector_cost(hosts: int, events: int, fanout: int = 4) -> dict[str, Any]:
     names = [f"h{i}" for i in range(1, hosts + 1)]
     det = FailureDetector(names[0], names, DetectorTiming(), 0)
     for h in names[1:]:
-        det.step(GossipHeard(host=h, incarnation=1, now_ms=1, hears=frozenset(names[:3])))
+        det.step(PeerHeard(host=h, incarnation=1, now_ms=1, hears=frozenset(names[:3])))
     t0 = time.perf_counter()
     for i in range(events):
         host = names[1 + i % (hosts - 1)]
         if i % 2:
             det.step(PingObserved(host=host, ok=True, now_ms=2 + i // hosts, rtt_ms=1.0))
         else:
-            det.step(GossipHeard(host=host, incarnation=1, now_ms=2 + i // hosts, hears=frozenset(names[:3])))
+            det.step(PeerHeard(host=host, incarnation=1, now_ms=2 + i // hosts, hears=frozenset(names[:3])))
     per_event_us = (time.perf_counter() - t0) / events * 1e6
     t0 = time.perf_counter()
     ticks = 20

@@ -10,8 +10,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from haguard import __version__, cli_agent
 from haguard.core.strategy import ConvergencePolicy
@@ -19,13 +20,16 @@ from haguard.errors import ConfigError, HaguardError
 from haguard.migration.engine import run_migration
 from haguard.migration.options import MigrationOptions
 from haguard.migration.result import MigrationResult
-from haguard.migration.uri import parse_uri
+from haguard.migration.uri import MigrationUri, parse_uri
+
+if TYPE_CHECKING:
+    from haguard.vm.definition import VmDefinition
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_POSTCOPY_PAUSED = 0, 1, 2, 3
 DOWNTIME_STEPS_MS = ConvergencePolicy().downtime_steps_ms
 
 
-def _positive(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     def conv(text: str) -> int | float:
         try:
             v = kind(text)
@@ -129,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- vm ------------------------------------------------------------------------------
 
-def _inventory_vm(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _inventory_vm(args: argparse.Namespace) -> VmDefinition:
     from haguard.vm.inventory import find_vm, vm_dir
     vm = find_vm(args.name, vm_dir(args.vm_dir))
     for w in vm.warnings():
@@ -291,7 +295,7 @@ async def _migrate(args: argparse.Namespace, policy: ConvergencePolicy, attach: 
     return _print_result(res, args.json)
 
 
-def _options(args: argparse.Namespace, policy: ConvergencePolicy, uri) -> MigrationOptions:  # type: ignore[no-untyped-def]
+def _options(args: argparse.Namespace, policy: ConvergencePolicy, uri: MigrationUri) -> MigrationOptions:
     return MigrationOptions(uri=uri, policy=policy, multifd=args.multifd,
                             multifd_channels=args.multifd_channels, compression=args.compression,
                             xbzrle=args.xbzrle, extra_capabilities=tuple(args.cap))

@@ -149,8 +149,10 @@ class Demo:
                     await launcher.stop(InstancePaths(d))
 
 
-class Interrupted(Exception):
-    """Ctrl-C or SIGTERM: the demo cleans up and stops."""
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM: the demo cleans up and stops.  Not an error (no HaguardError): the
+    signal handler raises it anywhere, and `except HaguardError` around the tour must not
+    swallow it, as `except Exception` must not (a BaseException, like KeyboardInterrupt)."""
 
 
 async def _migration(console: Console, check: Checks) -> bool:

@@ -1,22 +1,43 @@
 """The error tree.  Every error haguard raises on purpose derives from HaguardError.
 
-    HaguardError
+    HaguardError           haguard/core/errors.py (in the core, so that core errors derive from it)
      +-- ConfigError        bad YAML or a value that fails validation (names file, line, field)
      +-- VmError            launching, stopping or finding a VM failed
      +-- QmpError           talking to a QEMU monitor failed
      |    +-- QmpTimeout      no answer within the deadline
      |    +-- QmpCommandError QEMU refused a command (keeps the command and QEMU's error class)
+     |    +-- MalformedReply  a reply of the wrong shape: names the command and the field
+     |                        (migration/replies.py)
      +-- MigrationError     a migration could not be started or did not complete
-          +-- PreflightError  a check before the move failed; the message says how to fix it
+     |    +-- PreflightError  a check before the move failed; the message says how to fix it
+     +-- RpcError           the other agent did not answer a migration call, or refused
+     |                      (agent/migrate_rpc.py)
+     +-- WatchdogError      the watchdog device could not be opened or written (adapters/watchdog.py)
+     +-- CodecError         a cluster message that does not match its declared types
+     |                      (core/cluster/codec.py; to derive from HaguardError there, and from
+     |                      ValueError as now: until then it is a plain ValueError)
+     +-- Violation          the simulator saw an invariant of docs/cluster-design.md broken
+     |                      (sim/checkers.py)
+     +-- _AttemptFailed     private to adapters/mqtt.py: a broker connection attempt failed; retried
+     +-- _Retryable         private to adapters/alerts.py: a webhook POST that may work later
+     +-- _Refused           private to adapters/alerts.py: a webhook POST rejected for good
+
+Not an error, so that no `except HaguardError` or `except Exception` swallows it (it
+derives from BaseException, as KeyboardInterrupt does):
+
+    Interrupted            Ctrl-C or SIGTERM during `haguard demo` (demo.py): clean up and stop
 
 Messages are one line, meant for operators; CLI commands print them without a traceback.
+tests/test_walls.py checks that every exception class in haguard is drawn here, under the
+class it derives from.
 """
 
 from __future__ import annotations
 
+from haguard.core.errors import HaguardError
 
-class HaguardError(Exception):
-    """Root of every error haguard raises on purpose."""
+__all__ = ["ConfigError", "HaguardError", "MigrationError", "PreflightError", "QmpCommandError",
+           "QmpError", "QmpTimeout", "VmError"]
 
 
 class ConfigError(HaguardError):

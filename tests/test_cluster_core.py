@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 
 import haguard.core.cluster as cluster_pkg
-from haguard.core.cluster.agent import RELAY_REFRESH_MS, ClusterAgent
+from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.election import Election, Role
+from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
-from haguard.core.cluster.relay import relay_layout, ring_neighbours
+from haguard.core.cluster.relay import RELAY_REFRESH_MS, relay_layout, ring_neighbours
 from haguard.core.cluster.state import ClusterState, Proposer, VmRecord, initial_state
 from haguard.core.cluster.types import (
     Ack,
-    CommandResult,
+    CommandFinished,
     CoreConfig,
     Digest,
     FenceHost,
@@ -30,7 +31,6 @@ from haguard.core.cluster.types import (
     PersistState,
     PetWatchdog,
     Proposal,
-    RaiseAlert,
     RelayEntry,
     Send,
     StartVm,
@@ -39,7 +39,7 @@ from haguard.core.cluster.types import (
     VoteGranted,
     VoteRequest,
 )
-from haguard.core.detector import BrokerStatus
+from haguard.core.detector import BrokerConnectionChanged
 
 HOSTS = {n: HostSpec(name=n, memory_mib=8192, vcpus=8, fence_device=True) for n in ("h1", "h2", "h3")}
 VMS = {"vm1": VmSpec(name="vm1", memory_mib=1024, vcpus=1)}
@@ -55,14 +55,14 @@ def beat(sender: str, *, hears: frozenset[str] = frozenset({"h1", "h2", "h3"}), 
                      accepted=accepted, quorate=True, vms=vms or {})  # type: ignore[arg-type]
 
 
-def hear_all(agent: ClusterAgent, now: int, **kw: object) -> None:
+def hear_all(agent: ClusterMember, now: int, **kw: object) -> None:
     for peer in ("h1", "h2", "h3"):
         if peer != agent.me:
             agent.step(MessageReceived(message=beat(peer, **kw), now_ms=now))  # type: ignore[arg-type]
 
 
-def connected(agent: ClusterAgent, now: int = 0) -> None:
-    agent.step(BrokerStatus(connected=True, now_ms=now))
+def connected(agent: ClusterMember, now: int = 0) -> None:
+    agent.step(BrokerConnectionChanged(connected=True, now_ms=now))
 
 
 # ---- purity ---------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def test_a_proposal_commits_with_a_majority_of_acks_for_its_key() -> None:
 # ---- the agent ------------------------------------------------------------------------
 
 def test_a_vote_is_persisted_before_the_grant_is_sent() -> None:
-    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
     hear_all(agent, 100)
     out = agent.step(MessageReceived(message=VoteRequest(sender="h1", term=1, accepted=(0, 0)), now_ms=150))
@@ -136,7 +136,7 @@ def test_a_vote_is_persisted_before_the_grant_is_sent() -> None:
 
 def test_a_restarted_agent_keeps_its_vote() -> None:
     from haguard.core.cluster.types import PersistedState
-    agent = ClusterAgent(config("h2"), incarnation=2, now_ms=0,
+    agent = ClusterMember(config("h2"), incarnation=2, now_ms=0,
                          persisted=PersistedState(term=4, voted_for="h1"))
     connected(agent)
     hear_all(agent, 100)
@@ -144,7 +144,7 @@ def test_a_restarted_agent_keeps_its_vote() -> None:
                                       now_ms=150)) == []
 
 
-def _elect(agent: ClusterAgent) -> int:
+def _elect(agent: ClusterMember) -> int:
     """Drive `agent` (h1, preferred by name) to coordinator; returns the time reached."""
     connected(agent)
     now = 0
@@ -161,7 +161,7 @@ def _elect(agent: ClusterAgent) -> int:
 
 
 def test_coordinator_places_vms_once_a_majority_acks() -> None:
-    agent = ClusterAgent(config("h1"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h1"), incarnation=1, now_ms=0)
     elected = _elect(agent)
     proposals, beats = [], []
     # It plans once its followers have had quorum_timeout_ms to start reporting to it.
@@ -182,7 +182,7 @@ def test_coordinator_places_vms_once_a_majority_acks() -> None:
 
 
 def test_a_proposal_of_an_older_term_is_refused() -> None:
-    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
     hear_all(agent, 100, term=5)
     state = ClusterState(term=3, version=7, vms={"vm1": VmRecord(owner="h2")})
@@ -191,9 +191,9 @@ def test_a_proposal_of_an_older_term_is_refused() -> None:
     assert out == [] and agent.committed.key == (0, 0) and agent.term == 5
 
 
-def _follower_with_grant(owner: str | None, until_ms: int = 1300, confirm: bool = True) -> ClusterAgent:
+def _follower_with_grant(owner: str | None, until_ms: int = 1300, confirm: bool = True) -> ClusterMember:
     """h2 following h1 from 150 ms on, its committed state granting vm1 to `owner`."""
-    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
     state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner=owner, generation=3)})
     for now in range(100, until_ms, 200):
@@ -241,7 +241,7 @@ def test_a_local_vm_without_grant_is_reported_not_stopped() -> None:
 
 
 def test_a_kill_order_removes_a_stray_copy() -> None:
-    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
     hear_all(agent, 100)
     state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner="h3", generation=4)},
@@ -262,7 +262,7 @@ def test_losing_quorum_with_vms_running_stops_the_watchdog() -> None:
 
 
 def test_without_vms_the_watchdog_is_petted_even_alone() -> None:
-    agent = ClusterAgent(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     assert any(isinstance(o, PetWatchdog) for o in agent.tick(5000))
 
 
@@ -317,12 +317,12 @@ def test_without_a_fence_device_the_watchdog_deadline_is_awaited() -> None:
 
 
 def test_fence_results_come_back_through_the_agent() -> None:
-    agent = ClusterAgent(config("h1"), incarnation=1, now_ms=0)
+    agent = ClusterMember(config("h1"), incarnation=1, now_ms=0)
     _elect(agent)
     assert agent.coordinator is not None
     agent.coordinator.fencing.declare("h2", device=True, now_ms=0)
     cmds, _ = agent.coordinator.fencing.poll(10, lambda: "h1/1/fence")
-    out = agent.step(CommandResult(id=cmds[0].id, ok=False, reason="no route", now_ms=20))
+    out = agent.step(CommandFinished(id=cmds[0].id, ok=False, reason="no route", now_ms=20))
     assert [type(o) for o in out] == [RaiseAlert] and "no route" in out[0].reason  # type: ignore[union-attr]
 
 
@@ -394,7 +394,7 @@ def test_relay_tiers_bound_every_hosts_intake_and_survive_one_lost_aggregator() 
 
 
 def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_relays_up_a_digest() -> None:
-    agent = ClusterAgent(_large("h10"), incarnation=1, now_ms=0)
+    agent = ClusterMember(_large("h10"), incarnation=1, now_ms=0)
     connected(agent)
     assert agent.ping_targets() == {"h08", "h09", "h11", "h12"}
     lease = Heartbeat(sender="h00", incarnation=1, term=3, hears=frozenset(), reaches=frozenset(),
@@ -430,11 +430,11 @@ def test_a_follower_of_a_large_cluster_sends_to_its_neighbours_and_relays_up_a_d
 
 
 def test_a_relayed_heartbeat_travels_whole_only_when_its_content_changed_or_is_due_again() -> None:
-    reporter = ClusterAgent(_large("h10"), incarnation=1, now_ms=0)
+    reporter = ClusterMember(_large("h10"), incarnation=1, now_ms=0)
     connected(reporter)
     parent = next(r.parent for r in reporter.layout.roles_of("h10") if r.tier == 1)
     assert parent is not None
-    aggregator = ClusterAgent(_large(parent), incarnation=1, now_ms=0)
+    aggregator = ClusterMember(_large(parent), incarnation=1, now_ms=0)
     near = Heartbeat(sender="h11", incarnation=1, term=0, hears=frozenset({"h10"}), reaches=frozenset(),
                      accepted=(0, 0), quorate=True, vms={"vm1": "running"}, seq=1)
 
@@ -451,24 +451,24 @@ def test_a_relayed_heartbeat_travels_whole_only_when_its_content_changed_or_is_d
     assert h11(digest(200, near)).beat == near, "first time: whole"
     again = digest(400, replace(near, seq=2))
     assert h11(again).beat is None and h11(again).seq == 2 and h11(again).since == 1, "same content"
-    kept = next(e for e in aggregator._digests["h10"][1] if e.host == "h11")
+    kept = next(e for e in aggregator.relay._digests["h10"][1] if e.host == "h11")
     assert kept.beat == near and kept.seq == 2, "the aggregator takes the content it had"
     moved = replace(near, seq=3, vms={})
     assert h11(digest(600, moved)).beat == moved, "changed: whole again"
     assert h11(digest(800, replace(moved, seq=4))).beat is None
     assert h11(digest(800 + RELAY_REFRESH_MS, replace(moved, seq=5))).beat is not None, "refreshed"
     # A receiver without that content (restarted, or a lost digest) drops the entry until then.
-    fresh = ClusterAgent(_large(parent), incarnation=1, now_ms=0)
+    fresh = ClusterMember(_large(parent), incarnation=1, now_ms=0)
     d = digest(800 + RELAY_REFRESH_MS + 200, replace(moved, seq=6))
     fresh.step(MessageReceived(message=d, now_ms=800 + RELAY_REFRESH_MS + 205))
-    assert "h11" not in {e.host for e in fresh._digests["h10"][1]}
+    assert "h11" not in {e.host for e in fresh.relay._digests["h10"][1]}
 
 
 def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> None:
-    agent = ClusterAgent(_large("h20"), incarnation=1, now_ms=0)
+    agent = ClusterMember(_large("h20"), incarnation=1, now_ms=0)
     connected(agent, now=0)
     agent.election.role, agent.election.term = Role.COORDINATOR, 3
-    agent._retrack()                                # the coordinator watches every host
+    agent.retrack()                                # the coordinator watches every host
     beat = Heartbeat(sender="h31", incarnation=1, term=3, hears=frozenset({"h20"}), reaches=frozenset(),
                      accepted=(3, 4), quorate=True, vms={"vm2": "running"})
     entry = RelayEntry(host="h31", reporter="h30", incarnation=1, seq=5, since=5, heard_age_ms=120,
@@ -492,7 +492,7 @@ def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> N
 
 
 def test_the_coordinator_summarises_whom_it_does_not_hear() -> None:
-    agent = ClusterAgent(_large("h00", n=7), incarnation=1, now_ms=0)
+    agent = ClusterMember(_large("h00", n=7), incarnation=1, now_ms=0)
     connected(agent)
     hosts = sorted(agent.config.hosts)
     for now in (100, 200, 300):

@@ -4,6 +4,7 @@ and fails on any instant at which a VM runs on two hosts."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import time
 
 import pytest
 
+from haguard.agent.control import control_path, request
 from tests.helpers.cluster import Cluster
 from tests.helpers.ha import (
     TwiceWatch,
@@ -320,6 +322,37 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
         c.kill9(host)                  # the agent crashes; its QEMUs and its link stay
         time.sleep(3)                  # peers see it agent-down: not dead, nothing is recovered
         assert _qemu_pids(c, host) == before
+        c.start_agent(host)
+        c.wait_for("the restarted agent reports its VMs", lambda: sorted(
+            vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)
+        time.sleep(3)
+        assert _qemu_pids(c, host) == before, "a VM was restarted or stopped"
+        assert not fence_calls(c)
+        for h in c.hosts:
+            assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_an_exception_in_the_core_exits_the_agent_and_a_restart_leaves_its_vms_alone() -> None:
+    # Crash-only: the core task is never restarted on half-updated objects.  The agent logs the
+    # input that broke it and exits non-zero; systemd (Restart=on-failure) starts it again from
+    # the persisted state, as the test does here.
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
+        before = _qemu_pids(c, host)
+        assert before, running_on(c)
+        c.kill9(host)
+        proc = c.start_agent(host, env={"HAGUARD_FAULT_INJECTION": "1"})
+        c.wait_for("the agent runs again", lambda: (c.status(host) or {}).get("ready") is True, 30)
+        control = control_path(c.run_dir(host))
+        assert asyncio.run(request(control, {"action": "inject-core-fault"})) == {"ok": True}
+        assert proc.wait(timeout=15) == 70, "EX_SOFTWARE: a bug in the core"
+        crashed = c.events(host, "core-crashed")
+        assert crashed and "_InjectedFault" in crashed[-1]["input"], c.log_tail(host)
+        assert _qemu_pids(c, host) == before, "the agent's exit touched a VM"
         c.start_agent(host)
         c.wait_for("the restarted agent reports its VMs", lambda: sorted(
             vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)

@@ -1,9 +1,10 @@
 """Cluster messages on the wire: the codec round-trips every message type, and anything
 malformed, forged or misrouted is rejected and logged, never acted on.
 
-The last gate before the core is `ClusterRuntime.on_envelope` (after the signature and
-replay checks of haguard.core.wire): a signed body of any shape must never crash it and
-never reach the core unless it is a well-formed message from its own sender."""
+The last gate before the cluster membership is `HostCore.step(EnvelopeReceived(...))`
+(after the signature and replay checks of haguard.core.wire): a signed body of any shape
+must never crash it and never reach the membership unless it is a well-formed message
+from its own sender; migration requests go to the executor (`ClusterExecutor.on_rpc`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from haguard.agent.cluster import ClusterRuntime, load_persisted, save_persisted
+from haguard.agent.derive import host_config
+from haguard.agent.executor import ClusterExecutor, load_persisted, save_persisted
 from haguard.config.cluster import ClusterConfig
 from haguard.core.cluster import codec
 from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
@@ -33,7 +35,9 @@ from haguard.core.cluster.types import (
     VoteGranted,
     VoteRequest,
 )
-from haguard.core.wire import Envelope
+from haguard.core.host import HostCore
+from haguard.core.host_types import EnvelopeReceived, MessageRejected
+from haguard.core.vmhealth import VmHealthPolicy
 from haguard.errors import ConfigError
 
 STATE = ClusterState(term=2, version=5, vms={"a": VmRecord(owner="h1", generation=3)},
@@ -111,26 +115,35 @@ def _config(tmp: Path) -> ClusterConfig:
 
 class Gate:
     def __init__(self, tmp: Path) -> None:
+        cfg = _config(tmp)
         self.published: list[tuple[str, dict[str, Any]]] = []
-        self.runtime = ClusterRuntime(_config(tmp), {}, incarnation=1, now_ms=0, publish=self._publish,
-                                      offer=lambda item: None, alert=lambda alert: None, clock=lambda: 0,
-                                      rescan=lambda: None)
+        self.core = HostCore(host_config(cfg, {}, health_policy=VmHealthPolicy()), incarnation=1, now_ms=0)
+        self.executor = ClusterExecutor(cfg, {}, publish=self._publish, offer=lambda item: None,
+                                        alert=lambda alert: None, clock=lambda: 0, rescan=lambda: None,
+                                        may_receive=self.core.may_receive, nothing_here=lambda: True)
         self.seen: list[Any] = []
-        original = self.runtime.step
+        self.rejected = 0
+        member = self.core.member
+        assert member is not None
+        original = member.step
 
-        def step(event: Any) -> None:
+        def step(event: Any) -> Any:
             if isinstance(event, MessageReceived):
                 self.seen.append(event.message)
-            original(event)
-        self.runtime.step = step  # type: ignore[method-assign]
+            return original(event)
+        member.step = step  # type: ignore[method-assign]
 
     def _publish(self, kind: str, body: dict[str, Any], **_: Any) -> bool:
         self.published.append((kind, body))
         return True
 
     def deliver(self, host: str, kind: str, body: dict[str, Any]) -> None:
-        env = Envelope(cluster="c1", host=host, incarnation=1, seq=1, kind=kind, body=body)
-        self.runtime.on_envelope(env, 0)
+        """What the agent does with a verified envelope (runtime.Agent._on_envelope)."""
+        if kind == "direct" and body.get("rpc") in ("request", "reply"):
+            self.executor.on_rpc(host, body)
+            return
+        out = self.core.step(EnvelopeReceived(host=host, incarnation=1, kind=kind, body=body, now_ms=0))
+        self.rejected += sum(isinstance(o, MessageRejected) for o in out)
 
 
 def test_well_formed_messages_reach_the_core_and_misrouted_ones_do_not(tmp_path: Path) -> None:
@@ -148,7 +161,7 @@ def test_well_formed_messages_reach_the_core_and_misrouted_ones_do_not(tmp_path:
     for host, kind, body in forged:
         gate.deliver(host, kind, body)
     assert gate.seen == [MESSAGES[3], MESSAGES[4]]
-    assert gate.runtime.rejected == len(forged)
+    assert gate.rejected == len(forged)
 
 
 @given(st.dictionaries(st.sampled_from(["msg", "rpc", "id", "to", "op", "x"]),
@@ -164,7 +177,7 @@ def test_any_signed_body_never_crashes_the_gate(tmp_path_factory: Any, body: dic
         gate.deliver("h2", "cluster", body)
         gate.deliver("h2", "direct", body)
         await asyncio.sleep(0)          # let an rpc request, if any, run its handler
-        for entry in list(gate.runtime.running.values()):
+        for entry in list(gate.executor.running.values()):
             if entry.task is not None:
                 await asyncio.wait_for(entry.task, 5)
     asyncio.run(deliver())

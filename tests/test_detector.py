@@ -9,17 +9,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haguard.core.detector import (
-    BrokerStatus,
+    BrokerConnectionChanged,
     DetectorInput,
     DetectorTiming,
     FailureDetector,
-    GossipHeard,
     IsolationChanged,
+    PeerHeard,
+    PeerHeardRelayed,
     PeerState,
     PeerStateChanged,
     PeerWentOffline,
     PingObserved,
-    RelayedHeard,
 )
 
 T = DetectorTiming(suspect_timeout_ms=900, dead_timeout_ms=1500, isolation_timeout_ms=5000)
@@ -38,12 +38,12 @@ class World:
         out: list[PeerStateChanged] = []
         while self.now < until_ms:
             self.now += 100
-            evs: list[DetectorInput] = [BrokerStatus(connected=broker, now_ms=self.now)]
+            evs: list[DetectorInput] = [BrokerConnectionChanged(connected=broker, now_ms=self.now)]
             if broker:
                 reaches = frozenset({"h3"}) if h2_reaches_h3 else frozenset()
-                evs.append(GossipHeard(host="h2", incarnation=1, now_ms=self.now, reaches=reaches))
+                evs.append(PeerHeard(host="h2", incarnation=1, now_ms=self.now, reaches=reaches))
                 if h3_gossip:
-                    evs.append(GossipHeard(host="h3", incarnation=1, now_ms=self.now))
+                    evs.append(PeerHeard(host="h3", incarnation=1, now_ms=self.now))
             if self.now % 200 == 0:
                 evs.append(PingObserved(host="h2", ok=True, now_ms=self.now, rtt_ms=0.1))
                 evs.append(PingObserved(host="h3", ok=h3_ping, now_ms=self.now,
@@ -87,7 +87,7 @@ def test_offline_will_gives_agent_down_at_once_and_gossip_revives() -> None:
     out = w.det.step(PeerWentOffline(host="h3", incarnation=1, now_ms=w.now + 10))
     assert [(c.host, c.new) for c in out if isinstance(c, PeerStateChanged)] == [("h3", PeerState.AGENT_DOWN)]
     # A stale will from an older incarnation after a restart changes nothing.
-    w.det.step(GossipHeard(host="h3", incarnation=2, now_ms=w.now + 20))
+    w.det.step(PeerHeard(host="h3", incarnation=2, now_ms=w.now + 20))
     assert w.det.state("h3") is PeerState.ALIVE
     w.det.step(PeerWentOffline(host="h3", incarnation=1, now_ms=w.now + 30))
     assert w.det.state("h3") is PeerState.ALIVE
@@ -96,9 +96,9 @@ def test_offline_will_gives_agent_down_at_once_and_gossip_revives() -> None:
 def test_cut_off_agent_declares_nobody_dead_before_it_notices() -> None:
     # Our broker connection still looks up, but nothing comes in and nothing answers.
     det = FailureDetector("h1", PEERS, T, 0)
-    det.step(BrokerStatus(connected=True, now_ms=0))
+    det.step(BrokerConnectionChanged(connected=True, now_ms=0))
     for h in ("h2", "h3"):
-        det.step(GossipHeard(host=h, incarnation=1, now_ms=100))
+        det.step(PeerHeard(host=h, incarnation=1, now_ms=100))
         det.step(PingObserved(host=h, ok=True, now_ms=100))
     for now in range(200, 6000, 200):
         for h in ("h2", "h3"):
@@ -109,7 +109,7 @@ def test_cut_off_agent_declares_nobody_dead_before_it_notices() -> None:
 
 def test_isolation_and_recovery() -> None:
     det = FailureDetector("h1", PEERS, T, 0)
-    out = det.step(BrokerStatus(connected=False, now_ms=0)) + det.tick(5000)
+    out = det.step(BrokerConnectionChanged(connected=False, now_ms=0)) + det.tick(5000)
     assert [o.isolated for o in out if isinstance(o, IsolationChanged)] == [True]
     out = det.step(PingObserved(host="h2", ok=True, now_ms=5100))
     assert [o.isolated for o in out if isinstance(o, IsolationChanged)] == [False]
@@ -133,15 +133,15 @@ EVENTS = st.lists(st.tuples(
 def _apply(det: FailureDetector, now: int, what: str) -> None:
     match what:
         case "gossip2":
-            det.step(GossipHeard(host="h2", incarnation=1, now_ms=now))
+            det.step(PeerHeard(host="h2", incarnation=1, now_ms=now))
         case "gossip3":
-            det.step(GossipHeard(host="h3", incarnation=1, now_ms=now))
+            det.step(PeerHeard(host="h3", incarnation=1, now_ms=now))
         case "gossip2-reaches3":
-            det.step(GossipHeard(host="h2", incarnation=1, now_ms=now, reaches=frozenset({"h3"})))
+            det.step(PeerHeard(host="h2", incarnation=1, now_ms=now, reaches=frozenset({"h3"})))
         case "ping3-ok" | "ping3-lost" | "ping2-ok" | "ping2-lost":
             det.step(PingObserved(host=what[4], ok=what.endswith("ok"), now_ms=now))
         case "broker-up" | "broker-down":
-            det.step(BrokerStatus(connected=what == "broker-up", now_ms=now))
+            det.step(BrokerConnectionChanged(connected=what == "broker-up", now_ms=now))
         case "offline3":
             det.step(PeerWentOffline(host="h3", incarnation=1, now_ms=now))
         case _:
@@ -174,10 +174,10 @@ def test_never_dead_while_pings_answer_or_without_broker_or_reached_by_a_peer(
 
 def test_relayed_gossip_is_dated_by_its_quickest_path_and_its_allowance_ends_with_the_news() -> None:
     det = FailureDetector("h1", ["h1", "h2", "h3", "h4"], T, 0)
-    det.step(BrokerStatus(connected=True, now_ms=0))
+    det.step(BrokerConnectionChanged(connected=True, now_ms=0))
 
     def relayed(reporter: str, seq: int, heard: int, built: int, now: int) -> None:
-        det.step(RelayedHeard(host="h3", reporter=reporter, incarnation=1, heard_ms=heard, built_ms=built,
+        det.step(PeerHeardRelayed(host="h3", reporter=reporter, incarnation=1, heard_ms=heard, built_ms=built,
                               lag_ms=1000, now_ms=now, seq=seq))
 
     relayed("h2", 5, heard=900, built=950, now=1400)        # by a slow path

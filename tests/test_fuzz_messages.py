@@ -1,7 +1,7 @@
-"""Fuzz: a validly signed envelope whose body has any JSON shape never crashes the node.
+"""Fuzz: a validly signed envelope whose body has any JSON shape never crashes the host core.
 
 `haguard/core/wire.py`'s own tests (tests/test_wire.py) already feed arbitrary bytes and
-objects to `decode`; this file covers the next parser: `Node.step(GossipReceived(...))`
+objects to `decode`; this file covers the next parser: `HostCore.step(EnvelopeReceived(...))`
 with arbitrary bodies, after a real encode/decode round trip, then the views built
 from what was remembered (`status`, `heartbeat`), which must stay JSON data.
 """
@@ -16,11 +16,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from haguard.core import wire
-from haguard.core.detector import BrokerStatus, DetectorTiming, PeerState, PeerStateChanged
-from haguard.core.node import GossipReceived, Node, NodeConfig, VmSize
+from haguard.core.detector import BrokerConnectionChanged, DetectorTiming, PeerState, PeerStateChanged
+from haguard.core.host import HostCore
+from haguard.core.host_types import EnvelopeReceived, HostConfig
+from haguard.core.peers import VmSize
 
 KEY = b"k" * 32
-CFG = NodeConfig(me="h1", peers=("h1", "h2", "h3"),
+CFG = HostConfig(me="h1", peers=("h1", "h2", "h3"),
                  timing=DetectorTiming(suspect_timeout_ms=900, dead_timeout_ms=1500),
                  memory_mib=8192, vcpus=8, vm_sizes={"web": VmSize(memory_mib=2048, vcpus=2)})
 FUZZ = settings(max_examples=200, deadline=500, suppress_health_check=[HealthCheck.too_slow])
@@ -35,13 +37,13 @@ bodies = st.dictionaries(known | st.text(max_size=8), json_data, max_size=6)
 kinds = st.sampled_from(["heartbeat", "offline", "state", "probe-request", "alert"])
 
 
-def signed(host: str, kind: str, body: dict[str, Any], seq: int) -> GossipReceived:
+def signed(host: str, kind: str, body: dict[str, Any], seq: int) -> EnvelopeReceived:
     """The body as the agent gets it: encoded, signed, decoded (floats and keys as JSON makes them)."""
     data = wire.encode(wire.Envelope(cluster="c1", host=host, incarnation=1, seq=seq, kind=kind,
                                      body=body), KEY)
     env = wire.decode(data, KEY, "c1")
     assert isinstance(env, wire.Envelope)
-    return GossipReceived(host=env.host, incarnation=env.incarnation, kind=env.kind, body=env.body,
+    return EnvelopeReceived(host=env.host, incarnation=env.incarnation, kind=env.kind, body=env.body,
                           now_ms=100 * seq)
 
 
@@ -49,18 +51,18 @@ def signed(host: str, kind: str, body: dict[str, Any], seq: int) -> GossipReceiv
 @FUZZ
 @given(st.lists(st.tuples(st.sampled_from(["h2", "h3", "h9"]), kinds, bodies), min_size=1, max_size=4))
 def test_any_body_is_absorbed_and_views_stay_json(msgs: list[tuple[str, str, dict[str, Any]]]) -> None:
-    n = Node(CFG, 0)
-    n.step(BrokerStatus(connected=True, now_ms=0))
+    n = HostCore(CFG, incarnation=1, now_ms=0)
+    n.step(BrokerConnectionChanged(connected=True, now_ms=0))
     for seq, (host, kind, body) in enumerate(msgs, start=1):
         n.step(signed(host, kind, body, seq))
         n.tick(100 * seq + 50)
     now = 100 * len(msgs) + 100
     status = n.status(now)
     json.dumps(status, allow_nan=False)         # the status file must stay writable
-    json.dumps(n.heartbeat(now), allow_nan=False)
+    json.dumps(n.report(now), allow_nan=False)
     assert {h["name"] for h in status["hosts"]} == {"h1", "h2", "h3"}   # h9 is no member: ignored
     for host in ("h2", "h3"):
-        hb = n.peer_heartbeat(host)
+        hb = n.peer_report(host)
         if hb is None:
             continue
         assert all(isinstance(x, str) for x in hb["hears"] + hb["reaches"])
@@ -74,8 +76,8 @@ def test_any_body_is_absorbed_and_views_stay_json(msgs: list[tuple[str, str, dic
 @given(bodies)
 def test_a_heartbeat_of_any_shape_still_counts_as_liveness(body: dict[str, Any]) -> None:
     # Garbage inside a signed heartbeat is dropped field by field; the heartbeat itself is evidence.
-    n = Node(CFG, 0)
-    n.step(BrokerStatus(connected=True, now_ms=0))
+    n = HostCore(CFG, incarnation=1, now_ms=0)
+    n.step(BrokerConnectionChanged(connected=True, now_ms=0))
     out = n.step(signed("h2", "heartbeat", body, 1))
     assert [(o.host, o.new) for o in out if isinstance(o, PeerStateChanged)] == [("h2", PeerState.ALIVE)]
 
@@ -88,9 +90,9 @@ def test_a_heartbeat_of_any_shape_still_counts_as_liveness(body: dict[str, Any])
     {"hears": [f"h{i}" for i in range(5000)]},
 ])
 def test_mistyped_heartbeat_fields_are_dropped(body: dict[str, Any]) -> None:
-    n = Node(CFG, 0)
+    n = HostCore(CFG, incarnation=1, now_ms=0)
     n.step(signed("h2", "heartbeat", body, 1))
-    hb = n.peer_heartbeat("h2")
+    hb = n.peer_report("h2")
     assert hb is not None
     assert len(hb["hears"]) <= 256 and all(isinstance(x, str) for x in hb["hears"])
     assert hb.get("vms", {}) in ({}, {"web": "running"})

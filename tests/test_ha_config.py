@@ -54,7 +54,7 @@ def test_a_host_without_fence_device_needs_the_watchdog(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 def test_relay_transit_reaches_the_core_and_a_bad_value_is_one_line(tmp_path: Path) -> None:
-    from haguard.agent.cluster import core_config
+    from haguard.agent.derive import core_config
     from haguard.config.cluster import ClusterConfig
 
     key = tmp_path / "key"

@@ -19,7 +19,7 @@ import pytest
 
 from haguard.adapters.icmp import PeerPinger
 from haguard.config.cluster import TimingConfig
-from haguard.core.probes import PingResult, PingStats
+from haguard.core.probes import PingObserved, PingStats
 
 TIMEOUT_MS = 300
 
@@ -69,7 +69,7 @@ def peer() -> Iterator[Peer]:
 
 @pytest.mark.timeout(10)
 async def test_loopback_answers_with_an_rtt() -> None:
-    seen: list[PingResult] = []
+    seen: list[PingObserved] = []
     pinger = PeerPinger({"self": "127.0.0.1"}, seen.append, timeout_ms=TIMEOUT_MS)
     [r] = await pinger.ping_round()
     assert r.ok and r.host == "self" and r.error == ""
@@ -81,7 +81,7 @@ async def test_loopback_answers_with_an_rtt() -> None:
 
 @pytest.mark.timeout(20)
 async def test_peer_in_a_namespace_then_its_link_goes_down(peer: Peer) -> None:
-    seen: list[PingResult] = []
+    seen: list[PingObserved] = []
     pinger = PeerPinger({"self": "127.0.0.1", "h2": peer.address}, seen.append,
                         interval_ms=100, timeout_ms=TIMEOUT_MS, window=10)
     for _ in range(3):
@@ -135,8 +135,8 @@ def test_peers_are_ip_addresses() -> None:
     assert pinger.peers == {} and pinger.stats() == {}
 
 
-def ping(host: str, ok: bool, rtt: float | None, now: int) -> PingResult:
-    return PingResult(host=host, address="198.19.0.2", ok=ok, rtt_ms=rtt, now_ms=now)
+def ping(host: str, ok: bool, rtt: float | None, now: int) -> PingObserved:
+    return PingObserved(host=host, address="198.19.0.2", ok=ok, rtt_ms=rtt, now_ms=now)
 
 
 @pytest.mark.timeout(5)

@@ -44,7 +44,7 @@ async def test_idle_vm_moves_over_unix_and_tcp_and_keeps_its_state(lab: VmLab) -
     await _moved_and_kept_counting(lab, "idle1", "unix")
     await _moved_and_kept_counting(lab, "idle1", "tcp")
     st = lab.haguard("vm", "status", "idle1", "--json")
-    assert json.loads(st.stdout)["state"] == "running"
+    assert json.loads(st.stdout)["state"] == "running", st.stdout
 
 
 @pytest.mark.timeout(120)

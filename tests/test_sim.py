@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from haguard.core.cluster.agent import ClusterAgent
 from haguard.core.cluster.coordinator import Coordinator
+from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.types import ClusterOutput, HostSpec, MessageReceived, RelayEntry
 from haguard.sim.faults import Fault, Schedule
@@ -107,7 +107,7 @@ class _NoFenceCoordinator(Coordinator):
         return True
 
 
-class _NoFenceAgent(ClusterAgent):
+class _NoFenceAgent(ClusterMember):
     coordinator_class = _NoFenceCoordinator
 
 
@@ -538,7 +538,7 @@ def test_relay_tiers_bound_every_hosts_intake_and_a_lost_aggregator_cuts_nobody_
     assert world.checker.all_running()
 
 
-class _AgeBlindAgent(ClusterAgent):
+class _AgeBlindAgent(ClusterMember):
     """Broken on purpose: takes relayed heartbeats as heard when the digest comes (and without
     their numbers, which would otherwise show an old heartbeat relayed again as old)."""
 
@@ -547,7 +547,7 @@ class _AgeBlindAgent(ClusterAgent):
         return super()._relayed_beat(blind, now, now)
 
 
-def _cut_off_sender(agent_class: type[ClusterAgent]) -> tuple[World, str, int, set[str]]:
+def _cut_off_sender(agent_class: type[ClusterMember]) -> tuple[World, str, int, set[str]]:
     sim = replace(_large(16), fence_devices=False)
     world = World(4, Schedule(faults=(), heal_ms=10**9), sim, agent_class)
     world.run(6000)
@@ -566,7 +566,7 @@ def _cut_off_sender(agent_class: type[ClusterAgent]) -> tuple[World, str, int, s
 def test_a_relayed_host_that_can_no_longer_send_stops_petting_before_the_watchdog_wait_ends() -> None:
     # No fence devices: the others may restart its VMs only after its watchdog deadline.  It still
     # hears the coordinator, so it must learn from it (relayed news of its silence) that it is out.
-    world, victim, cut, lost = _cut_off_sender(ClusterAgent)
+    world, victim, cut, lost = _cut_off_sender(ClusterMember)
     resets = [at for at, h, why in world.power_offs if h == victim and why == "watchdog"]
     restarted = [at for at, h, vm in world.starts if vm in lost and h != victim and at > cut]
     assert resets and restarted and max(resets) < min(restarted)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from haguard.adapters.qmp import LeanQmp, Qmp
+from haguard.adapters.qmp import Qmp
 from haguard.adapters.vmwatch import (
     VmWatcher,
     health_policy,
@@ -45,6 +45,7 @@ from haguard.guest.build import XP_COMMAND, build_guest, parse_status
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
+from haguard.vm.monitor import LeanQmp
 
 INTERVAL_S = 0.2
 HUNG_MS = 1000

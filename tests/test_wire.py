@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from haguard.core import wire
 from haguard.core.wire import Envelope, Rejected, ReplayGuard, decode, encode
-from haguard.vm.definition import NAME_RE
+from haguard.names import NAME_RE
 
 KEY = b"0123456789abcdef-cluster-key"
 OTHER_KEY = b"fedcba9876543210-other-key"

@@ -45,6 +45,7 @@ from haguard.core.alerts import (
     alertmanager_payload,
     mqtt_body,
 )
+from haguard.errors import HaguardError
 
 log = structlog.get_logger("haguard.alerts")
 
@@ -56,11 +57,11 @@ _LEVEL = {Severity.CRITICAL: "critical", Severity.WARNING: "warning", Severity.I
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class _Retryable(Exception):
+class _Retryable(HaguardError):
     """A POST that may work later: network error, timeout, 429 or 5xx."""
 
 
-class _Refused(Exception):
+class _Refused(HaguardError):
     """A POST the receiver rejected for good (4xx other than 429)."""
 
 

@@ -6,7 +6,7 @@ icmplib has no overall deadline of its own, so every ping also runs under
 `asyncio.timeout`.  Raw sockets need root (or CAP_NET_RAW); without it, the
 unprivileged datagram ICMP sockets are used, which need net.ipv4.ping_group_range.
 
-Results (`PingResult`) go to the caller's callback and into per-peer statistics
+Results (`PingObserved`) go to the caller's callback and into per-peer statistics
 (`PingStats`: loss over a sliding window, last and average RTT).
 """
 
@@ -18,10 +18,11 @@ import os
 import time
 from collections.abc import Callable, Mapping
 
-from icmplib import ICMPLibError, async_ping  # type: ignore[import-untyped]
+from icmplib import ICMPLibError, async_ping
 
 from haguard.config.cluster import TimingConfig
-from haguard.core.probes import PeerPingStats, PingResult, PingStats
+from haguard.core.detector import PingObserved
+from haguard.core.probes import PeerPingStats, PingStats
 
 Clock = Callable[[], int]
 # Beyond the echo timeout: room for socket setup before asyncio.timeout gives up.
@@ -42,7 +43,7 @@ def _monotonic_ms() -> int:
 
 
 class PeerPinger:
-    def __init__(self, peers: Mapping[str, str], on_result: Callable[[PingResult], None], *,
+    def __init__(self, peers: Mapping[str, str], on_result: Callable[[PingObserved], None], *,
                  interval_ms: int = 250, timeout_ms: int = 200, window: int = 20,
                  privileged: bool | None = None, clock: Clock = _monotonic_ms) -> None:
         """`peers`: peer name -> IP address (names would need a resolver on every round)."""
@@ -57,7 +58,7 @@ class PeerPinger:
         self._stats = PingStats(window=window)
 
     @classmethod
-    def from_timing(cls, peers: Mapping[str, str], on_result: Callable[[PingResult], None],
+    def from_timing(cls, peers: Mapping[str, str], on_result: Callable[[PingObserved], None],
                     timing: TimingConfig, *, window: int = 20) -> PeerPinger:
         return cls(peers, on_result, interval_ms=timing.ping_interval_ms,
                    timeout_ms=timing.ping_timeout_ms, window=window)
@@ -80,7 +81,7 @@ class PeerPinger:
             await self.ping_round()
             await asyncio.sleep(max(0.0, self.interval_ms / 1000 - (loop.time() - started)))
 
-    async def ping_round(self) -> list[PingResult]:
+    async def ping_round(self) -> list[PingObserved]:
         peers = list(self.peers.items())
         results = await asyncio.gather(*(self._ping(host, addr) for host, addr in peers))
         for r in results:
@@ -88,7 +89,7 @@ class PeerPinger:
             self.on_result(r)
         return list(results)
 
-    async def _ping(self, host: str, address: str) -> PingResult:
+    async def _ping(self, host: str, address: str) -> PingObserved:
         timeout_s = self.timeout_ms / 1000
         try:
             async with asyncio.timeout(timeout_s + DEADLINE_SLACK_S):
@@ -102,9 +103,9 @@ class PeerPinger:
             return self._lost(host, address, "echo request could not be sent (no route?)")
         if not reply.rtts:
             return self._lost(host, address, "")
-        return PingResult(host=host, address=address, ok=True, rtt_ms=float(reply.rtts[-1]),
+        return PingObserved(host=host, address=address, ok=True, rtt_ms=float(reply.rtts[-1]),
                           now_ms=self.clock())
 
-    def _lost(self, host: str, address: str, error: str) -> PingResult:
-        return PingResult(host=host, address=address, ok=False, rtt_ms=None, now_ms=self.clock(),
+    def _lost(self, host: str, address: str, error: str) -> PingObserved:
+        return PingObserved(host=host, address=address, ok=False, rtt_ms=None, now_ms=self.clock(),
                           error=error)

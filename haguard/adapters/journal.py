@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import structlog
 
 try:  # optional extra: haguard[systemd]
-    from systemd import journal as _sd_journal  # type: ignore[attr-defined,unused-ignore]
+    from systemd import journal as _sd_journal
 except ImportError:  # pragma: no cover - depends on the installation
     _sd_journal = None
 

@@ -45,7 +45,7 @@ from haguard.core.wire import (
     decode,
     encode,
 )
-from haguard.errors import ConfigError
+from haguard.errors import ConfigError, HaguardError
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class _Outgoing:
     expiry_s: int
 
 
-class _AttemptFailed(Exception):
+class _AttemptFailed(HaguardError):
     """A connection attempt failed, or a connection was lost soon after it was made: back off."""
 
 
@@ -336,9 +336,9 @@ class GossipTransport:
         username = self.cfg.username
         if username is None and password is not None:
             username = self.host
-        will_props = Properties(PacketTypes.WILLMESSAGE)  # type: ignore[no-untyped-call]
+        will_props = Properties(PacketTypes.WILLMESSAGE)
         will_props.MessageExpiryInterval = KINDS[OFFLINE].expiry_s
-        connect_props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        connect_props = Properties(PacketTypes.CONNECT)
         # The broker will not send us anything bigger than a message we would accept.
         connect_props.MaximumPacketSize = self._max_bytes + 1024
         self._attempts += 1
@@ -551,7 +551,7 @@ def _code(code: object) -> int:
 
 
 def _expiry(seconds: int) -> Properties:
-    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    props = Properties(PacketTypes.PUBLISH)
     props.MessageExpiryInterval = seconds
     return props
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Mapping
 import structlog
 
 try:  # optional extra: haguard[systemd]
-    from systemd import daemon as _sd_daemon  # type: ignore[attr-defined,unused-ignore]
+    from systemd import daemon as _sd_daemon
 except ImportError:  # pragma: no cover - depends on the installation
     _sd_daemon = None
 

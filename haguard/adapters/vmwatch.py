@@ -7,11 +7,11 @@ core facts (haguard/core/vmhealth.py): `VmStatusReplied`, `VmStatusTimedOut`,
 `VmEventSeen`, `VmProcessGone`.  It follows the VM's link, so a QEMU restarted in
 place or migrated in is picked up at the next poll.
 
-Cost: the session is `LeanQmp` (one write and one read per poll, no tasks), and every
-watcher polls on the same time grid (`poll_delay_s`), so a hundred VMs wake the agent
-once per interval instead of a hundred times.  A crash is seen when the monitor's
-connection ends (QEMU's sockets close as it exits), not at the next poll: the poll
-is only the hung check, so its interval follows the hung timeout alone.
+Cost: the session is `LeanQmp` (haguard/vm/monitor.py: one write and one read per poll,
+no tasks), and every watcher polls on the same time grid (`poll_delay_s`), so a hundred
+VMs wake the agent once per interval instead of a hundred times.  A crash is seen when
+the monitor's connection ends (QEMU's sockets close as it exits), not at the next poll:
+the poll is only the hung check, so its interval follows the hung timeout alone.
 
 A SIGSTOPped QEMU still accepts connections at the kernel level but never greets:
 the connect deadline turns that into `VmStatusTimedOut` (hung), never an error.
@@ -32,7 +32,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from haguard.adapters.qmp import LeanQmp, Qmp
+from haguard.adapters.qmp import Qmp
 from haguard.config.cluster import VmRestartPolicy
 from haguard.core.vmhealth import (
     VmEventSeen,
@@ -48,6 +48,7 @@ from haguard.errors import HaguardError, QmpError, QmpTimeout
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
+from haguard.vm.monitor import LeanQmp
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""The agent runtime: owns the pure core (haguard.core.node), feeds it and executes its outputs."""
+"""The agent runtime: owns the pure core (haguard.core.host), feeds it and executes its outputs."""

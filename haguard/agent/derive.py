@@ -1,12 +1,19 @@
-"""What the agent derives from its configuration and from this machine, for its cores."""
+"""What the agent derives from its configuration and from this machine, for its core."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
-from haguard.config.cluster import TimingConfig
+from haguard.config.cluster import ClusterConfig, TimingConfig
+from haguard.core.cluster.placement import PlacementLimits, VmSpec
+from haguard.core.cluster.types import ClusterTiming, CoreConfig, HostSpec
 from haguard.core.detector import DetectorTiming
+from haguard.core.host_types import HostConfig
+from haguard.core.peers import VmSize
+from haguard.core.vmhealth import VmHealthPolicy
+from haguard.vm.definition import VmDefinition
 
 
 def host_memory_mib() -> int:
@@ -21,3 +28,51 @@ def host_memory_mib() -> int:
 def detector_timing(t: TimingConfig) -> DetectorTiming:
     return DetectorTiming(suspect_timeout_ms=t.suspect_timeout_ms, dead_timeout_ms=t.dead_timeout_ms,
                           isolation_timeout_ms=t.isolation_timeout_ms)
+
+
+def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
+    """The core's view of the configuration; every agent computes the same one."""
+    t, ha = cfg.timing, cfg.ha
+    # A host without a configured size is taken to be like this one (a uniform cluster).
+    default_memory, default_vcpus = host_memory_mib(), os.cpu_count() or 1
+    hosts = {}
+    for h in cfg.hosts:
+        hosts[h.name] = HostSpec(
+            name=h.name, weight=h.weight, priority=h.priority, witness=h.witness,
+            fence_device=h.fence is not None, memory_mib=h.memory_mib or default_memory,
+            vcpus=h.vcpus or default_vcpus, groups=frozenset({h.group} if h.group else ()),
+            group_priority=h.priority,
+            # The device's own timeout, plus the time to start the agent program and read it.
+            fence_timeout_ms=int(h.fence.timeout_s * 1000) + 2000 if h.fence is not None else None)
+    specs = {name: VmSpec(name=name, memory_mib=v.memory_mib, vcpus=v.vcpus, priority=v.priority,
+                          affinity=v.affinity, anti_affinity=v.anti_affinity,
+                          allowed_groups=frozenset(v.host_groups))
+             for name, v in vms.items()}
+    watchdog_ms = int(ha.watchdog.timeout_s * 1000) if ha.watchdog else 10_000
+    timing = ClusterTiming(
+        tick_ms=100, heartbeat_ms=t.heartbeat_interval_ms, quorum_timeout_ms=t.suspect_timeout_ms,
+        lease_ms=t.dead_timeout_ms, election_timeout_ms=max(t.heartbeat_interval_ms * 3,
+                                                            t.dead_timeout_ms * 2 // 3),
+        watchdog_timeout_ms=watchdog_ms,
+        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
+        relay_transit_ms=ha.relay_transit_ms)
+    return CoreConfig(
+        me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
+        detector=detector_timing(t),
+        limits=PlacementLimits(memory_overcommit=ha.memory_overcommit, vcpu_overcommit=ha.vcpu_overcommit,
+                               max_migrations_per_host=ha.max_migrations_per_host,
+                               max_migrations_cluster=ha.max_migrations),
+        isolation=ha.isolation)
+
+
+def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
+                health_policy: VmHealthPolicy) -> HostConfig:
+    """The host core's view of the configuration (the cluster's part in cluster mode)."""
+    me = cfg.this_host()
+    memory = me.memory_mib if me.memory_mib is not None else host_memory_mib()
+    return HostConfig(
+        me=me.name, peers=tuple(h.name for h in cfg.hosts), timing=detector_timing(cfg.timing),
+        vm_policy=health_policy, memory_mib=memory, vcpus=me.vcpus or os.cpu_count() or 1,
+        vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()},
+        cluster=core_config(cfg, vms) if cfg.ha.enabled else None,
+        watchdog_device=cfg.ha.watchdog is not None)

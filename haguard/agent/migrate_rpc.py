@@ -195,8 +195,8 @@ async def prefetch(qmp: Qmp) -> list[list[Any]]:
     here with the engine's own functions so the questions match exactly."""
     recorder = _Recorder(qmp)
     with contextlib.suppress(HaguardError, KeyError, TypeError, ValueError):
-        await features.detect(recorder)  # type: ignore[arg-type]
-        await preflight.vm_identity(recorder)  # type: ignore[arg-type]
+        await features.detect(recorder)
+        await preflight.vm_identity(recorder)
         await recorder.cmd("query-status")
         await recorder.cmd("query-migrate")
     return recorder.records

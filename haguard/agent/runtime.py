@@ -1,12 +1,16 @@
 """The agent: `haguard run`.  One task owns the core; adapters only enqueue facts.
 
-    adapters (gossip, pings, probes, VM watchers, restart results, timers)
-        -> one bounded queue -> the core task: Node.step/tick -> execute outputs
+    adapters (gossip, pings, probes, VM watchers, command results, timers)
+        -> one bounded queue -> the core task: HostCore.step/tick -> execute outputs
 
-The core task is the only one touching the `Node`.  Timers (tick every 100 ms, a
-heartbeat every heartbeat interval) are queue items too, so the core sees one
-ordered stream.  Every loop runs supervised (crash -> log, restart with backoff)
-and beats the progress watchdog: systemd gets WATCHDOG=1 only while they all move.
+The core task is the only one touching the `HostCore` (haguard/core/host.py).  Timers
+(tick every 100 ms, a report every heartbeat interval) are queue items too, so the core
+sees one ordered stream.  The adapters' loops run supervised (crash -> log, restart with
+backoff) and beat the progress watchdog: systemd gets WATCHDOG=1 only while they all move.
+The core task is not restarted: an exception escaping the core is a bug, and the core
+may be half-updated, so the agent logs it with the input that caused it and exits
+non-zero (crash-only); systemd starts it again from the persisted state, and the VMs,
+which never depend on the agent, run on.
 
 Signals: SIGHUP reloads the configuration (a bad file is logged and the old one
 kept); SIGTERM/SIGINT publish "offline" and exit 0.  Stopping never touches a VM.
@@ -38,34 +42,34 @@ from haguard.adapters.mqtt import GossipTransport
 from haguard.adapters.systemd import Notifier, ProgressWatchdog, summary
 from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart_in_place
 from haguard.agent import supervise
-from haguard.agent.cluster import ClusterRuntime
 from haguard.agent.control import ControlServer, control_path
-from haguard.agent.derive import detector_timing, host_memory_mib
+from haguard.agent.derive import host_config
 from haguard.agent.durable import write_durably
+from haguard.agent.executor import STATE_FILE, ClusterExecutor, load_persisted
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
 from haguard.core.alerts import Alert, BrokerWatch, alerts_for
-from haguard.core.cluster.types import AdminRequested, CommandResult, LocalHealthObserved
-from haguard.core.detector import (
-    BrokerStatus,
-    IsolationChanged,
-    PeerState,
-    PeerStateChanged,
-    PingObserved,
+from haguard.core.cluster.types import AdminRequested
+from haguard.core.detector import BrokerConnectionChanged, IsolationChanged, PeerState, PeerStateChanged
+from haguard.core.host import HostCore
+from haguard.core.host_types import (
+    EnvelopeReceived,
+    HostInput,
+    HostOutput,
+    MessageRejected,
+    ShutdownDrainEnded,
+    ShutdownDrainProgress,
+    ShutdownDrainRequested,
 )
-from haguard.core.node import GossipReceived, Node, NodeConfig, NodeInput, NodeOutput, VmSize
-from haguard.core.probes import HostHealthChanged, PingResult
+from haguard.core.probes import HostHealthChanged
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
     RestartVmInPlace,
-    VmEventSeen,
     VmExpected,
-    VmProcessGone,
     VmRestartFailed,
     VmState,
     VmStateChanged,
-    VmStatusReplied,
 )
 from haguard.core.wire import Envelope
 from haguard.errors import ConfigError
@@ -83,8 +87,8 @@ STATUS_EVERY_S = 1.0          # the status file, when nothing changed
 SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped the core
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
-NO_COORDINATOR_GIVE_UP_S = 30.0            # a drain before stop without a coordinator this long
 
 
 def monotonic_ms() -> int:
@@ -167,22 +171,6 @@ def load_vms(cfg: ClusterConfig) -> dict[str, VmDefinition]:
     return load_inventory(cfg.vm_dir)
 
 
-def _host_capacity(cfg: ClusterConfig) -> tuple[int, int]:
-    me = cfg.this_host()
-    memory = me.memory_mib if me.memory_mib is not None else host_memory_mib()
-    return memory, me.vcpus or os.cpu_count() or 1
-
-
-def node_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> NodeConfig:
-    t = cfg.timing
-    memory, vcpus = _host_capacity(cfg)
-    return NodeConfig(
-        me=cfg.this_host().name, peers=tuple(h.name for h in cfg.hosts),
-        timing=detector_timing(t),
-        vm_policy=health_policy(cfg.vm_restart), memory_mib=memory, vcpus=vcpus,
-        vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()})
-
-
 # ---- queue items that are not core inputs ---------------------------------------------
 
 @dataclass(frozen=True)
@@ -202,13 +190,12 @@ class _Apply:
 
 
 @dataclass(frozen=True)
-class _ClusterMessage:
-    env: Envelope
-    now_ms: int
+class _InjectedFault:
+    """Tests only (HAGUARD_FAULT_INJECTION=1): the core task fails as on a bug in the core."""
 
 
-_Item = NodeInput | _Tick | _Heartbeat | _Apply | _ClusterMessage | CommandResult | AdminRequested
-CLUSTER_KINDS = frozenset({"cluster", "direct"})
+_Item = HostInput | _Tick | _Heartbeat | _Apply | _InjectedFault
+FAULT_INJECTION = "HAGUARD_FAULT_INJECTION"
 
 
 class Agent:
@@ -222,7 +209,9 @@ class Agent:
         self.notifier = notifier or Notifier()
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self.started_ms = monotonic_ms()
-        self.node = Node(node_config(cfg, vms), self.started_ms)
+        persisted = load_persisted(cfg.state_dir / STATE_FILE) if cfg.ha.enabled else None
+        self.core = HostCore(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
+                             incarnation=incarnation, now_ms=self.started_ms, persisted=persisted)
         self.status_file = status_path(cfg.run_dir)
         self.transport = GossipTransport(cfg.mqtt, cluster=cfg.cluster, host=self.me,
                                          incarnation=incarnation, key=key,
@@ -237,11 +226,17 @@ class Agent:
         self.broker_watch = BrokerWatch(self.me, int(cfg.alerts.broker_unreachable_after_s * 1000),
                                         self.started_ms)
         # Cluster mode: the coordinator decides where the inventory's VMs run.
-        self.cluster: ClusterRuntime | None = None
+        self.cluster: ClusterExecutor | None = None
         if cfg.ha.enabled:
-            self.cluster = ClusterRuntime(cfg, vms, incarnation=incarnation, now_ms=self.started_ms,
-                                          publish=self.transport.publish, offer=self._offer,
-                                          alert=self._raise_alert, clock=monotonic_ms, rescan=self._scan_vms)
+            self.cluster = ClusterExecutor(cfg, vms, publish=self.transport.publish, offer=self._offer,
+                                           alert=self._raise_alert, clock=monotonic_ms, rescan=self._scan_vms,
+                                           may_receive=self.core.may_receive,
+                                           nothing_here=self._nothing_here)
+        self.cluster_rejected = 0
+        self.fault_injection = os.environ.get(FAULT_INJECTION) == "1"
+        self.exit_code = EXIT_OK
+        self._drained: asyncio.Future[ShutdownDrainEnded] | None = None
+        self._drain_left: tuple[str, ...] = ()
         self.control = ControlServer(control_path(cfg.run_dir), self._control)
         loops = ["core", "tick", "heartbeat"]
         stale_s = max(5.0, 3 * cfg.timing.dead_timeout_ms / 1000)
@@ -276,18 +271,16 @@ class Agent:
 
     def _on_envelope(self, env: Envelope) -> None:
         self.metrics.gossip_message("received")
-        if env.kind in CLUSTER_KINDS:
-            if self.cluster is None:
-                return
-            if env.kind == "direct" and env.body.get("rpc") in ("request", "reply"):
-                # Migration requests bypass the queue: a live move makes a dozen of these round
-                # trips, and they neither feed nor change the core.
-                self.cluster.on_envelope(env, monotonic_ms())
-            else:
-                self._offer(_ClusterMessage(env, monotonic_ms()))
+        if env.kind == "direct" and env.body.get("rpc") in ("request", "reply"):
+            if self.cluster is not None:        # migration requests bypass the queue (executor.py)
+                self.cluster.on_rpc(env.host, dict(env.body))
             return
-        self._offer(GossipReceived(host=env.host, incarnation=env.incarnation, kind=env.kind,
-                                   body=env.body, now_ms=monotonic_ms()))
+        self._offer(EnvelopeReceived(host=env.host, incarnation=env.incarnation, kind=env.kind,
+                                     body=env.body, now_ms=monotonic_ms()))
+
+    def _nothing_here(self) -> bool:
+        member = self.core.member
+        return member is None or not member.local.vms
 
     def _on_reject(self, topic: str, reason: str) -> None:
         self.rejected += 1        # the transport logs each one
@@ -295,63 +288,58 @@ class Agent:
 
     def _on_connection(self, connected: bool, detail: str) -> None:
         log.info("broker", connected=connected, detail=detail)
-        self._offer(BrokerStatus(connected=connected, now_ms=monotonic_ms()))
+        self._offer(BrokerConnectionChanged(connected=connected, now_ms=monotonic_ms()))
 
     # ---- the core task -------------------------------------------------------------------
 
     async def _core(self) -> None:
-        while True:
-            item = await self.queue.get()
-            self.watchdog.beat("core")
-            match item:
-                case _Tick():
-                    outputs = self.node.tick(item.now_ms)
-                    for alert in self.broker_watch.tick(item.now_ms):
-                        self.alerts.raise_alert(alert)
-                    if self.cluster is not None:
-                        self.cluster.tick(item.now_ms)
-                case _Heartbeat():
-                    self._heartbeat()
-                    outputs = []
-                case _Apply():
-                    self._apply(item.cfg, item.vms)
-                    outputs = []
-                case BrokerStatus():
-                    outputs = self.node.step(item)
-                    self.metrics.broker_connected.set(1 if item.connected else 0)
-                    for alert in self.broker_watch.observe(item.connected, item.now_ms):
-                        self.alerts.raise_alert(alert)
-                    if self.cluster is not None:
-                        self.cluster.step(item)
-                case _ClusterMessage():
-                    if self.cluster is not None:
-                        self.cluster.on_envelope(item.env, item.now_ms)
-                    outputs = []
-                case CommandResult() | AdminRequested():
-                    if self.cluster is not None:
-                        self.cluster.step(item)
-                    outputs = []
-                case _:
-                    outputs = self.node.step(item)
-                    if self.cluster is not None:
-                        if isinstance(item, PingResult):
-                            self.cluster.step(PingObserved(host=item.host, ok=item.ok, now_ms=item.now_ms,
-                                                           rtt_ms=item.rtt_ms))
-                        elif isinstance(item, VmStatusReplied):
-                            self.cluster.observe_qemu(item.vm, item.status)
-                        elif isinstance(item, VmProcessGone):
-                            self.cluster.observe_qemu(item.vm, None)
-                        elif isinstance(item, VmEventSeen) and item.event == "RESUME":
-                            # An incoming QEMU that took over resumes: do not wait for the next poll.
-                            self.cluster.observe_qemu(item.vm, "running")
-            for out in outputs:
-                self._execute(out)
-                for alert in alerts_for(out, me=self.me):
-                    self.alerts.raise_alert(alert)
+        """The core task.  Not supervised: an exception escaping the core is a bug, and the
+        core may be half-updated; the agent exits non-zero and systemd starts it afresh."""
+        item: _Item | None = None
+        try:
+            while True:
+                item = await self.queue.get()
+                self.watchdog.beat("core")
+                self._take(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.critical("core-crashed", error=f"{type(exc).__name__}: {exc}", input=repr(item)[:4000],
+                         exc_info=True)
+            self.exit_code = EXIT_CORE_BUG
+            self.stopping.set()
 
-    def _execute(self, out: NodeOutput) -> None:
+    def _take(self, item: _Item) -> None:
+        match item:
+            case _Tick():
+                outputs = self.core.tick(item.now_ms)
+                for alert in self.broker_watch.tick(item.now_ms):
+                    self.alerts.raise_alert(alert)
+                if self.cluster is not None:
+                    self.cluster.tick()
+            case _Heartbeat():
+                self._heartbeat()
+                return
+            case _Apply():
+                self._apply(item.cfg, item.vms)
+                return
+            case _InjectedFault():
+                raise RuntimeError("injected core fault (HAGUARD_FAULT_INJECTION)")
+            case BrokerConnectionChanged():
+                self.metrics.broker_connected.set(1 if item.connected else 0)
+                for alert in self.broker_watch.observe(item.connected, item.now_ms):
+                    self.alerts.raise_alert(alert)
+                outputs = self.core.step(item)
+            case _:
+                outputs = self.core.step(item)
+        for out in outputs:
+            self._execute(out)
+
+    def _execute(self, out: HostOutput) -> None:
         if isinstance(out, PeerStateChanged | IsolationChanged | VmStateChanged | HostHealthChanged):
             self._status_changed = True  # the status file shows it at the next heartbeat
+        for alert in alerts_for(out, me=self.me):
+            self.alerts.raise_alert(alert)
         match out:
             case PeerStateChanged():
                 level = log.warning if out.new in (PeerState.DEAD, PeerState.AGENT_DOWN) else log.info
@@ -368,14 +356,22 @@ class Agent:
                 self.metrics.set_vm_state(out.vm, str(out.new))
             case HostHealthChanged():
                 log.warning("host-health", health=out.new.summary())
-                if self.cluster is not None:        # a degraded host is evacuated live
-                    degraded = not out.new.healthy
-                    self.cluster.step(LocalHealthObserved(degraded=degraded, now_ms=monotonic_ms()))
             case RestartVmInPlace():
                 self._spawn(self._restart(out), f"restart-{out.vm}")
             case ReportVmForRelocation():
-                # The alert (journal, MQTT, webhooks) is raised by the core loop.
+                # The alert (journal, MQTT, webhooks) is raised above.
                 log.error("vm-relocation-needed", vm=out.vm, reason=out.reason)
+            case MessageRejected():
+                self.cluster_rejected += 1
+                log.warning("cluster-message-rejected", sender=out.sender, kind=out.kind, reason=out.reason)
+            case ShutdownDrainProgress(left=left):
+                self._drain_left = left
+            case ShutdownDrainEnded():
+                if self._drained is not None and not self._drained.done():
+                    self._drained.set_result(out)
+            case _:
+                if self.cluster is not None:
+                    self.cluster.execute(out)
 
     def _raise_alert(self, alert: Alert) -> None:
         self.alerts.raise_alert(alert)
@@ -384,13 +380,18 @@ class Agent:
         """An operator's request on the control socket (`haguard drain|undrain HOST`,
         `haguard migrate VM --to HOST`)."""
         action, host, vm = request.get("action"), request.get("host"), request.get("vm", "")
+        if action == "inject-core-fault" and self.fault_injection:
+            log.warning("core-fault-injected")
+            await self.queue.put(_InjectedFault())
+            return {"ok": True}
         if action not in ("drain", "undrain", "migrate"):
             return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
         if self.cluster is None:
             return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
         if not isinstance(host, str) or self.cfg.peer(host) is None:
             return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
-        if action == "migrate" and (not isinstance(vm, str) or vm not in self.cluster.core.config.vms):
+        if action == "migrate" and (not isinstance(vm, str) or self.core.member is None
+                                    or vm not in self.core.member.config.vms):
             return {"ok": False, "error": f"VM {str(vm)[:60]!r} is not in the cluster's inventory"}
         log.warning("admin-request", action=action, host=host, vm=vm or None)
         await self.queue.put(AdminRequested(action=action, host=host, vm=str(vm), now_ms=monotonic_ms()))
@@ -398,7 +399,7 @@ class Agent:
 
     def _record_detection(self, host: str, now_ms: int) -> None:
         # Only on a death (rare): the detector's views are built on demand.
-        view = next((v for v in self.node.detector.views() if v.host == host), None)
+        view = next((v for v in self.core.detector.views() if v.host == host), None)
         if view is not None and view.last_gossip_ms is not None:
             self.metrics.record_detection((now_ms - view.last_gossip_ms) / 1000)
 
@@ -422,7 +423,7 @@ class Agent:
 
     def _heartbeat(self) -> None:
         now = monotonic_ms()
-        body = self.node.heartbeat(now)
+        body = self.core.report(now)
         sent = self.transport.publish("heartbeat", body)
         if sent:
             self.metrics.gossip_message("sent")
@@ -435,9 +436,10 @@ class Agent:
         # a state changed, else once per STATUS_EVERY_S (its age is shown by `haguard status`).
         if self._status_changed or wall - self._last_status_s >= STATUS_EVERY_S:
             self._status_changed, self._last_status_s = False, wall
-            self._status = data = self.node.status(now, body)
+            self._status = data = self.core.status(now, body)
             if self.cluster is not None:
-                data["cluster"] = self.cluster.status()
+                self.cluster.status(data["cluster"])
+                data["cluster"]["rejected"] = self.cluster_rejected
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected)
             try:
@@ -452,11 +454,11 @@ class Agent:
                 self._set_ready("no broker yet")
         if wall - self._last_sd_status_s >= SYSTEMD_STATUS_EVERY_S:
             self._last_sd_status_s = wall
-            self.notifier.status(self.summary(self._status or self.node.status(now, body)))
+            self.notifier.status(self.summary(self._status or self.core.status(now, body)))
 
     def _set_ready(self, how: str) -> None:
         self.ready = True
-        line = self.summary(self.node.status(monotonic_ms()))
+        line = self.summary(self.core.status(monotonic_ms()))
         log.info("agent-ready", how=how, status=line)
         self.notifier.ready(f"{how}: {line}")
 
@@ -543,7 +545,8 @@ class Agent:
         if self.cluster is not None and set(vms) != set(self.vms):
             # Every agent must plan with the same VMs: the cluster keeps its set until a restart.
             needs_restart.append("vm_dir (the cluster's VM set)")
-        self.node.reconfigure(node_config(cfg, vms), monotonic_ms())
+        self.core.reconfigure(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
+                              monotonic_ms())
         self.pinger.set_peers(self._peer_addresses(cfg))
         for gone in set(self._peer_addresses(self.cfg)) - set(self._peer_addresses(cfg)):
             self.metrics.forget_peer(gone)
@@ -563,7 +566,7 @@ class Agent:
                  timing=cfg.timing.model_dump(), probes=[p.name for p in cfg.probes])
         if needs_restart:
             log.warning("config-needs-restart", fields=needs_restart)
-        self.notifier.ready(self.summary(self.node.status(monotonic_ms())))
+        self.notifier.ready(self.summary(self.core.status(monotonic_ms())))
 
     # ---- life cycle --------------------------------------------------------------------------
 
@@ -574,8 +577,9 @@ class Agent:
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         log.info("agent-started", host=self.me, cluster=self.cfg.cluster, incarnation=self.incarnation,
                  peers=sorted(self._peer_addresses(self.cfg)), status_file=str(self.status_file))
-        self._offer(BrokerStatus(connected=False, now_ms=monotonic_ms()))
-        for name, factory in (("core", self._core), ("tick", self._tick_loop),
+        self._offer(BrokerConnectionChanged(connected=False, now_ms=monotonic_ms()))
+        self.tasks["core"] = asyncio.create_task(self._core(), name="core")
+        for name, factory in (("tick", self._tick_loop),
                               ("heartbeat", self._heartbeat_loop), ("gossip", self.transport.run),
                               ("ping", self.pinger.run), ("vm-scan", self._vm_scan_loop),
                               ("watchdog", self.watchdog.run), ("alerts", self.alerts.run)):
@@ -590,11 +594,12 @@ class Agent:
             marker.unlink(missing_ok=True)
         try:
             await self.stopping.wait()
-            if self.cluster is not None and await asyncio.to_thread(self._drain_on_stop):
+            if (self.cluster is not None and self.exit_code == EXIT_OK
+                    and await asyncio.to_thread(self._drain_on_stop)):
                 await self._drain_before_stop()
         finally:
             await self._shutdown()
-        return EXIT_OK
+        return self.exit_code
 
     def _drain_on_stop(self) -> bool:
         policy = self.cfg.ha.migrate_on_shutdown
@@ -603,39 +608,31 @@ class Agent:
         return policy == "system-shutdown" and system_shutting_down()
 
     async def _drain_before_stop(self) -> None:
-        """migrate-on-shutdown: put this host in maintenance and wait until no VM is left here,
-        keeping systemd's stop timeout extended meanwhile."""
-        assert self.cluster is not None
+        """migrate-on-shutdown: the core puts this host in maintenance and says when no VM is
+        left here (or that it cannot be done); systemd's stop timeout is extended meanwhile."""
         limit_s = self.cfg.ha.shutdown_timeout_s
         log.warning("drain-before-stop", host=self.me, timeout_s=limit_s)
-        await self.queue.put(AdminRequested(action="drain", host=self.me, now_ms=monotonic_ms()))
-        started = time.monotonic()
-        last_extend = 0.0
-        leaderless_since: float | None = None
-        while time.monotonic() - started < limit_s:
-            # Without a coordinator (no quorum, broker gone) nothing can move: do not hold the
-            # machine's shutdown for the whole timeout.
-            if self.cluster.core.election.following(monotonic_ms()) is None:
-                leaderless_since = leaderless_since or time.monotonic()
-                if time.monotonic() - leaderless_since >= NO_COORDINATOR_GIVE_UP_S:
-                    log.error("drain-before-stop-impossible", host=self.me, reason="no coordinator",
-                              left=self.cluster.owned_here())
-                    return
-            else:
-                leaderless_since = None
-            left = self.cluster.owned_here()
-            if not left:
-                log.warning("drained-before-stop", host=self.me, took_s=round(time.monotonic() - started, 1))
-                # The next start takes the host out of maintenance again (a reboot is not a retirement).
-                with contextlib.suppress(OSError):
-                    (self.cfg.state_dir / UNDRAIN_AT_START).write_text(f"{self.me}\n")
-                return
-            if time.monotonic() - last_extend >= 5:
-                last_extend = time.monotonic()
-                self.notifier.notify("EXTEND_TIMEOUT_USEC=15000000",
-                                     f"STATUS=stopping: moving {len(left)} VMs away ({', '.join(left[:5])})")
-            await asyncio.sleep(0.2)
-        log.error("drain-before-stop-timeout", host=self.me, left=self.cluster.owned_here())
+        self._drained = asyncio.get_running_loop().create_future()
+        await self.queue.put(ShutdownDrainRequested(timeout_ms=int(limit_s * 1000), now_ms=monotonic_ms()))
+        while not self._drained.done():
+            left = self._drain_left
+            self.notifier.notify("EXTEND_TIMEOUT_USEC=15000000",
+                                 f"STATUS=stopping: moving {len(left)} VMs away ({', '.join(left[:5])})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._drained), timeout=5)
+            if self.tasks["core"].done():
+                return                          # the core is gone: nothing will be drained
+        ended = self._drained.result()
+        if ended.drained:
+            log.warning("drained-before-stop", host=self.me, took_s=round(ended.took_ms / 1000, 1))
+            # The next start takes the host out of maintenance again (a reboot is not a retirement).
+            with contextlib.suppress(OSError):
+                (self.cfg.state_dir / UNDRAIN_AT_START).write_text(f"{self.me}\n")
+        elif ended.reason == "no coordinator":
+            log.error("drain-before-stop-impossible", host=self.me, reason="no coordinator",
+                      left=list(ended.left))
+        else:
+            log.error("drain-before-stop-timeout", host=self.me, left=list(ended.left))
 
     def _serve_metrics(self) -> None:
         """The metrics endpoint; a failure to bind is logged, never fatal (the agent matters more)."""

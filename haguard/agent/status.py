@@ -2,7 +2,7 @@
 
 The agent writes `<run_dir>/../agent-status.json` (with the default run_dir:
 /run/haguard/agent-status.json) at every heartbeat, atomically (write a temp file,
-then rename), so a reader never sees half a file.  It holds `Node.status()` plus
+then rename), so a reader never sees half a file.  It holds `HostCore.status()` plus
 `written_at` (Unix time, seconds) for the age shown to the operator.
 """
 

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from haguard.config.yamlsrc import load_model
-from haguard.vm.definition import NAME_RE
+from haguard.names import NAME_RE
 
 DEFAULT_CLUSTER_CONFIG = Path("/etc/haguard/cluster.yaml")
 

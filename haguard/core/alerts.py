@@ -107,20 +107,42 @@ def resolve(alert: Alert, description: str = "") -> Alert:
     return replace(alert, resolved=True, description=description or alert.description)
 
 
-def coordinator_alert(kind: str, reason: str, *, host: str, vm: str = "") -> Alert | None:
-    """An alert for the coordinator's `RaiseAlert(kind=...)`; None for a kind not known here."""
+@dataclass(frozen=True, kw_only=True)
+class RaiseAlert:
+    """An alert a pure part asks for: the migration strategy, the cluster core and the host's
+    own rules all raise this one kind of output."""
+
+    kind: str                   # an AlertKind value or one of the cluster's names for it
+    reason: str
+    host: str = ""              # the host it is about; "" for the host raising it
+    vm: str = ""
+    resolved: bool = False
+    summary: str = ""           # "": made from the kind, host and VM
+    id: str = ""                # the host core's outputs carry one; the strategy's actions do not
+
+
+def alert_of(raised: RaiseAlert, *, me: str) -> Alert | None:
+    """The `Alert` a `RaiseAlert` means (`me`: this host); None for a kind not known here."""
+    host = raised.host or me
+    return coordinator_alert(raised.kind, raised.reason, host=host, vm=raised.vm, resolved=raised.resolved,
+                             summary=raised.summary)
+
+
+def coordinator_alert(kind: str, reason: str, *, host: str, vm: str = "", resolved: bool = False,
+                      summary: str = "") -> Alert | None:
+    """An alert for a `RaiseAlert(kind=...)`; None for a kind not known here."""
     known = _COORDINATOR_KINDS.get(kind)
     if known is None:
         try:
             known = AlertKind(kind)
         except ValueError:
             return None
-    return make_alert(known, host=host, vm=vm, summary=f"{known} on {host}" + (f" ({vm})" if vm else ""),
-                      description=reason)
+    summary = summary or f"{known} on {host}" + (f" ({vm})" if vm else "")
+    return make_alert(known, host=host, vm=vm, summary=summary, description=reason, resolved=resolved)
 
 
 def alerts_for(out: object, *, me: str) -> list[Alert]:
-    """The alerts (firing or resolved) an output of the agent's `Node` means; `me` is this host."""
+    """The alerts (firing or resolved) an output of the host core (`HostCore`) means; `me` is this host."""
     match out:
         case PeerStateChanged(host=host, old=old, new=new, reason=reason):
             if new is PeerState.DEAD:

@@ -56,17 +56,17 @@ class DetectorTiming:
 # ---- inputs --------------------------------------------------------------------
 
 @dataclass(frozen=True, kw_only=True)
-class GossipHeard:
+class PeerHeard:
     host: str
     incarnation: int
     now_ms: int
     hears: frozenset[str] = frozenset()     # peers the sender heard lately
     reaches: frozenset[str] = frozenset()   # peers answering the sender's pings lately
-    seq: int | None = None                  # numbers the sender's heartbeats (see RelayedHeard)
+    seq: int | None = None                  # numbers the sender's heartbeats (see PeerHeardRelayed)
 
 
 @dataclass(frozen=True, kw_only=True)
-class RelayedHeard:
+class PeerHeardRelayed:
     """A peer's heartbeat relayed to this agent (a large cluster): `reporter` got it at
     `heard_ms` and said so at `built_ms` (both on this agent's clock, estimated from the
     ages in the digest).  Relayed news may be up to `lag_ms` late: the peer counts as
@@ -96,19 +96,21 @@ class PeerWentOffline:
 
 @dataclass(frozen=True, kw_only=True)
 class PingObserved:
-    host: str
+    host: str                    # the peer's name
     ok: bool
     now_ms: int
-    rtt_ms: float | None = None
+    rtt_ms: float | None = None  # None when lost
+    address: str = ""
+    error: str = ""              # why it was lost, when known beyond "no reply"
 
 
 @dataclass(frozen=True, kw_only=True)
-class BrokerStatus:
+class BrokerConnectionChanged:
     connected: bool
     now_ms: int
 
 
-DetectorInput = GossipHeard | RelayedHeard | PeerWentOffline | PingObserved | BrokerStatus
+DetectorInput = PeerHeard | PeerHeardRelayed | PeerWentOffline | PingObserved | BrokerConnectionChanged
 
 
 # ---- outputs -------------------------------------------------------------------
@@ -185,9 +187,9 @@ class FailureDetector:
         """
         touched: list[str] = []
         match event:
-            case GossipHeard():
+            case PeerHeard():
                 touched = self._gossip(event)
-            case RelayedHeard():
+            case PeerHeardRelayed():
                 touched = self._relayed(event)
             case PeerWentOffline():
                 peer = self._peers.get(event.host)
@@ -204,7 +206,7 @@ class FailureDetector:
                     else:
                         peer.failed_pings += 1
                 touched = [event.host]
-            case BrokerStatus():
+            case BrokerConnectionChanged():
                 if event.connected != self._broker:
                     self._broker = event.connected
                     self._broker_lost_ms = None if event.connected else event.now_ms
@@ -226,7 +228,7 @@ class FailureDetector:
             peer.incarnation, peer.seq, peer.reports = incarnation, 0, {}
         return peer
 
-    def _gossip(self, g: GossipHeard) -> list[str]:
+    def _gossip(self, g: PeerHeard) -> list[str]:
         peer = self._current(g.host, g.incarnation)
         if peer is None:
             return []
@@ -252,7 +254,7 @@ class FailureDetector:
                 touched.append(other)
         return touched
 
-    def _relayed(self, g: RelayedHeard) -> list[str]:
+    def _relayed(self, g: PeerHeardRelayed) -> list[str]:
         peer = self._current(g.host, g.incarnation)
         if peer is None:
             return []

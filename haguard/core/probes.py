@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from haguard.core.detector import PingObserved
+
 # ---- host probes -------------------------------------------------------------------
 
 
@@ -144,16 +146,6 @@ class HostProbes:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PingResult:
-    host: str                    # the peer's name
-    address: str
-    ok: bool
-    rtt_ms: float | None         # None when lost
-    now_ms: int
-    error: str = ""              # why it was lost, when known beyond "no reply"
-
-
-@dataclass(frozen=True, kw_only=True)
 class PeerPingStats:
     host: str
     address: str
@@ -172,7 +164,7 @@ class PeerPingStats:
 @dataclass
 class _Peer:
     address: str
-    results: deque[PingResult]
+    results: deque[PingObserved]
     last_reply_ms: int | None = None
 
 
@@ -185,7 +177,7 @@ class PingStats:
         if self.window < 1:
             raise ValueError("window must be at least 1")
 
-    def record(self, r: PingResult) -> PeerPingStats:
+    def record(self, r: PingObserved) -> PeerPingStats:
         peer = self._peers.get(r.host)
         if peer is None or peer.address != r.address:
             peer = self._peers[r.host] = _Peer(r.address, deque(maxlen=self.window))

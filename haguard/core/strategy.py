@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
+from haguard.core.alerts import RaiseAlert
+
 PostcopyMode = Literal["never", "auto", "always"]
 
 GIB = 1024**3
@@ -110,12 +112,6 @@ class PausePostcopy:
 @dataclass(frozen=True, kw_only=True)
 class RecoverPostcopy:
     attempt: int
-    reason: str
-
-
-@dataclass(frozen=True, kw_only=True)
-class RaiseAlert:
-    kind: str
     reason: str
 
 

@@ -32,7 +32,7 @@ from typing import Any
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 65536
 MIN_KEY_BYTES = 16
-# Same as haguard.vm.definition.NAME_RE (not imported: the core stays free of pydantic).
+# Same as haguard.names.NAME_RE (not imported: the core stays free of pydantic).
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 KIND_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 OFFLINE = "offline"

@@ -13,9 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-from haguard.adapters.qmp import LeanQmp
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
+from haguard.vm.monitor import LeanQmp
 
 
 class RunWatch:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from haguard.adapters.qmp import Qmp
+from haguard.core.alerts import RaiseAlert
 from haguard.core.strategy import (
     FINAL_STATES,
     Abort,
@@ -26,7 +27,6 @@ from haguard.core.strategy import (
     GiveUpRecovery,
     MigrationSample,
     PausePostcopy,
-    RaiseAlert,
     RecoverPostcopy,
     SetDowntimeLimit,
     StartPostcopy,

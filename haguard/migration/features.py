@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from haguard.adapters.qmp import Qmp
+from haguard.adapters.qmp import QmpCommands
 from haguard.errors import QmpCommandError
 
 
@@ -46,7 +46,7 @@ def _schema_lookup(schema: object) -> tuple[frozenset[str], frozenset[str]]:
     return commands, values
 
 
-async def detect(qmp: Qmp, *, compressions: bool = False) -> QemuFeatures:
+async def detect(qmp: QmpCommands, *, compressions: bool = False) -> QemuFeatures:
     """Capabilities, parameters and commands; the compression methods (from the large
     QMP schema, a tenth of a second to fetch) only when asked for."""
     ver = await qmp.cmd("query-version")

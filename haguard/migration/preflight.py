@@ -8,7 +8,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from haguard.adapters.qmp import Qmp
+from haguard.adapters.qmp import Qmp, QmpCommands
 from haguard.errors import PreflightError, QmpCommandError
 from haguard.migration import replies
 from haguard.migration.features import QemuFeatures
@@ -19,7 +19,7 @@ ACTIVE_MIGRATION = frozenset({
     "postcopy-recover-setup", "pre-switchover", "device", "wait-unplug", "cancelling"})
 
 
-async def vm_identity(qmp: Qmp) -> dict[str, str | int]:
+async def vm_identity(qmp: QmpCommands) -> dict[str, str | int]:
     """RAM size, machine type and CPU model: what must match on both sides."""
     mem = await qmp.cmd("query-memory-size-summary")
     machine = await qmp.cmd("qom-get", {"path": "/machine", "property": "type"})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from typing import Any
 
 from haguard.adapters.qmp import Qmp
 from haguard.errors import HaguardError, MigrationError
@@ -58,7 +59,8 @@ class DiskMirror:
                 "auto-dismiss": True})
             self._jobs.append(job)
 
-    async def _jobs_state(self) -> dict[str, dict[str, object]]:
+    async def _jobs_state(self) -> dict[str, dict[str, Any]]:
+        """query-block-jobs by job: QEMU's JSON objects as they came."""
         jobs = await self.source.cmd("query-block-jobs")
         return {j["device"]: j for j in jobs}
 
@@ -71,8 +73,8 @@ class DiskMirror:
                 if missing:
                     raise MigrationError(f"disk mirror {', '.join(missing)} stopped before it was "
                                          "ready (destination disk or NBD link failed)")
-                done = sum(int(state[j]["offset"]) for j in self._jobs)  # type: ignore[call-overload]
-                total = sum(int(state[j]["len"]) for j in self._jobs)    # type: ignore[call-overload]
+                done = sum(int(state[j]["offset"]) for j in self._jobs)
+                total = sum(int(state[j]["len"]) for j in self._jobs)
                 if on_progress:
                     on_progress(done, total)
                 if all(state[j].get("ready") for j in self._jobs):

@@ -12,25 +12,69 @@ why, every message published) and the agents' public views; it never steers them
   newest committed state; a move is in it; a fence comes from the newest term that
   elected a coordinator; an agent's commands never go back in term
 5 liveness: once faults stop, every VM runs exactly once within a bound
+
+What the checker reads of the world is spelled out below (`WorldView` and the views it
+holds), so the checker depends on that and not on world.py: the world imports the
+checker, never the other way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.state import ClusterState, StateKey
 from haguard.core.cluster.types import Ack, FenceHost, Message, MigrateVm, Proposal, StartVm, VoteGranted
+from haguard.errors import HaguardError
 
-if TYPE_CHECKING:
-    from haguard.sim.world import World
+# ---- what the checker reads of the world (read-only, so the world's own types fit) ----------
+
+
+class AgentView(Protocol):
+    """A host's cluster core, as the checker sees it."""
+
+    @property
+    def committed(self) -> ClusterState: ...
+
+
+class HostView(Protocol):
+    """A simulated host: the truth of its QEMUs and of its power."""
+
+    @property
+    def vms(self) -> Mapping[str, str]: ...              # VM -> its QEMU's state ("running", ...)
+
+    @property
+    def agent(self) -> AgentView | None: ...             # None while the host is off
+
+    @property
+    def last_pet_ms(self) -> int: ...                    # its last watchdog pet
+
+    @property
+    def fenced_ms(self) -> int: ...                      # last time a fence device turned it off
+
+
+class TimingView(Protocol):
+    @property
+    def watchdog_timeout_ms(self) -> int: ...
+
+
+class WorldView(Protocol):
+    @property
+    def hosts(self) -> Mapping[str, HostView]: ...
+
+    @property
+    def timing(self) -> TimingView: ...
+
+    @property
+    def vm_names(self) -> Sequence[str]: ...
 
 # Ways a VM's copy ends that make starting it elsewhere safe by themselves.
 SAFE_ENDS = frozenset({"stopped", "killed", "qemu-crash", "hang-killed", "fenced", "watchdog", "migrated"})
 
 
-class Violation(Exception):
+class Violation(HaguardError):
     def __init__(self, invariant: int, message: str, now_ms: int) -> None:
         super().__init__(f"invariant {invariant} at {now_ms} ms: {message}")
         self.invariant = invariant
@@ -46,7 +90,7 @@ class LastRun:
 
 
 class Checker:
-    def __init__(self, world: World, quorum: Quorum) -> None:
+    def __init__(self, world: WorldView, quorum: Quorum) -> None:
         self.world = world
         self.quorum = quorum
         self.acks: dict[StateKey, set[str]] = {}

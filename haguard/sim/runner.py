@@ -13,9 +13,10 @@ import sys
 import traceback
 from dataclasses import dataclass, field
 
+from haguard.core.cluster.member import ClusterMember
 from haguard.sim.checkers import Violation
 from haguard.sim.faults import Schedule, random_schedule
-from haguard.sim.world import AgentFactory, ClusterAgent, SimConfig, World
+from haguard.sim.world import AgentFactory, SimConfig, World
 
 EXIT = {None: 0, "safety": 1, "liveness": 2, "crash": 3}
 
@@ -45,7 +46,7 @@ class RunResult:
 
 
 def run(seed: int, *, schedule: Schedule | None = None, sim: SimConfig | None = None,
-        agent_class: AgentFactory = ClusterAgent) -> tuple[RunResult, World | None]:
+        agent_class: AgentFactory = ClusterMember) -> tuple[RunResult, World | None]:
     sim = sim or SimConfig()
     if schedule is None:
         hosts = [f"h{i}" for i in range(1, sim.hosts + 1)]
@@ -70,7 +71,7 @@ def run(seed: int, *, schedule: Schedule | None = None, sim: SimConfig | None = 
     return result, world
 
 
-def shrink(result: RunResult, *, sim: SimConfig | None = None, agent_class: AgentFactory = ClusterAgent,
+def shrink(result: RunResult, *, sim: SimConfig | None = None, agent_class: AgentFactory = ClusterMember,
            max_runs: int = 200) -> Schedule:
     """A shorter schedule that fails the same way (greedy: drop one fault at a time)."""
     schedule, runs = result.schedule, 0
@@ -87,7 +88,7 @@ def shrink(result: RunResult, *, sim: SimConfig | None = None, agent_class: Agen
     return schedule
 
 
-def main(argv: list[str] | None = None, agent_class: AgentFactory = ClusterAgent) -> int:
+def main(argv: list[str] | None = None, agent_class: AgentFactory = ClusterMember) -> int:
     parser = argparse.ArgumentParser(prog="python -m haguard.sim", description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed on")

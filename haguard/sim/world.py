@@ -21,14 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from haguard.core.cluster.agent import ClusterAgent
+from haguard.core.alerts import RaiseAlert
+from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.types import (
     AdminRequested,
     ClusterOutput,
     ClusterTiming,
-    CommandResult,
+    CommandFinished,
     CoreConfig,
     FenceHost,
     HostSpec,
@@ -42,17 +43,16 @@ from haguard.core.cluster.types import (
     PersistState,
     PetWatchdog,
     QemuState,
-    RaiseAlert,
     Send,
     StartVm,
     StopPettingWatchdog,
     StopVm,
 )
-from haguard.core.detector import BrokerStatus, DetectorTiming, PingObserved
+from haguard.core.detector import BrokerConnectionChanged, DetectorTiming, PingObserved
 from haguard.sim.checkers import Checker, Violation
 from haguard.sim.faults import Fault, Schedule
 
-AgentFactory = Callable[..., ClusterAgent]
+AgentFactory = Callable[..., ClusterMember]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +93,7 @@ class SimHost:
     name: str
     spec: HostSpec
     powered: bool = True
-    agent: ClusterAgent | None = None
+    agent: ClusterMember | None = None
     incarnation: int = 0
     disk: PersistedState = field(default_factory=PersistedState)
     vms: dict[str, QemuState] = field(default_factory=dict)
@@ -108,7 +108,7 @@ class SimHost:
 
 class World:
     def __init__(self, seed: int, schedule: Schedule, sim: SimConfig | None = None,
-                 agent_class: AgentFactory = ClusterAgent) -> None:
+                 agent_class: AgentFactory = ClusterMember) -> None:
         self.sim = sim or SimConfig()
         self.rng = random.Random(f"world/{seed}")
         self.schedule = schedule
@@ -230,7 +230,7 @@ class World:
 
     def _broker_changed(self) -> None:
         for host in self.hosts.values():
-            self._feed(host, BrokerStatus(connected=self._connected(host), now_ms=self.now))
+            self._feed(host, BrokerConnectionChanged(connected=self._connected(host), now_ms=self.now))
 
     # ---- outputs --------------------------------------------------------------------
 
@@ -291,7 +291,7 @@ class World:
         host = self.hosts[name]
         if host.incarnation == incarnation:
             self._observe_vms(host)
-            self._feed(host, CommandResult(id=cid, ok=ok, reason=reason, now_ms=self.now))
+            self._feed(host, CommandFinished(id=cid, ok=ok, reason=reason, now_ms=self.now))
 
     def _observe_vms(self, host: SimHost) -> None:
         crashed, host.crashed = frozenset(host.crashed), set()
@@ -313,7 +313,7 @@ class World:
                     self._at(self.now + self.sim.boot_ms, "boot", target.name)
         by_host = self.hosts[by]
         if by_host.incarnation == incarnation:
-            self._feed(by_host, CommandResult(id=cmd.id, ok=ok, now_ms=self.now,
+            self._feed(by_host, CommandFinished(id=cmd.id, ok=ok, now_ms=self.now,
                                               reason="" if ok else "fence device error"))
 
     def _on_hang_detected(self, payload: tuple[str, str]) -> None:
@@ -379,7 +379,7 @@ class World:
         host.incarnation += 1
         host.agent = self.agent_class(self._config(host.name), incarnation=host.incarnation, now_ms=self.now,
                                       persisted=host.disk)
-        self._feed(host, BrokerStatus(connected=self._connected(host), now_ms=self.now))
+        self._feed(host, BrokerConnectionChanged(connected=self._connected(host), now_ms=self.now))
         self._observe_vms(host)
 
     def _power_off(self, host: SimHost, how: str) -> None:

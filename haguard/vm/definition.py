@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-NAME_RE = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+from haguard.names import NAME_RE
+
 # A versioned machine type ("pc-q35-7.2", "pc-i440fx-8.2"): an alias such as "q35"
 # resolves to the newest type of each QEMU, which breaks migration between versions.
 VERSIONED_MACHINE_RE = re.compile(r"^[a-z0-9_-]+-\d+\.\d+$")

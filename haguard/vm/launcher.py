@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from haguard.adapters.qmp import Qmp
 from haguard.errors import HaguardError, VmError
 from haguard.vm.cmdline import InstancePaths, LaunchOptions, qemu_argv
 from haguard.vm.definition import VmDefinition
+from haguard.vm.monitor import monitor_command
 
 DEFAULT_RUN_DIR = Path("/run/haguard/vms")
 
@@ -144,8 +144,7 @@ def _last_error(log: Path) -> str:
 
 async def query_status(paths: InstancePaths, timeout_s: float = 2.0) -> str:
     """The VM's run state from its operator monitor ('running', 'paused', 'inmigrate', ...)."""
-    async with Qmp.session(paths.ops, timeout_s=timeout_s) as qmp:
-        reply = await qmp.cmd("query-status")
+    reply = await monitor_command(paths.ops, "query-status", timeout_s=timeout_s)
     return str(reply["status"])
 
 
@@ -172,14 +171,12 @@ async def stop(paths: InstancePaths, *, graceful_timeout_s: float = 0.0) -> bool
         return False
     if graceful_timeout_s > 0:
         with contextlib.suppress(HaguardError, OSError):
-            async with Qmp.session(paths.qmp, timeout_s=2.0) as qmp:
-                await qmp.cmd("system_powerdown")
+            await monitor_command(paths.qmp, "system_powerdown", timeout_s=2.0)
         if await asyncio.to_thread(_wait_gone, pid, graceful_timeout_s):
             _remove_dir(paths)
             return True
     with contextlib.suppress(HaguardError, OSError):
-        async with Qmp.session(paths.qmp, timeout_s=2.0) as qmp:
-            await qmp.cmd("quit")
+        await monitor_command(paths.qmp, "quit", timeout_s=2.0)
     if not await asyncio.to_thread(_wait_gone, pid, 5.0):
         # A QEMU in postcopy-paused may ignore polite requests.
         with contextlib.suppress(ProcessLookupError):

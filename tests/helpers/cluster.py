@@ -116,14 +116,14 @@ class Cluster:
     def log_file(self, host: str) -> Path:
         return self.dir / f"{host}.log"
 
-    def start_agent(self, host: str) -> subprocess.Popen[bytes]:
+    def start_agent(self, host: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.status_file(host).unlink(missing_ok=True)
         with open(self.log_file(host), "ab") as log:
             proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns[host], sys.executable, "-m", "haguard", "run",
                  "--config", str(self.config_path(host)), "--log-format", "json"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                start_new_session=True)
+                start_new_session=True, env={**os.environ, **(env or {})})
         self.procs[host] = proc
         return proc
 

@@ -28,6 +28,7 @@ from haguard.core.cluster.types import (
     VoteGranted,
     VoteRequest,
 )
+from haguard.core.errors import HaguardError
 
 MESSAGE_TYPES: dict[str, type[Any]] = {t.__name__: t for t in (Heartbeat, VoteRequest, VoteGranted,
                                                                 Proposal, Ack, Digest)}
@@ -36,7 +37,7 @@ MAX_ITEMS = 100_000
 _HINTS: dict[type[Any], dict[str, Any]] = {}
 
 
-class CodecError(ValueError):
+class CodecError(HaguardError, ValueError):
     """A message that does not match its declared types."""
 
 
@@ -121,33 +122,11 @@ def _decode(tp: Any, value: object, path: str, depth: int) -> object:
     if tp is Any:
         raise CodecError(f"{path}: untyped field")
     if origin is Literal:
-        if value not in get_args(tp) or type(value) not in {type(a) for a in get_args(tp)}:
-            raise CodecError(f"{path}: {str(value)[:40]!r} is not one of {list(get_args(tp))}")
-        return value
+        return _decode_literal(tp, value, path)
     if origin in (Union, types.UnionType):
-        errors = []
-        for option in get_args(tp):
-            try:
-                return _decode(option, value, path, depth)
-            except CodecError as exc:
-                errors.append(str(exc))
-        raise CodecError(errors[0] if len(errors) == 1 else f"{path}: matches none of its types")
-    if tp is type(None):
-        if value is not None:
-            raise CodecError(f"{path}: expected null")
-        return None
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise CodecError(f"{path}: expected a boolean")
-        return value
-    if tp is int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise CodecError(f"{path}: expected an integer")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise CodecError(f"{path}: expected a string")
-        return value
+        return _decode_union(tp, value, path, depth)
+    if tp is type(None) or tp is bool or tp is int or tp is str:
+        return _decode_scalar(tp, value, path)
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         return _decode_dataclass(tp, value, path, depth)
     if origin is frozenset:
@@ -155,32 +134,78 @@ def _decode(tp: Any, value: object, path: str, depth: int) -> object:
         return frozenset(_decode(item, v, f"{path}[{i}]", depth + 1)
                          for i, v in enumerate(_items(value, path)))
     if origin is tuple:
-        args = get_args(tp)
-        items = _items(value, path)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode(args[0], v, f"{path}[{i}]", depth + 1) for i, v in enumerate(items))
-        if len(items) != len(args):
-            raise CodecError(f"{path}: expected {len(args)} items")
-        pairs_ = enumerate(zip(args, items, strict=True))
-        return tuple(_decode(a, v, f"{path}[{i}]", depth + 1) for i, (a, v) in pairs_)
+        return _decode_tuple(get_args(tp), value, path, depth)
     if origin in (Mapping, dict):
-        key_t, val_t = get_args(tp)
-        if isinstance(value, dict):
-            pairs = list(value.items())
-        else:
-            pairs = []
-            for i, pair in enumerate(_items(value, path)):
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise CodecError(f"{path}[{i}]: expected a [key, value] pair")
-                pairs.append((pair[0], pair[1]))
-        out: dict[object, object] = {}
-        for k, v in pairs:
-            key = _decode(key_t, k, f"{path}.key", depth + 1)
-            if not isinstance(key, str | int | tuple):
-                raise CodecError(f"{path}: unusable key")
-            out[key] = _decode(val_t, v, f"{path}[{str(k)[:40]}]", depth + 1)
-        return out
+        return _decode_mapping(tp, value, path, depth)
     raise CodecError(f"{path}: unsupported type {tp!r}")
+
+
+def _decode_literal(tp: Any, value: object, path: str) -> object:
+    if value not in get_args(tp) or type(value) not in {type(a) for a in get_args(tp)}:
+        raise CodecError(f"{path}: {str(value)[:40]!r} is not one of {list(get_args(tp))}")
+    return value
+
+
+def _decode_union(tp: Any, value: object, path: str, depth: int) -> object:
+    """The first of the union's types `value` decodes as."""
+    errors = []
+    for option in get_args(tp):
+        try:
+            return _decode(option, value, path, depth)
+        except CodecError as exc:
+            errors.append(str(exc))
+    raise CodecError(errors[0] if len(errors) == 1 else f"{path}: matches none of its types")
+
+
+def _decode_scalar(tp: Any, value: object, path: str) -> object:
+    """None, bool, int (a bool is none) or str."""
+    if tp is type(None):
+        if value is not None:
+            raise CodecError(f"{path}: expected null")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise CodecError(f"{path}: expected a boolean")
+    elif tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CodecError(f"{path}: expected an integer")
+    elif not isinstance(value, str):
+        raise CodecError(f"{path}: expected a string")
+    return value
+
+
+def _decode_tuple(args: tuple[Any, ...], value: object, path: str, depth: int) -> object:
+    """`tuple[X, ...]` or a fixed `tuple[X, Y]`, from a JSON list."""
+    items = _items(value, path)
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_decode(args[0], v, f"{path}[{i}]", depth + 1) for i, v in enumerate(items))
+    if len(items) != len(args):
+        raise CodecError(f"{path}: expected {len(args)} items")
+    pairs_ = enumerate(zip(args, items, strict=True))
+    return tuple(_decode(a, v, f"{path}[{i}]", depth + 1) for i, (a, v) in pairs_)
+
+
+def _decode_mapping(tp: Any, value: object, path: str, depth: int) -> object:
+    """A Mapping, from a JSON object or a list of [key, value] pairs."""
+    key_t, val_t = get_args(tp)
+    out: dict[object, object] = {}
+    for k, v in _pairs(value, path):
+        key = _decode(key_t, k, f"{path}.key", depth + 1)
+        if not isinstance(key, str | int | tuple):
+            raise CodecError(f"{path}: unusable key")
+        out[key] = _decode(val_t, v, f"{path}[{str(k)[:40]}]", depth + 1)
+    return out
+
+
+def _pairs(value: object, path: str) -> list[tuple[object, object]]:
+    if isinstance(value, dict):
+        return list(value.items())
+    pairs = []
+    for i, pair in enumerate(_items(value, path)):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise CodecError(f"{path}[{i}]: expected a [key, value] pair")
+        pairs.append((pair[0], pair[1]))
+    return pairs
 
 
 def _items(value: object, path: str) -> list[object]:

@@ -1,23 +1,34 @@
 """What the coordinator decides from the committed state and the hosts' reports.
 
 `Coordinator.plan` returns the next state to propose (or None when nothing changes)
-and the fence commands and alerts to emit.  Order within one plan, each step seeing
-the ones before: admin requests; fenced hosts that rejoined; finished kills and
-migrations (and moves whose destination was fenced after the switchover); dead
-hosts (fence first, then their VMs are released); VMs that failed on their host;
-stray copies; placement of VMs without an owner; drain moves.
+and the fence commands and alerts to emit.  It copies the committed state into a
+`_Draft` and runs one method per phase on it, in this order, each phase seeing the
+ones before:
+
+- `_admin_requests`: drain and undrain requests set hosts' maintenance;
+- `_fenced_rejoined`: fenced hosts that report again, empty, are no longer fenced;
+- `_strays_gone`: kills whose stray copy is gone (or whose host was fenced) end;
+- `_moves_finished`: migrations that completed, failed or lost a side end;
+- `_moved_to_fenced`: guests that left for a destination fenced since are placed anew;
+- `_dead_hosts`: hosts declared dead are fenced first, then their VMs are released;
+- `_vm_failures`: VMs that failed on their host are placed anew, elsewhere;
+- `_stray_copies`: copies running on a host other than their owner are killed;
+- `_placement`: VMs without an owner are placed;
+- `_drain`: VMs move off hosts in maintenance or degraded;
+- `_moves`: operators' move requests.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.placement import HostCandidate, Placement, VmSpec, place
 from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery
 from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
-from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, PlacementDecided, RaiseAlert
+from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, PlacementDecided
 
 PlanOutput = FenceHost | RaiseAlert | PlacementDecided
 FAILED_TARGET_MS = 60_000           # a host a VM failed on is avoided this long
@@ -29,6 +40,27 @@ class HostView:
     alive: bool                  # heard lately (always true for the coordinator itself)
     dead: bool                   # declared dead: by this detector and a quorum of reports
     beat: Heartbeat | None       # its latest fresh report
+
+
+@dataclass(kw_only=True)
+class _Draft:
+    """One plan: its inputs, the next state being built (edited by each phase in turn) and
+    what it emits."""
+
+    state: ClusterState                  # the committed state planned from: read only
+    views: Mapping[str, HostView]
+    now_ms: int
+    vms: dict[str, VmRecord]
+    hosts: dict[str, HostRecord]
+    migrations: dict[str, MigrationRecord]
+    kills: dict[str, str]
+    beats: dict[str, Heartbeat]          # the latest reports of the hosts heard lately
+    out: list[PlanOutput] = field(default_factory=list)
+
+    def reassign(self, vm: str, owner: str | None) -> None:
+        """`vm` gets a new owner (None: to be placed anew), under a new generation."""
+        rec = self.vms[vm]
+        self.vms[vm] = replace(rec, owner=owner, generation=rec.generation + 1)
 
 
 class Coordinator:
@@ -57,163 +89,256 @@ class Coordinator:
 
     def plan(self, state: ClusterState, views: Mapping[str, HostView],
              now_ms: int) -> tuple[ClusterState | None, list[PlanOutput]]:
-        out: list[PlanOutput] = []
-        vms = dict(state.vms)
-        hosts = {h: state.host(h) for h in self.config.hosts}
-        migrations = dict(state.migrations)
-        kills = dict(state.kills)
-        beats = {h: v.beat for h, v in views.items() if v.alive and v.beat is not None}
+        d = _Draft(state=state, views=views, now_ms=now_ms, vms=dict(state.vms),
+                   hosts={h: state.host(h) for h in self.config.hosts},
+                   migrations=dict(state.migrations), kills=dict(state.kills),
+                   beats={h: v.beat for h, v in views.items() if v.alive and v.beat is not None})
+        self._admin_requests(d)
+        self._fenced_rejoined(d)
+        self._strays_gone(d)
+        self._moves_finished(d)
+        self._moved_to_fenced(d)
+        self._dead_hosts(d)
+        self._vm_failures(d)
+        running_elsewhere = self._stray_copies(d)
+        self._placement(d, running_elsewhere)
+        self._drain(d)
+        self._moves(d)
+        return self._proposal(d), d.out
 
-        for reporter in beats.values():                               # admin requests
+    def _proposal(self, d: _Draft) -> ClusterState | None:
+        """The draft as the next state; None when it is the committed one, of this term."""
+        state = d.state
+        new = ClusterState(term=self.term, version=state.version + 1, vms=d.vms, hosts=d.hosts,
+                           migrations=d.migrations, kills=d.kills)
+        same = (new.vms == state.vms and dict(new.hosts) == {h: state.host(h) for h in d.hosts}
+                and new.migrations == state.migrations and new.kills == state.kills)
+        return None if same and state.term == self.term else new
+
+    # ---- the phases, in plan order ---------------------------------------------------------
+
+    def _admin_requests(self, d: _Draft) -> None:
+        """Operators' drain and undrain requests, as reported, set hosts' maintenance."""
+        for reporter in d.beats.values():
             for action, host in sorted(reporter.requests):
-                if host in hosts:
-                    hosts[host] = replace(hosts[host], maintenance=action == "drain")
+                if host in d.hosts:
+                    d.hosts[host] = replace(d.hosts[host], maintenance=action == "drain")
 
-        for host, host_rec in hosts.items():                          # fenced hosts back, empty
-            host_beat = beats.get(host)
+    def _fenced_rejoined(self, d: _Draft) -> None:
+        """A fenced host that reports again without VMs is back: no longer fenced."""
+        for host, host_rec in d.hosts.items():
+            host_beat = d.beats.get(host)
             if host_rec.fenced and host_beat is not None and not host_beat.vms:
-                hosts[host] = replace(host_rec, fenced=False)
+                d.hosts[host] = replace(host_rec, fenced=False)
                 self.fencing.forget(host)
 
-        for vm, host in list(kills.items()):                          # strays gone
-            killer = beats.get(host)
-            if (killer is not None and vm not in killer.vms) or hosts[host].fenced:
-                del kills[vm]
+    def _strays_gone(self, d: _Draft) -> None:
+        """A kill is over once its host no longer reports the stray copy, or was fenced."""
+        for vm, host in list(d.kills.items()):
+            killer = d.beats.get(host)
+            if (killer is not None and vm not in killer.vms) or d.hosts[host].fenced:
+                del d.kills[vm]
 
+    def _moves_finished(self, d: _Draft) -> None:
+        """Migrations that completed, failed or lost a side end.  The conditions that must hold a
+        while (`_held`) and were not seen in this plan are forgotten."""
         wait = self.config.timing.quorum_timeout_ms + self.config.timing.heartbeat_ms
         held: set[tuple[str, str]] = set()
-        for vm, mig in list(migrations.items()):                      # moves finished
-            rec = vms[vm]
-            report = next((r for r in beats[mig.source].migrations
-                           if r.vm == vm and r.generation == mig.generation and r.target == mig.target),
-                          None) if mig.source in beats else None
-            target_beat, source_beat = beats.get(mig.target), beats.get(mig.source)
-            switched = (target_beat is not None and target_beat.vms.get(vm) == "running"
-                        and source_beat is not None and source_beat.vms.get(vm) == "postmigrate")
-            if rec.owner != mig.source or rec.generation != mig.generation:
-                del migrations[vm]
-            elif switched or (report is not None and report.ok):   # the report may be lost
-                vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
-                del migrations[vm]
-            elif report is not None:
-                self.failed_targets.setdefault(vm, {})[mig.target] = now_ms
-                del migrations[vm]
-            elif source_beat is not None and vm not in source_beat.vms and target_beat is not None:
-                # The source lost its copy (rebooted, QEMU died) with the result unreported: a target
-                # that runs the guest has it.  Otherwise the move is over and the source restarts it,
-                # once the target has had time to report a switchover that raced the source's report.
-                if target_beat.vms.get(vm) == "running":
-                    vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
-                    del migrations[vm]
-                elif self._held((vm, "source lost"), now_ms, wait, held):
-                    del migrations[vm]
-            elif (source_beat is not None and source_beat.vms.get(vm) == "postmigrate"
-                  and target_beat is not None and vm not in target_beat.vms
-                  and self._held((vm, "target lost"), now_ms, 2 * wait, held)):
-                # Switched over (the guest left the source), result unreported, and the target no
-                # longer has it (its QEMU died since): nobody runs the guest; place it anew.  Waited
-                # for, so that the target's reports are from after the switchover.
-                vms[vm] = replace(rec, owner=None, generation=rec.generation + 1)
-                del migrations[vm]
+        for vm, mig in list(d.migrations.items()):
+            self._move_finished(d, vm, mig, wait, held)
         self._since = {k: at for k, at in self._since.items() if k in held}
 
-        for host, paused in sorted(beats.items()):                    # moved to a host now fenced
-            for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):
-                # The guest left this host; without a move in flight its destination was fenced.
-                if vm in vms and vms[vm].owner == host and vm not in migrations:
-                    vms[vm] = replace(vms[vm], owner=None, generation=vms[vm].generation + 1)
+    def _move_finished(self, d: _Draft, vm: str, mig: MigrationRecord, wait: int,
+                       held: set[tuple[str, str]]) -> None:
+        """Whether the move of `vm` is over, from the reports of its two hosts: its VM goes to the
+        target, stays with the source or is placed anew."""
+        rec = d.vms[vm]
+        report = next((r for r in d.beats[mig.source].migrations
+                       if r.vm == vm and r.generation == mig.generation and r.target == mig.target),
+                      None) if mig.source in d.beats else None
+        target_beat, source_beat = d.beats.get(mig.target), d.beats.get(mig.source)
+        switched = (target_beat is not None and target_beat.vms.get(vm) == "running"
+                    and source_beat is not None and source_beat.vms.get(vm) == "postmigrate")
+        if rec.owner != mig.source or rec.generation != mig.generation:
+            del d.migrations[vm]
+        elif switched or (report is not None and report.ok):   # the report may be lost
+            d.reassign(vm, mig.target)
+            del d.migrations[vm]
+        elif report is not None:
+            self.failed_targets.setdefault(vm, {})[mig.target] = d.now_ms
+            del d.migrations[vm]
+        elif source_beat is not None and vm not in source_beat.vms and target_beat is not None:
+            # The source lost its copy (rebooted, QEMU died) with the result unreported: a target
+            # that runs the guest has it.  Otherwise the move is over and the source restarts it,
+            # once the target has had time to report a switchover that raced the source's report.
+            if target_beat.vms.get(vm) == "running":
+                d.reassign(vm, mig.target)
+                del d.migrations[vm]
+            elif self._held((vm, "source lost"), d.now_ms, wait, held):
+                del d.migrations[vm]
+        elif (source_beat is not None and source_beat.vms.get(vm) == "postmigrate"
+              and target_beat is not None and vm not in target_beat.vms
+              and self._held((vm, "target lost"), d.now_ms, 2 * wait, held)):
+            # Switched over (the guest left the source), result unreported, and the target no
+            # longer has it (its QEMU died since): nobody runs the guest; place it anew.  Waited
+            # for, so that the target's reports are from after the switchover.
+            d.reassign(vm, None)
+            del d.migrations[vm]
 
-        for host, view in sorted(views.items()):                      # dead hosts: fence first
-            if host == self.config.me or hosts[host].fenced:
+    def _moved_to_fenced(self, d: _Draft) -> None:
+        """A guest that left its owner (paused there after a switchover) without a move in
+        flight went to a destination fenced since: nobody runs it; it is placed anew."""
+        for host, paused in sorted(d.beats.items()):
+            for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):
+                if vm in d.vms and d.vms[vm].owner == host and vm not in d.migrations:
+                    d.reassign(vm, None)
+
+    def _dead_hosts(self, d: _Draft) -> None:
+        """Hosts declared dead that hold VMs or receive a move are fenced first; once confirmed
+        off their VMs are released.  A host heard again before that is not fenced."""
+        for host, view in sorted(d.views.items()):
+            if host == self.config.me or d.hosts[host].fenced:
                 continue
             if not view.dead:
                 self.fencing.cancel(host)
                 continue
-            if not state.owned_by(host) and not any(m.target == host for m in migrations.values()):
+            if not d.state.owned_by(host) and not any(m.target == host for m in d.migrations.values()):
                 continue                                              # nothing of it to move
             spec = self.config.hosts[host]
-            self.fencing.declare(host, device=spec.fence_device, now_ms=now_ms)
-            if self.fenced(host, now_ms):
-                hosts[host] = replace(hosts[host], fenced=True)
-                self._release(host, vms, migrations, kills, beats)
-        commands, alerts = self.fencing.poll(now_ms, self.new_id)
-        out += [FenceHost(id=c.id, host=c.host, term=self.term) for c in commands]
-        out += [RaiseAlert(id=self.new_id(), kind="fence-failed", reason=a.reason, host=a.host)
-                for a in alerts]
+            self.fencing.declare(host, device=spec.fence_device, now_ms=d.now_ms)
+            if self.fenced(host, d.now_ms):
+                d.hosts[host] = replace(d.hosts[host], fenced=True)
+                self._release(host, d)
+        commands, alerts = self.fencing.poll(d.now_ms, self.new_id)
+        d.out += [FenceHost(id=c.id, host=c.host, term=self.term) for c in commands]
+        d.out += [RaiseAlert(id=self.new_id(), kind="fence-failed", reason=a.reason, host=a.host)
+                  for a in alerts]
 
-        for host, failing in sorted(beats.items()):                   # VM-level failures
+    def _vm_failures(self, d: _Draft) -> None:
+        """A VM its owner gave up on (QEMU gone) is placed anew, avoiding that host a while."""
+        for host, failing in sorted(d.beats.items()):
             for vm in sorted(failing.failed_vms):
-                failed = vms.get(vm)
+                failed = d.vms.get(vm)
                 if (failed is not None and failed.owner == host and vm not in failing.vms
-                        and vm not in migrations):
-                    self.failed_targets.setdefault(vm, {})[host] = now_ms
-                    vms[vm] = replace(failed, owner=None, generation=failed.generation + 1)
+                        and vm not in d.migrations):
+                    self.failed_targets.setdefault(vm, {})[host] = d.now_ms
+                    d.reassign(vm, None)
 
-        # Running copies not on their owner (one pass over the reports, not over every VM).
+    def _stray_copies(self, d: _Draft) -> set[str]:
+        """Running copies not on their owner are killed, unless a move brings them there.
+        Returns the VMs that run on a host other than their owner (one pass over the reports,
+        not over every VM)."""
         unexpected: list[tuple[str, str]] = []
-        for host, beat in beats.items():
+        for host, beat in d.beats.items():
             for vm, qemu in beat.vms.items():
                 if qemu == "running":
-                    owned = vms.get(vm)
+                    owned = d.vms.get(vm)
                     if owned is None or owned.owner != host:
                         unexpected.append((vm, host))
-        for vm, host in sorted(unexpected):                           # stray copies
-            moving = migrations.get(vm)
+        for vm, host in sorted(unexpected):
+            moving = d.migrations.get(vm)
             incoming = moving is not None and moving.target == host
-            if not incoming and vm not in kills:
-                kills[vm] = host
+            if not incoming and vm not in d.kills:
+                d.kills[vm] = host
+        return {vm for vm, _host in unexpected}
 
-        running_unowned = {vm for vm, _host in unexpected}            # placement
-        unplaced = [vm for vm, rec in vms.items()
-                    if rec.owner is None and rec.desired == "running" and vm not in running_unowned]
-        candidates = self._candidates(vms, hosts, migrations, views)
-        excluded = {vm: self._failed(vm, now_ms) for vm in unplaced}
+    def _placement(self, d: _Draft, running_elsewhere: set[str]) -> None:
+        """VMs without an owner that should run (and run nowhere) are placed, highest priority
+        first; a VM no host has room for is reported once per generation."""
+        unplaced = [vm for vm, rec in d.vms.items()
+                    if rec.owner is None and rec.desired == "running" and vm not in running_elsewhere]
+        candidates = self._candidates(d)
+        excluded = {vm: self._failed(vm, d.now_ms) for vm in unplaced}
         for placement in plan_recovery(self.config.vms, unplaced, candidates, self.config.limits, excluded):
             if placement.host is not None:
-                vms[placement.vm] = replace(vms[placement.vm], owner=placement.host)
-                out.append(self._decided(placement, "place"))
-            elif (no_room := (placement.vm, "", vms[placement.vm].generation)) not in self._refused:
+                d.vms[placement.vm] = replace(d.vms[placement.vm], owner=placement.host)
+                d.out.append(self._decided(placement, "place"))
+            elif (no_room := (placement.vm, "", d.vms[placement.vm].generation)) not in self._refused:
                 self._refused.add(no_room)          # said once, not at every plan
-                out.append(self._decided(placement, "place"))
+                d.out.append(self._decided(placement, "place"))
 
-        self._drain(vms, hosts, migrations, views, beats, out, now_ms)
-        self._moves(vms, hosts, migrations, views, beats, out)
+    def _drain(self, d: _Draft) -> None:
+        """Plan live moves off hosts in maintenance or degraded, highest priority first, within
+        the limits."""
+        for host, host_rec in sorted(d.hosts.items()):
+            beat = d.beats.get(host)
+            if not (host_rec.maintenance or (beat is not None and beat.degraded)) or beat is None:
+                continue
+            movable = [vm for vm in sorted(d.vms) if d.vms[vm].owner == host and vm not in d.migrations
+                       and beat.vms.get(vm) == "running"]
+            for vm in by_priority(self.config.vms, movable):
+                outgoing = sum(m.source == host for m in d.migrations.values())
+                if outgoing >= self.config.limits.max_migrations_per_host:
+                    break
+                self._drain_vm(d, host, vm)
 
-        new = ClusterState(term=self.term, version=state.version + 1, vms=vms, hosts=hosts,
-                           migrations=migrations, kills=kills)
-        same = (new.vms == state.vms and dict(new.hosts) == {h: state.host(h) for h in hosts}
-                and new.migrations == state.migrations and new.kills == state.kills)
-        return (None if same and state.term == self.term else new), out
+    def _drain_vm(self, d: _Draft, host: str, vm: str) -> None:
+        """One live move of `vm` off `host`, to the best target that will take it."""
+        spec: VmSpec = self.config.vms[vm]
+        skip = self._failed(vm, d.now_ms)
+        candidates = [c for c in self._candidates(d) if c.name not in skip]
+        placement = place(spec, candidates, self.config.limits, migration=True,
+                          cluster_migrations=len(d.migrations))
+        if placement.host is None and skip:
+            # No other target will do: try the failed ones again (the failure may have been
+            # the source's, a QEMU that hung, say).
+            self.failed_targets.pop(vm, None)
+            return
+        if placement.host is not None:
+            d.migrations[vm] = MigrationRecord(source=host, target=placement.host,
+                                               generation=d.vms[vm].generation)
+            d.out.append(self._decided(placement, "drain"))
 
-    def _release(self, host: str, vms: dict[str, VmRecord], migrations: dict[str, MigrationRecord],
-                 kills: dict[str, str], beats: Mapping[str, Heartbeat]) -> None:
+    def _moves(self, d: _Draft) -> None:
+        """Operators' move requests (`haguard migrate VM --to HOST`), if the target may take it."""
+        asked = sorted({move for beat in d.beats.values() for move in beat.moves})
+        for vm, target in asked:
+            rec = d.vms.get(vm)
+            if rec is None or rec.owner in (None, target) or vm in d.migrations or target not in d.hosts:
+                continue
+            source = d.beats.get(rec.owner)
+            if source is None or source.vms.get(vm) != "running":
+                continue
+            candidates = [c for c in self._candidates(d) if c.name == target]
+            placement = place(self.config.vms[vm], candidates, self.config.limits, migration=True,
+                              cluster_migrations=len(d.migrations))
+            key = (vm, target, rec.generation)
+            if placement.host is not None:
+                d.migrations[vm] = MigrationRecord(source=rec.owner, target=target, generation=rec.generation)
+                d.out.append(self._decided(placement, "move"))
+            elif key not in self._refused:          # said once, not at every plan
+                self._refused.add(key)
+                d.out.append(self._decided(placement, "move"))
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _release(self, host: str, d: _Draft) -> None:
         """`host` is fenced: its VMs are free; a move whose target already runs the VM completes."""
-        involved = {vm for vm, mig in migrations.items() if host in (mig.source, mig.target)}
-        for vm, rec in [(vm, rec) for vm, rec in vms.items() if rec.owner == host or vm in involved]:
-            mig = migrations.get(vm)
+        involved = {vm for vm, mig in d.migrations.items() if host in (mig.source, mig.target)}
+        for vm, rec in [(vm, rec) for vm, rec in d.vms.items() if rec.owner == host or vm in involved]:
+            mig = d.migrations.get(vm)
             if mig is not None and host in (mig.source, mig.target):
-                del migrations[vm]
-                target_beat = beats.get(mig.target)
+                del d.migrations[vm]
+                target_beat = d.beats.get(mig.target)
                 if (mig.source == host and target_beat is not None
                         and target_beat.vms.get(vm) == "running"):
-                    vms[vm] = replace(rec, owner=mig.target, generation=rec.generation + 1)
+                    d.reassign(vm, mig.target)
                     continue
             if rec.owner == host:
-                vms[vm] = replace(rec, owner=None, generation=rec.generation + 1)
-        for vm, on in list(kills.items()):
+                d.reassign(vm, None)
+        for vm, on in list(d.kills.items()):
             if on == host:
-                del kills[vm]
+                del d.kills[vm]
 
-    def _candidates(self, vms: Mapping[str, VmRecord], hosts: Mapping[str, HostRecord],
-                    migrations: Mapping[str, MigrationRecord],
-                    views: Mapping[str, HostView]) -> list[HostCandidate]:
+    def _candidates(self, d: _Draft) -> list[HostCandidate]:
+        """Every configured host as a placement candidate, given the draft's VMs and moves."""
         # One pass over the VMs, not one per host: at 1,000 hosts x 20 VMs that is 20,000 steps
         # instead of 20 million (measured by bench/simulate.py: 13 s per plan before).
         memory: dict[str, int] = {}                  # host -> what the VMs it runs or receives use
         vcpus: dict[str, int] = {}
         groups: dict[str, tuple[set[str], set[str]]] = {}   # host -> (affinity, anti-affinity) groups
         incoming: dict[str, int] = {}
-        specs = self.config.vms
+        specs, vms, migrations = self.config.vms, d.vms, d.migrations
 
         held = [(rec.owner, specs[vm]) for vm, rec in vms.items() if rec.owner is not None]
         held += [(mig.target, specs[vm]) for vm, mig in migrations.items()
@@ -232,13 +357,13 @@ class Coordinator:
         out = []
         empty: tuple[set[str], set[str]] = (set(), set())
         for name, spec in sorted(self.config.hosts.items()):
-            view = views.get(name)
+            view = d.views.get(name)
             aff, anti = groups.get(name, empty)
             out.append(HostCandidate(
                 name=name, alive=view is not None and view.alive and not spec.witness,
                 degraded=view is not None and view.beat is not None and view.beat.degraded,
                 memory_mib=spec.memory_mib, vcpus=spec.vcpus,
-                maintenance=hosts[name].maintenance, fenced=hosts[name].fenced,
+                maintenance=d.hosts[name].maintenance, fenced=d.hosts[name].fenced,
                 groups=spec.groups, group_priority=spec.group_priority,
                 migrations_in_flight=incoming.get(name, 0),
                 used_memory_mib=memory.get(name, 0), used_vcpus=vcpus.get(name, 0),
@@ -249,61 +374,7 @@ class Coordinator:
         return PlacementDecided(id=self.new_id(), vm=placement.vm, host=placement.host, kind=kind,
                                 reasons=placement.explain())
 
-    def _moves(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],
-               migrations: dict[str, MigrationRecord], views: Mapping[str, HostView],
-               beats: Mapping[str, Heartbeat], out: list[PlanOutput]) -> None:
-        """Operators' move requests (`haguard migrate VM --to HOST`), if the target may take it."""
-        asked = sorted({move for beat in beats.values() for move in beat.moves})
-        for vm, target in asked:
-            rec = vms.get(vm)
-            if rec is None or rec.owner in (None, target) or vm in migrations or target not in hosts:
-                continue
-            source = beats.get(rec.owner)
-            if source is None or source.vms.get(vm) != "running":
-                continue
-            candidates = [c for c in self._candidates(vms, hosts, migrations, views) if c.name == target]
-            placement = place(self.config.vms[vm], candidates, self.config.limits, migration=True,
-                              cluster_migrations=len(migrations))
-            key = (vm, target, rec.generation)
-            if placement.host is not None:
-                migrations[vm] = MigrationRecord(source=rec.owner, target=target, generation=rec.generation)
-                out.append(self._decided(placement, "move"))
-            elif key not in self._refused:          # said once, not at every plan
-                self._refused.add(key)
-                out.append(self._decided(placement, "move"))
-
     def _failed(self, vm: str, now_ms: int) -> frozenset[str]:
         """Hosts a move or run of `vm` failed on lately: avoided while others will do."""
         failed = self.failed_targets.get(vm, {})
         return frozenset(h for h, at in failed.items() if now_ms - at < FAILED_TARGET_MS)
-
-    def _drain(self, vms: dict[str, VmRecord], hosts: Mapping[str, HostRecord],
-               migrations: dict[str, MigrationRecord], views: Mapping[str, HostView],
-               beats: Mapping[str, Heartbeat], out: list[PlanOutput], now_ms: int) -> None:
-        """Plan live moves off hosts in maintenance or degraded, highest priority first, within
-        the limits."""
-        for host, host_rec in sorted(hosts.items()):
-            beat = beats.get(host)
-            if not (host_rec.maintenance or (beat is not None and beat.degraded)) or beat is None:
-                continue
-            movable = [vm for vm in sorted(vms) if vms[vm].owner == host and vm not in migrations
-                       and beat.vms.get(vm) == "running"]
-            for vm in by_priority(self.config.vms, movable):
-                outgoing = sum(m.source == host for m in migrations.values())
-                if outgoing >= self.config.limits.max_migrations_per_host:
-                    break
-                spec: VmSpec = self.config.vms[vm]
-                skip = self._failed(vm, now_ms)
-                candidates = [c for c in self._candidates(vms, hosts, migrations, views)
-                              if c.name not in skip]
-                placement = place(spec, candidates, self.config.limits, migration=True,
-                                  cluster_migrations=len(migrations))
-                if placement.host is None and skip:
-                    # No other target will do: try the failed ones again (the failure may have been
-                    # the source's, a QEMU that hung, say).
-                    self.failed_targets.pop(vm, None)
-                    continue
-                if placement.host is not None:
-                    migrations[vm] = MigrationRecord(source=host, target=placement.host,
-                                                     generation=vms[vm].generation)
-                    out.append(self._decided(placement, "drain"))

@@ -1,7 +1,7 @@
 """Configuration, messages, inputs and outputs of the cluster core.
 
 Inputs are past-tense facts, outputs are commands; all frozen and keyword-only.
-Every output has an `id`; the result of a command comes back as `CommandResult`
+Every output has an `id`; the result of a command comes back as `CommandFinished`
 with that id.  Messages travel through the broker: `to=None` is a broadcast.
 """
 
@@ -11,9 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
 from haguard.core.cluster.state import ClusterState, StateKey
-from haguard.core.detector import BrokerStatus, DetectorTiming, PingObserved
+from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
 
 IsolationPolicy = Literal["keep", "shutdown", "self-fence"]
 # QEMU states a host reports for its local VMs.  Only `running` executes the guest.
@@ -109,7 +110,7 @@ class Heartbeat:
     # lists only its ring neighbours.
     unheard: frozenset[str] | None = None
     # A coordinator's confirmation of the acks it received since its previous heartbeat:
-    # host -> (incarnation, sequence) (a read index, see ClusterAgent).
+    # host -> (incarnation, sequence) (a read index, see ClusterMember).
     confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     # Numbers the sender's heartbeats within its incarnation: a heartbeat relayed by several
     # paths is one heartbeat.  Not part of its content (equal heartbeats say the same).
@@ -201,7 +202,7 @@ class LocalVmsObserved:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CommandResult:
+class CommandFinished:
     id: str
     ok: bool
     now_ms: int
@@ -224,8 +225,8 @@ class LocalHealthObserved:
     now_ms: int
 
 
-ClusterInput = (MessageReceived | LocalVmsObserved | CommandResult | AdminRequested
-                | LocalHealthObserved | PingObserved | BrokerStatus)
+ClusterInput = (MessageReceived | LocalVmsObserved | CommandFinished | AdminRequested
+                | LocalHealthObserved | PingObserved | BrokerConnectionChanged)
 
 
 # ---- outputs ---------------------------------------------------------------------
@@ -305,14 +306,6 @@ class StopPettingWatchdog:
 
 
 @dataclass(frozen=True, kw_only=True)
-class RaiseAlert:
-    id: str
-    kind: str
-    reason: str
-    host: str = ""                  # the host it is about (a fence's target); "" for the sender
-
-
-@dataclass(frozen=True, kw_only=True)
 class PlacementDecided:
     """The coordinator chose a host for a VM (or found none): why this one, why not the others."""
 
@@ -324,7 +317,7 @@ class PlacementDecided:
 
 
 ClusterOutput = (PersistState | Send | StartVm | StopVm | KillVm | MigrateVm | FenceHost
-                 | PetWatchdog | StopPettingWatchdog | RaiseAlert | PlacementDecided)
+                 | PetWatchdog | StopPettingWatchdog | RaiseAlert | PlacementDecided | DetectorOutput)
 
 
 @dataclass(frozen=True, kw_only=True)

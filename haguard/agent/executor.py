@@ -1,18 +1,19 @@
-"""The agent's cluster side: the cluster core (`ClusterAgent`) wired to the outside.
+"""Executes the cluster core's outputs on this host, and serves the destination side of moves.
 
-Runs inside the agent's core task (never concurrently with itself).  Inputs: cluster
-messages from the broker, the broker's and pings' news, the local QEMUs' run states
-and the results of the commands it started.  Outputs of the core, in order:
+Runs inside the agent's core task (never concurrently with itself); the decisions are
+the host core's (haguard/core/host.py), this module only does what they say:
 
     PersistState   written to state_dir (fsync, rename) before anything after it
     Send           a signed "cluster" broadcast or a "direct" message to one host's inbox
     StartVm/StopVm/KillVm/MigrateVm/FenceHost   a task each; its result comes back
-                   through the agent's queue as `CommandResult`
+                   through the agent's queue as `CommandFinished`
     PetWatchdog/StopPettingWatchdog             the watchdog device, if configured
     RaiseAlert     the alert pipeline (journal, MQTT, webhooks)
 
-A command the core repeats while an earlier one for the same VM still runs joins that
-one (a long migration outlives the core's command expiry); both get its result.
+What it learns while doing so goes back into the queue as facts (a QEMU's state after a
+start or asked before a stop, a stop that began).  A command the core repeats while an
+earlier one for the same VM still runs joins that one (a long migration outlives the
+core's command expiry); both get its result.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,41 +33,29 @@ import structlog
 from haguard.adapters import metrics
 from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
-from haguard.agent.derive import detector_timing, host_memory_mib
 from haguard.agent.durable import write_durably
 from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
 from haguard.config.cluster import ClusterConfig
-from haguard.core.alerts import Alert, AlertKind, coordinator_alert, make_alert
+from haguard.core.alerts import Alert, AlertKind, RaiseAlert, alert_of, coordinator_alert, make_alert
 from haguard.core.cluster import codec
-from haguard.core.cluster.agent import ClusterAgent
-from haguard.core.cluster.placement import PlacementLimits, VmSpec
 from haguard.core.cluster.state import ClusterState
 from haguard.core.cluster.types import (
     INCOMING_UNWANTED,
     MOVED_AWAY,
-    ClusterInput,
-    ClusterOutput,
-    ClusterTiming,
-    CommandResult,
-    CoreConfig,
+    CommandFinished,
     FenceHost,
-    HostSpec,
     KillVm,
-    LocalVmsObserved,
-    MessageReceived,
     MigrateVm,
     PersistedState,
     PersistState,
     PetWatchdog,
     PlacementDecided,
-    QemuState,
-    RaiseAlert,
     Send,
     StartVm,
     StopPettingWatchdog,
     StopVm,
 )
-from haguard.core.wire import Envelope
+from haguard.core.host_types import QemuStateObserved, VmStopBegan
 from haguard.errors import ConfigError, HaguardError
 from haguard.migration.engine import run_migration
 from haguard.migration.options import MigrationOptions
@@ -80,54 +68,11 @@ from haguard.vm.definition import VmDefinition
 log = structlog.get_logger("haguard.cluster")
 
 STATE_FILE = "cluster-state.json"
-LOCAL_REPORT_S = 1.0            # re-report local QEMUs at least this often
-# QEMU run states -> what the cluster core counts.  Anything but these two is a copy that
-# holds the guest and could resume it: counted as running (the safe side).
-_QEMU_STATES: dict[str, QemuState] = {"inmigrate": "inmigrate", "postmigrate": "postmigrate",
-                                      "finish-migrate": "postmigrate"}
-
-
-def counted(status: str) -> QemuState:
-    return _QEMU_STATES.get(status, "running")
-
 Offer = Callable[[Any], None]
 Publish = Callable[..., bool]
 AlertSink = Callable[[Alert], None]
-
-
-def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
-    """The core's view of the configuration; every agent computes the same one."""
-    t, ha = cfg.timing, cfg.ha
-    # A host without a configured size is taken to be like this one (a uniform cluster).
-    default_memory, default_vcpus = host_memory_mib(), os.cpu_count() or 1
-    hosts = {}
-    for h in cfg.hosts:
-        hosts[h.name] = HostSpec(
-            name=h.name, weight=h.weight, priority=h.priority, witness=h.witness,
-            fence_device=h.fence is not None, memory_mib=h.memory_mib or default_memory,
-            vcpus=h.vcpus or default_vcpus, groups=frozenset({h.group} if h.group else ()),
-            group_priority=h.priority,
-            # The device's own timeout, plus the time to start the agent program and read it.
-            fence_timeout_ms=int(h.fence.timeout_s * 1000) + 2000 if h.fence is not None else None)
-    specs = {name: VmSpec(name=name, memory_mib=v.memory_mib, vcpus=v.vcpus, priority=v.priority,
-                          affinity=v.affinity, anti_affinity=v.anti_affinity,
-                          allowed_groups=frozenset(v.host_groups))
-             for name, v in vms.items()}
-    watchdog_ms = int(ha.watchdog.timeout_s * 1000) if ha.watchdog else 10_000
-    timing = ClusterTiming(
-        tick_ms=100, heartbeat_ms=t.heartbeat_interval_ms, quorum_timeout_ms=t.suspect_timeout_ms,
-        lease_ms=t.dead_timeout_ms, election_timeout_ms=max(t.heartbeat_interval_ms * 3,
-                                                            t.dead_timeout_ms * 2 // 3),
-        watchdog_timeout_ms=watchdog_ms,
-        watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
-        relay_transit_ms=ha.relay_transit_ms)
-    return CoreConfig(
-        me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
-        detector=detector_timing(t),
-        limits=PlacementLimits(memory_overcommit=ha.memory_overcommit, vcpu_overcommit=ha.vcpu_overcommit,
-                               max_migrations_per_host=ha.max_migrations_per_host,
-                               max_migrations_cluster=ha.max_migrations),
-        isolation=ha.isolation)
+ClusterOutputs = (PersistState | Send | StartVm | StopVm | KillVm | MigrateVm | FenceHost | PetWatchdog
+                  | StopPettingWatchdog | PlacementDecided | RaiseAlert)
 
 
 # ---- persistence --------------------------------------------------------------------------
@@ -171,161 +116,83 @@ class _Running:
     target: str = ""
 
 
-class ClusterRuntime:
-    def __init__(self, cfg: ClusterConfig, vms: dict[str, VmDefinition], *, incarnation: int, now_ms: int,
-                 publish: Publish, offer: Offer, alert: AlertSink, clock: Callable[[], int],
-                 rescan: Callable[[], None]) -> None:
+class ClusterExecutor:
+    def __init__(self, cfg: ClusterConfig, vms: dict[str, VmDefinition], *, publish: Publish, offer: Offer,
+                 alert: AlertSink, clock: Callable[[], int], rescan: Callable[[], None],
+                 may_receive: Callable[[str, str, int], str | None],
+                 nothing_here: Callable[[], bool]) -> None:
         self.cfg, self.vms = cfg, vms
         self.me = cfg.this_host().name
         self.publish, self.offer, self.alert, self.clock, self.rescan = publish, offer, alert, clock, rescan
+        self.nothing_here = nothing_here
         self.state_file = cfg.state_dir / STATE_FILE
-        self.core = ClusterAgent(core_config(cfg, vms), incarnation=incarnation, now_ms=now_ms,
-                                 persisted=load_persisted(self.state_file))
         self.watchdog: Watchdog | None = None
         if cfg.ha.watchdog is not None:
             self.watchdog = Watchdog(cfg.ha.watchdog.device, timeout_s=cfg.ha.watchdog.timeout_s)
-        self.qemu: dict[str, str] = {}              # vm -> QEMU run state, from the VM watchers
-        self.gone: set[str] = set()                 # QEMUs that went away since the last report
-        self.stopping: set[str] = set()             # ... because we stopped or moved them
         self.running: dict[str, _Running] = {}      # vm or "fence:HOST" -> its command's task
-        self._reported: tuple[dict[str, QemuState], frozenset[str]] | None = None
-        self._reported_ms = -10**9
         self.rpc = RpcClient(self.me, lambda to, body: self.publish("direct", body, to=to))
         self.server = DestinationServer(
             me=self.me, address=cfg.this_host().address, base=cfg.run_dir, vms=lambda: self.vms,
-            authorise=self._authorise_incoming,
+            authorise=lambda vm, sender, generation: may_receive(vm, sender, generation),
             reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started)
-        self.rejected = 0
         self._watchdog_failing = False
-        self._quorum_lost = False
-        self._started_ms = now_ms
-        self._last_committed = self.core.committed
 
-    # ---- inputs ---------------------------------------------------------------------------
-
-    def step(self, event: ClusterInput) -> None:
-        self._execute(self.core.step(event))
-        self._committed_changed()
-
-    def tick(self, now_ms: int) -> None:
-        self._report_local(now_ms)
-        self._execute(self.core.tick(now_ms))
-        self._committed_changed()
-        self._watch_quorum(now_ms)
+    def tick(self) -> None:
         for sid in self.server.stale():         # a move given up: let go of its monitor
             self._spawn(f"close-{sid}", self.server.close_session(sid))
 
-    def _committed_changed(self) -> None:
-        if self.core.committed is not self._last_committed:
-            self._recoveries(self._last_committed, self.core.committed)
-            self._last_committed = self.core.committed
-
-    def _watch_quorum(self, now_ms: int) -> None:
-        """quorum-lost while this host holds VMs: it cannot decide, and its watchdog (if any)
-        stops being petted.  Resolved when quorum is back."""
-        lost = bool(self.qemu) and not self.core.connected_quorate(now_ms)
-        if lost == self._quorum_lost or now_ms - self._started_ms < self.cfg.timing.dead_timeout_ms:
-            return
-        self._quorum_lost = lost
-        self.alert(make_alert(AlertKind.QUORUM_LOST, host=self.me, resolved=not lost,
-                              summary=f"{self.me} {'lost' if lost else 'regained'} quorum with VMs running",
-                              description="no decision is taken here; VMs keep running"
-                              + ("; the watchdog is no longer petted" if lost and self.watchdog else "")))
-
-    def _recoveries(self, before: ClusterState, after: ClusterState) -> None:
-        """On the coordinator: a VM of a fenced host that got a new owner (the recovery)."""
-        if self.core.coordinator is None:
-            return
-        for vm, rec in after.vms.items():
-            old = before.vms.get(vm)
-            if (old is not None and old.owner is not None and rec.owner not in (None, old.owner)
-                    and after.host(old.owner).fenced and vm not in before.migrations):
-                self.alert(make_alert(AlertKind.RECOVERY_DONE, host=old.owner, vm=vm,
-                                      summary=f"{vm} recovered from fenced {old.owner} on {rec.owner}",
-                                      description=f"generation {rec.generation}"))
-
-    def on_envelope(self, env: Envelope, now_ms: int) -> None:
-        body = env.body
+    def on_rpc(self, sender: str, body: dict[str, Any]) -> None:
+        """A migration request or reply (they bypass the core: a live move makes a dozen of these
+        round trips, and they neither feed nor change it)."""
         if body.get("rpc") == "request":
-            self._spawn(f"rpc-{body.get('id')}", self.server.handle(env.host, body))
-            return
-        if body.get("rpc") == "reply":
-            self.rpc.on_reply(env.host, body)
-            return
-        try:
-            message = codec.from_data(body.get("msg"))
-        except codec.CodecError as exc:
-            self._reject(env, str(exc))
-            return
-        if message.sender != env.host:
-            self._reject(env, f"message of {message.sender!r} sent by {env.host!r}")
-            return
-        if message.to is not None and message.to != self.me:
-            self._reject(env, f"message for {message.to!r} delivered here")
-            return
-        if (env.kind == "direct") != (message.to is not None):
-            self._reject(env, "broadcast and direct messages mixed up")
-            return
-        self.step(MessageReceived(message=message, now_ms=now_ms))
-
-    def _reject(self, env: Envelope, why: str) -> None:
-        self.rejected += 1
-        log.warning("cluster-message-rejected", sender=env.host, kind=env.kind, reason=why)
-
-    def observe_qemu(self, vm: str, status: str | None) -> None:
-        """A VM watcher's news: a run state, or None when the QEMU process is gone."""
-        if status is None:
-            if self.qemu.pop(vm, None) is not None and vm not in self.stopping:
-                self.gone.add(vm)
-            self.stopping.discard(vm)
+            self._spawn(f"rpc-{body.get('id')}", self.server.handle(sender, body))
         else:
-            self.qemu[vm] = status
+            self.rpc.on_reply(sender, body)
 
-    def _report_local(self, now_ms: int) -> None:
-        local = {vm: counted(s) for vm, s in self.qemu.items()}
-        crashed = frozenset(self.gone)
-        due = now_ms - self._reported_ms >= LOCAL_REPORT_S * 1000
-        if (local, crashed) != self._reported or crashed or due:
-            self._reported, self._reported_ms = (local, crashed), now_ms
-            self.gone = set()
-            self._execute(self.core.step(LocalVmsObserved(vms=local, now_ms=now_ms, crashed=crashed)))
+    def _observed(self, vm: str, status: str | None) -> None:
+        self.offer(QemuStateObserved(vm=vm, status=status, now_ms=self.clock()))
+
+    def _stop_began(self, vm: str) -> None:
+        self.offer(VmStopBegan(vm=vm, now_ms=self.clock()))
 
     # ---- outputs --------------------------------------------------------------------------
 
-    def _execute(self, outputs: list[ClusterOutput]) -> None:
-        for out in outputs:
-            match out:
-                case PersistState():
-                    save_persisted(self.state_file, out)
-                case Send(message=message):
-                    body = {"msg": codec.to_data(message)}
-                    if message.to is None:
-                        self.publish("cluster", body)
-                    else:
-                        self.publish("direct", body, to=message.to)
-                case StartVm():
-                    self._command(out.vm, out.id, partial(self._start, out))
-                case StopVm():
-                    self._command(out.vm, out.id, partial(self._stop, out.vm, out.reason))
-                case KillVm():
-                    self._command(out.vm, out.id, partial(self._kill, out))
-                case MigrateVm():
-                    self._command(out.vm, out.id, partial(self._migrate, out), target=out.target)
-                case FenceHost():
-                    self._command(f"fence:{out.host}", out.id, partial(self._fence, out))
-                case PetWatchdog():
-                    self._pet()
-                case StopPettingWatchdog():
-                    log.critical("watchdog-stop-petting", reason=out.reason)
-                    if self.watchdog is not None:
-                        self.watchdog.stop_petting(out.reason)
-                case PlacementDecided():
-                    # Why this host and why not the others, for every choice the coordinator makes.
-                    level = log.info if out.host is not None else log.warning
-                    level("placement", vm=out.vm, chosen=out.host, kind=out.kind, reasons=out.reasons)
-                case RaiseAlert():
+    def execute(self, out: ClusterOutputs) -> None:
+        match out:
+            case PersistState():
+                save_persisted(self.state_file, out)
+            case Send(message=message):
+                body = {"msg": codec.to_data(message)}
+                if message.to is None:
+                    self.publish("cluster", body)
+                else:
+                    self.publish("direct", body, to=message.to)
+            case StartVm():
+                self._command(out.vm, out.id, partial(self._start, out))
+            case StopVm():
+                self._command(out.vm, out.id, partial(self._stop, out.vm, out.reason))
+            case KillVm():
+                self._command(out.vm, out.id, partial(self._kill, out))
+            case MigrateVm():
+                self._command(out.vm, out.id, partial(self._migrate, out), target=out.target)
+            case FenceHost():
+                self._command(f"fence:{out.host}", out.id, partial(self._fence, out))
+            case PetWatchdog():
+                self._pet()
+            case StopPettingWatchdog():
+                log.critical("watchdog-stop-petting", reason=out.reason)
+                if self.watchdog is not None:
+                    self.watchdog.stop_petting(out.reason)
+            case PlacementDecided():
+                # Why this host and why not the others, for every choice the coordinator makes.
+                level = log.info if out.host is not None else log.warning
+                level("placement", vm=out.vm, chosen=out.host, kind=out.kind, reasons=out.reasons)
+            case RaiseAlert():
+                if out.kind not in ("quorum-lost", "recovery-done"):
                     log.error("cluster-alert", kind=out.kind, reason=out.reason, about=out.host or self.me)
-                    self._alert(out.kind, out.reason, host=out.host or self.me)
+                alert = alert_of(out, me=self.me)
+                if alert is not None:
+                    self.alert(alert)
 
     def _alert(self, kind: str, reason: str, *, host: str = "", vm: str = "") -> None:
         """An alert of a known kind into the pipeline (other kinds are only logged)."""
@@ -364,7 +231,7 @@ class ClusterRuntime:
         if self.running.get(key) is entry:
             del self.running[key]
         for cid in entry.ids:
-            self.offer(CommandResult(id=cid, ok=ok, now_ms=self.clock(), reason=reason))
+            self.offer(CommandFinished(id=cid, ok=ok, now_ms=self.clock(), reason=reason))
 
     def _spawn(self, name: str, coro: Any) -> None:
         key = f"side:{name}"
@@ -386,7 +253,7 @@ class ClusterRuntime:
             return False, f"VM {cmd.vm} is not in this host's inventory"
         log.info("vm-start", vm=cmd.vm, generation=cmd.generation, term=cmd.term)
         instance = await asyncio.to_thread(launcher.start, vm, self.cfg.run_dir)
-        self.qemu[cmd.vm] = "running"
+        self._observed(cmd.vm, "running")
         self.rescan()
         log.info("vm-started", vm=cmd.vm, pid=instance.pid, generation=cmd.generation)
         return True, ""
@@ -404,12 +271,12 @@ class ClusterRuntime:
         if moving:
             status = await self._live_status(paths)
             if status is not None and status not in ("postmigrate", "inmigrate", "shutdown"):
-                self.observe_qemu(vm, status)
+                self._observed(vm, status)
                 log.warning("vm-stop-skipped", vm=vm, reason=reason, status=status)
                 return False, f"QEMU is {status}: not stopped"
         graceful = 0.0 if moving else self.cfg.ha.shutdown_grace_s
         log.info("vm-stop", vm=vm, reason=reason)
-        self.stopping.add(vm)
+        self._stop_began(vm)
         await launcher.stop(paths, graceful_timeout_s=graceful)
         return True, ""
 
@@ -420,11 +287,11 @@ class ClusterRuntime:
             status = await self._live_status(paths)
             if status != "inmigrate":
                 if status is not None:
-                    self.observe_qemu(cmd.vm, status)
+                    self._observed(cmd.vm, status)
                 log.warning("vm-kill-skipped", vm=cmd.vm, reason=cmd.reason, status=status)
                 return False, f"QEMU is {status or 'not answering'}, not inmigrate: not killed"
         log.warning("vm-kill", vm=cmd.vm, reason=cmd.reason)
-        self.stopping.add(cmd.vm)
+        self._stop_began(cmd.vm)
         await asyncio.to_thread(launcher.kill, paths)
         await launcher.stop(paths)              # reaps it and removes its directory
         return True, ""
@@ -494,15 +361,8 @@ class ClusterRuntime:
 
     # ---- the destination side ---------------------------------------------------------------
 
-    def _authorise_incoming(self, vm: str, sender: str, generation: int) -> str | None:
-        for state in (self.core.committed, self.core.accepted):
-            mig = state.migrations.get(vm)
-            if mig is not None and (mig.source, mig.target, mig.generation) == (sender, self.me, generation):
-                return None
-        return f"no move of {vm} from {sender} to {self.me} (generation {generation}) in the cluster state"
-
     def _incoming_started(self, vm: str) -> None:
-        self.qemu[vm] = "inmigrate"
+        self._observed(vm, "inmigrate")
         self.rescan()
 
     # ---- watchdog -----------------------------------------------------------------------------
@@ -525,39 +385,16 @@ class ClusterRuntime:
 
     # ---- views and shutdown -------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        core, state = self.core, self.core.committed
-        now = self.clock()
-        migrations = []
-        for vm, mig in sorted(state.migrations.items()):
-            row: dict[str, Any] = {"vm": vm, "source": mig.source, "target": mig.target}
-            entry = self.running.get(vm)
+    def status(self, cluster: dict[str, Any]) -> None:
+        """Adds what only the executor knows to the core's cluster status: moves' progress,
+        fences under way."""
+        for row in cluster.get("migrations", []):
+            entry = self.running.get(row["vm"])
             if entry is not None and entry.progress is not None:
                 p = entry.progress
                 row.update(status=p.status, percent=round(p.percent, 1), step=p.step,
                            transferred_bytes=p.transferred_bytes)
-            migrations.append(row)
-        return {
-            "role": str(core.role), "term": core.term, "coordinator": core.election.following(now),
-            "quorate": core.broker_quorate(now), "state_version": list(state.key),
-            "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
-                    for vm, rec in sorted(state.vms.items())},
-            "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced}
-                      for h in sorted(core.config.hosts)},
-            "migrations": migrations,
-            "peers": {h: str(core.detector.state(h)) for h in sorted(core.config.hosts) if h != self.me},
-            "fencing": sorted(k.split(":", 1)[1] for k in self.running if k.startswith("fence:")),
-            "watchdog": "petting" if core.petting else ("stopped" if self.watchdog else "none"),
-            "rejected": self.rejected,
-            "proposal_in_flight": (list(core.proposer.proposal.key)
-                                   if core.proposer is not None and core.proposer.in_flight else None),
-        }
-
-    def owned_here(self) -> list[str]:
-        """VMs still on this host: committed to it, or a QEMU of them running here."""
-        owned = set(self.core.committed.owned_by(self.me))
-        here = {vm for vm, st in self.qemu.items() if counted(st) == "running"}
-        return sorted(owned | here)
+        cluster["fencing"] = sorted(k.split(":", 1)[1] for k in self.running if k.startswith("fence:"))
 
     async def close(self) -> None:
         """Agent going down: cancel the commands under way (a migration cancelled here is
@@ -567,6 +404,6 @@ class ClusterRuntime:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.server.close()
-        if self.watchdog is not None and self.watchdog.is_open and not self.core.local_vms:
+        if self.watchdog is not None and self.watchdog.is_open and self.nothing_here():
             with contextlib.suppress(WatchdogError):
                 self.watchdog.disarm()

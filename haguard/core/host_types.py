@@ -1,0 +1,98 @@
+"""Configuration, inputs and outputs of the host core (host.py).
+
+Inputs are past-tense facts, outputs are commands or news; all frozen and keyword-only.
+The cluster membership's own facts and commands are in cluster/types.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from haguard.core.cluster.types import AdminRequested, ClusterOutput, CommandFinished, CoreConfig
+from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
+from haguard.core.peers import VmSize
+from haguard.core.probes import HostHealthChanged, ProbeInput, ProbePolicy
+from haguard.core.vmhealth import VmHealthPolicy, VmInput, VmOutput
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostConfig:
+    me: str
+    peers: tuple[str, ...]
+    timing: DetectorTiming = field(default_factory=DetectorTiming)
+    vm_policy: VmHealthPolicy = field(default_factory=VmHealthPolicy)
+    probe_policy: ProbePolicy = field(default_factory=ProbePolicy)
+    memory_mib: int = 0                     # this host's capacity for VMs
+    vcpus: int = 0
+    vm_sizes: Mapping[str, VmSize] = field(default_factory=dict)   # from the VM inventory
+    cluster: CoreConfig | None = None       # cluster mode
+    watchdog_device: bool = False           # a watchdog device is configured (cluster mode)
+
+
+# ---- inputs ---------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class EnvelopeReceived:
+    """A signed envelope from the broker, verified by the transport (signer = `host`)."""
+
+    host: str
+    incarnation: int
+    kind: str
+    body: Mapping[str, Any]
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class QemuStateObserved:
+    """A local QEMU's run state learnt outside the VM watchers (a start, an incoming move, a
+    status asked before a stop); None: the process is gone."""
+
+    vm: str
+    status: str | None
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class VmStopBegan:
+    """The runtime is stopping or killing this QEMU on the core's order: its end is no crash."""
+
+    vm: str
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShutdownDrainRequested:
+    timeout_ms: int
+    now_ms: int
+
+
+HostInput = (EnvelopeReceived | BrokerConnectionChanged | PingObserved | ProbeInput | VmInput
+             | QemuStateObserved | VmStopBegan | CommandFinished | AdminRequested | ShutdownDrainRequested)
+
+
+# ---- outputs --------------------------------------------------------------------------
+
+@dataclass(frozen=True, kw_only=True)
+class MessageRejected:
+    sender: str
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShutdownDrainProgress:
+    left: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShutdownDrainEnded:
+    drained: bool
+    reason: str                             # "drained", "no coordinator", "timeout"
+    left: tuple[str, ...]
+    took_ms: int
+
+
+HostOutput = (DetectorOutput | VmOutput | HostHealthChanged | ClusterOutput | MessageRejected
+              | ShutdownDrainProgress | ShutdownDrainEnded)

@@ -14,10 +14,10 @@
      |                      (agent/migrate_rpc.py)
      +-- WatchdogError      the watchdog device could not be opened or written (adapters/watchdog.py)
      +-- CodecError         a cluster message that does not match its declared types
-     |                      (core/cluster/codec.py; to derive from HaguardError there, and from
-     |                      ValueError as now: until then it is a plain ValueError)
+     |                      (core/cluster/codec.py; also a ValueError)
      +-- Violation          the simulator saw an invariant of docs/cluster-design.md broken
      |                      (sim/checkers.py)
+     +-- SoftdogError       the watchdog stand-in could not start or was misused (lab/softdog.py)
      +-- _AttemptFailed     private to adapters/mqtt.py: a broker connection attempt failed; retried
      +-- _Retryable         private to adapters/alerts.py: a webhook POST that may work later
      +-- _Refused           private to adapters/alerts.py: a webhook POST rejected for good

@@ -16,9 +16,10 @@ from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.relay import RELAY_REFRESH_MS, relay_layout, ring_neighbours
-from haguard.core.cluster.state import ClusterState, Proposer, VmRecord, initial_state
+from haguard.core.cluster.state import ClusterState, HostRecord, Proposer, VmRecord, initial_state
 from haguard.core.cluster.types import (
     Ack,
+    ClusterTiming,
     CommandFinished,
     CoreConfig,
     Digest,
@@ -30,6 +31,7 @@ from haguard.core.cluster.types import (
     MessageReceived,
     PersistState,
     PetWatchdog,
+    PlacementDecided,
     Proposal,
     RelayEntry,
     Send,
@@ -38,6 +40,7 @@ from haguard.core.cluster.types import (
     StopVm,
     VoteGranted,
     VoteRequest,
+    WatchdogConfirmed,
 )
 from haguard.core.detector import BrokerConnectionChanged
 
@@ -49,10 +52,15 @@ def config(me: str = "h1", **kw: object) -> CoreConfig:
     return CoreConfig(me=me, hosts=HOSTS, vms=VMS, **kw)  # type: ignore[arg-type]
 
 
+WATCHDOG_MS = ClusterTiming().watchdog_timeout_ms     # the configured timeout
+
+
 def beat(sender: str, *, hears: frozenset[str] = frozenset({"h1", "h2", "h3"}), term: int = 0,
-         vms: dict[str, str] | None = None, accepted: tuple[int, int] = (0, 0)) -> Heartbeat:
+         vms: dict[str, str] | None = None, accepted: tuple[int, int] = (0, 0),
+         watchdog_ms: int = WATCHDOG_MS) -> Heartbeat:
     return Heartbeat(sender=sender, incarnation=1, term=term, hears=hears - {sender}, reaches=frozenset(),
-                     accepted=accepted, quorate=True, vms=vms or {})  # type: ignore[arg-type]
+                     accepted=accepted, quorate=True, vms=vms or {},  # type: ignore[arg-type]
+                     watchdog_ms=watchdog_ms)
 
 
 def hear_all(agent: ClusterMember, now: int, **kw: object) -> None:
@@ -191,9 +199,10 @@ def test_a_proposal_of_an_older_term_is_refused() -> None:
     assert out == [] and agent.committed.key == (0, 0) and agent.term == 5
 
 
-def _follower_with_grant(owner: str | None, until_ms: int = 1300, confirm: bool = True) -> ClusterMember:
+def _follower_with_grant(owner: str | None, until_ms: int = 1300, confirm: bool = True,
+                         cfg: CoreConfig | None = None) -> ClusterMember:
     """h2 following h1 from 150 ms on, its committed state granting vm1 to `owner`."""
-    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(cfg or config("h2"), incarnation=1, now_ms=0)
     connected(agent)
     state = ClusterState(term=1, version=2, vms={"vm1": VmRecord(owner=owner, generation=3)})
     for now in range(100, until_ms, 200):
@@ -268,6 +277,11 @@ def test_without_vms_the_watchdog_is_petted_even_alone() -> None:
 
 # ---- the coordinator: fence first ---------------------------------------------------
 
+def _confirmed(**hosts: HostRecord) -> dict[str, HostRecord]:
+    """Host records as the coordinator keeps them: the live hosts' watchdogs confirmed."""
+    return {"h1": HostRecord(watchdog_ms=WATCHDOG_MS), "h3": HostRecord(watchdog_ms=WATCHDOG_MS), **hosts}
+
+
 def _views(dead: bool) -> dict[str, HostView]:
     return {"h1": HostView(name="h1", alive=True, dead=False, beat=beat("h1", hears=frozenset({"h3"}))),
             "h2": HostView(name="h2", alive=False, dead=dead, beat=None),
@@ -278,7 +292,7 @@ def test_a_dead_hosts_vms_move_only_after_a_confirmed_fence() -> None:
     ids = iter(f"f{i}" for i in range(100))
     c = Coordinator(config("h1"), term=2, new_id=lambda: next(ids))
     state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2", generation=1)},
-                         hosts=initial_state([], list(HOSTS)).hosts)
+                         hosts=_confirmed(**initial_state([], ["h2"]).hosts))
     new, out = c.plan(state, _views(dead=True), 1000)
     assert new is None, "nothing changes before the fence"
     fences = [o for o in out if isinstance(o, FenceHost)]
@@ -303,17 +317,89 @@ def test_a_host_heard_again_before_its_fence_keeps_its_vms() -> None:
     assert c.fencing.pending() == []
 
 
+def _unfenced() -> CoreConfig:
+    return CoreConfig(me="h1", hosts={n: HostSpec(name=n, memory_mib=8192, vcpus=8) for n in HOSTS}, vms=VMS)
+
+
 def test_without_a_fence_device_the_watchdog_deadline_is_awaited() -> None:
-    hosts = {n: HostSpec(name=n, memory_mib=8192, vcpus=8) for n in HOSTS}
-    cfg = CoreConfig(me="h1", hosts=hosts, vms=VMS)
+    cfg = _unfenced()
     c = Coordinator(cfg, term=2, new_id=lambda: "f")
-    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")})
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")},
+                         hosts=_confirmed(h2=HostRecord(watchdog_ms=WATCHDOG_MS)))
     wait = cfg.timing.watchdog_timeout_ms + cfg.timing.watchdog_margin_ms
     new, out = c.plan(state, _views(dead=True), 1000)
     assert new is None and out == []
     assert c.plan(state, _views(dead=True), 1000 + wait - 1)[0] is None
     new, _ = c.plan(state, _views(dead=True), 1000 + wait)
     assert new is not None and new.vms["vm1"].owner in {"h1", "h3"}
+
+
+def test_the_coordinator_waits_the_timeout_the_hosts_device_confirmed_not_the_configured_one() -> None:
+    # The configuration says 2 s; h2's device confirmed 60 s (softdog's default when the timeout is
+    # never set): recovering its VMs after 2 s + margin would run them twice for 58 s.
+    cfg = _unfenced()
+    c = Coordinator(cfg, term=2, new_id=lambda: "f")
+    device_ms = 60_000
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")},
+                         hosts=_confirmed(h2=HostRecord(watchdog_ms=device_ms)))
+    c.plan(state, _views(dead=True), 1000)
+    late = 1000 + cfg.timing.watchdog_timeout_ms + cfg.timing.watchdog_margin_ms
+    assert c.plan(state, _views(dead=True), late)[0] is None, "the configured timeout is no fence"
+    wait = device_ms + cfg.timing.watchdog_margin_ms
+    assert c.plan(state, _views(dead=True), 1000 + wait - 1)[0] is None
+    new, _ = c.plan(state, _views(dead=True), 1000 + wait)
+    assert new is not None and new.vms["vm1"].owner in {"h1", "h3"}
+
+
+def test_a_host_with_no_confirmed_watchdog_and_no_device_is_never_recovered_by_deadline() -> None:
+    c = Coordinator(_unfenced(), term=2, new_id=lambda: "f")
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")},
+                         hosts=_confirmed(h2=HostRecord(watchdog_ms=0)))
+    _, out = c.plan(state, _views(dead=True), 1000)
+    alerts = [o for o in out if isinstance(o, RaiseAlert)]
+    assert len(alerts) == 1 and "cannot fence h2" in alerts[0].reason
+    for now in (10_000, 100_000, 1_000_000):
+        new, out = c.plan(state, _views(dead=True), now)
+        assert new is None and not out, "no deadline, no recovery, and the alert only once"
+
+
+def test_a_host_whose_watchdog_does_not_confirm_the_configured_timeout_gets_no_vm() -> None:
+    c = Coordinator(_unfenced(), term=2, new_id=lambda: "f")
+    views = {h: HostView(name=h, alive=True, dead=False, beat=beat(h, watchdog_ms=60_000)) for h in HOSTS}
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner=None)})
+    new, out = c.plan(state, views, 1000)
+    assert new is not None and new.vms["vm1"].owner is None
+    reasons = next(o.reasons for o in out if isinstance(o, PlacementDecided))
+    assert "h1: no fence device and no watchdog confirming the configured timeout" in reasons
+    assert new.host("h1").watchdog_ms == 60_000, "the device's value is committed for a later fence"
+    views["h3"] = HostView(name="h3", alive=True, dead=False, beat=beat("h3"))
+    new, out = c.plan(state, views, 1100)
+    assert new is not None and new.vms["vm1"].owner == "h3"
+
+
+def test_a_confirmed_watchdog_timeout_is_never_lowered_under_the_hosts_vms() -> None:
+    c = Coordinator(_unfenced(), term=2, new_id=lambda: "f")
+    state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")},
+                         hosts={"h2": HostRecord(watchdog_ms=60_000)})
+    views = {h: HostView(name=h, alive=True, dead=False, beat=beat(h)) for h in HOSTS}
+    new, _ = c.plan(state, views, 1000)
+    assert new is not None and new.host("h2").watchdog_ms == 60_000, "kept: h2 holds vm1"
+    assert new.host("h1").watchdog_ms == WATCHDOG_MS
+    failed = dict(views, h2=HostView(name="h2", alive=True, dead=False, beat=beat("h2", watchdog_ms=0)))
+    new, _ = c.plan(state, failed, 1100)
+    assert new is not None and new.host("h2").watchdog_ms == 0, "a failed device: no deadline at once"
+
+
+def test_a_host_without_device_starts_nothing_until_its_watchdog_confirms_the_timeout() -> None:
+    agent = _follower_with_grant("h2", cfg=replace(_unfenced(), me="h2"))
+    assert not [o for o in agent.tick(1300) if isinstance(o, StartVm)], "no watchdog confirmed yet"
+    agent.step(WatchdogConfirmed(timeout_ms=60_000, now_ms=1300))
+    assert not [o for o in agent.tick(1400) if isinstance(o, StartVm)], "not the configured timeout"
+    agent.step(WatchdogConfirmed(timeout_ms=WATCHDOG_MS, now_ms=1400))
+    out = agent.tick(1500)
+    assert [o.vm for o in out if isinstance(o, StartVm)] == ["vm1"]
+    sent = [o.message for o in out if isinstance(o, Send) and isinstance(o.message, Heartbeat)]
+    assert sent and all(b.watchdog_ms == WATCHDOG_MS for b in sent), "its heartbeat says so"
 
 
 def test_fence_results_come_back_through_the_agent() -> None:

@@ -5,14 +5,18 @@ and fails on any instant at which a VM runs on two hosts."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
 import time
+from collections.abc import Iterator
 
 import pytest
 
 from haguard.agent.control import control_path, request
+from haguard.lab.softdog import Faults
+from haguard.vm.definition import VmDefinition
 from tests.helpers.cluster import Cluster
 from tests.helpers.ha import (
     TwiceWatch,
@@ -186,8 +190,23 @@ def test_coordinator_killed_mid_drain_a_new_one_finishes_it() -> None:
 WATCHDOG_S = 4
 
 
-def _watchdog_ha(timeout_s: float) -> str:
-    return f"  watchdog: {{device: '{{dir}}/{{host}}.watchdog', timeout_s: {timeout_s}}}\n"
+@contextlib.contextmanager
+def _watchdog_cluster(vms: tuple[VmDefinition, ...], *, faults: dict[str, Faults] | None = None,
+                      ) -> Iterator[tuple[WatchdogHardware, Cluster, TwiceWatch]]:
+    """Hosts without fence devices, self-fencing by softdog stand-ins (isolation `keep`), their
+    VMs placed; every host's QEMUs sampled throughout."""
+    with WatchdogHardware(faults=faults) as hw, \
+            ha_cluster(vms, fence=False, ha="  isolation: keep\n" + hw.ha(WATCHDOG_S)) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        hw.attach(c)
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        yield hw, c, watch
+
+
+def _first_start_elsewhere(c: Cluster, victim: str, lost: list[str]) -> float:
+    """When the first of `victim`'s VMs was started on another host (wall clock)."""
+    starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+    return min(_wall(e) for e in starts)
 
 
 def _partition_victim(c) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
@@ -201,9 +220,10 @@ def test_partitioned_owner_applies_its_isolation_response_and_never_runs_twice()
     vms = ha_vms(3)
     # The broker's loss shows after 1.5 keepalives (3 s), isolation 2.5 s later, the shutdown
     # takes its 1 s grace: all before the watchdog (8 s after quorum is lost) resets the host.
-    ha = "  isolation: shutdown\n  shutdown_grace_s: 1\n" + _watchdog_ha(8)
-    with ha_cluster(vms, fence=False, ha=ha, timing={"isolation_timeout_ms": 2500}) as c, \
-            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch, WatchdogHardware(c, 8):
+    with WatchdogHardware() as hw, ha_cluster(
+            vms, fence=False, ha="  isolation: shutdown\n  shutdown_grace_s: 1\n" + hw.ha(8),
+            timing={"isolation_timeout_ms": 2500}) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        hw.attach(c)
         wait_placed(c, [v.name for v in vms], timeout_s=60)
         victim, lost = _partition_victim(c)
         cut_at = time.time()
@@ -222,20 +242,93 @@ def test_partitioned_owner_applies_its_isolation_response_and_never_runs_twice()
 @pytest.mark.timeout(150)
 def test_isolated_owner_stops_petting_and_others_wait_its_watchdog_timeout() -> None:
     vms = ha_vms(3)
-    with ha_cluster(vms, fence=False, ha="  isolation: keep\n" + _watchdog_ha(WATCHDOG_S)) as c, \
-            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch, WatchdogHardware(c, WATCHDOG_S) as hw:
-        wait_placed(c, [v.name for v in vms], timeout_s=60)
+    with _watchdog_cluster(vms) as (hw, c, watch):
         assert all(h in hw.last_pet for h in c.hosts), hw.last_pet
         victim, lost = _partition_victim(c)
         c.cut(victim)                  # keeps its VMs running: only its watchdog can stop them
         wait_placed(c, [v.name for v in vms], timeout_s=40, avoid=(victim,))
         assert victim in hw.reset_at, "the isolated owner kept petting its watchdog"
         assert [e for e in c.events(victim, "watchdog-stop-petting")], c.log_tail()
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
-        first = min(_wall(e) for e in starts)
+        first = _first_start_elsewhere(c, victim, lost)
         assert first >= hw.last_pet[victim] + WATCHDOG_S, (first, hw.last_pet[victim])
         assert first >= hw.reset_at[victim], "recovered before the watchdog reset the host"
         assert not fence_calls(c)
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_a_watchdog_that_does_not_confirm_the_configured_timeout_gets_no_vm() -> None:
+    # h3's device runs 60 s whatever it is asked (softdog's default, as if never set): h3 gets no
+    # VM, says why, and the cluster keeps the device's value for a later fence.
+    vms = ha_vms(3)
+    with _watchdog_cluster(vms, faults={"h3": Faults(clamp_s=60)}) as (hw, c, watch):
+        assert not _owned_by(c, "h3"), running_on(c)
+        asked = hw.farm.events("h3", "set_timeout")
+        assert asked and asked[0].detail == {"asked": WATCHDOG_S, "effective": 60}, asked
+        mismatch = c.events("h3", "watchdog-mismatch")
+        assert mismatch and mismatch[0]["confirmed_s"] == 60, c.log_tail("h3")
+        hosts = c.cluster_view("h1")["hosts"]
+        assert hosts["h3"]["watchdog_ms"] == 60_000 and hosts["h1"]["watchdog_ms"] == WATCHDOG_S * 1000
+        watch.check()
+
+
+@pytest.mark.timeout(180)
+def test_the_coordinator_waits_the_timeout_the_owners_device_confirmed() -> None:
+    # The configuration says 4 s; the owner's device turns out to run 12 s (its agent restarted and
+    # read it back).  Cut off, the owner stops petting and runs its VMs until its device resets it
+    # 12 s later: recovering them after 4 s + margin would run them twice for seconds.
+    vms = ha_vms(3)
+    device_s = 12
+    with _watchdog_cluster(vms) as (hw, c, watch):
+        victim, lost = _partition_victim(c)
+        hw.farm.set_faults(victim, clamp_s=device_s)
+        c.kill9(victim)
+        c.start_agent(victim)
+        c.wait_for("the cluster holds the owner's confirmed timeout", lambda: any(
+            (c.status(h) or {}).get("cluster", {}).get("hosts", {}).get(victim, {}).get("watchdog_ms")
+            == device_s * 1000 for h in c.hosts if h != victim), 30)
+        assert sorted(_owned_by(c, victim)) == sorted(lost), "it keeps its VMs"
+        c.cut(victim)
+        wait_placed(c, [v.name for v in vms], timeout_s=60, avoid=(victim,))
+        assert victim in hw.reset_at, "the owner kept petting"
+        first = _first_start_elsewhere(c, victim, lost)
+        assert first >= hw.reset_at[victim], "recovered before the device reset the owner"
+        assert first - hw.last_pet[victim] >= device_s, (first, hw.last_pet[victim])
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_a_clean_stop_disarms_the_watchdog_once_the_cluster_knows_and_keeps_it_disarmed() -> None:
+    # `systemctl stop` of an agent, with VMs and without: the device gets the magic close last
+    # (it is never opened again during the shutdown), the host is not reset, its VMs run on, and
+    # the cluster no longer counts a deadline as its fence.
+    vms = ha_vms(2)
+    with _watchdog_cluster(vms) as (hw, c, watch):
+        coordinator = c.cluster_view("h1").get("coordinator")
+        owner = next(h for h in c.hosts if h != coordinator and _owned_by(c, h))
+        empty = next((h for h in c.hosts if h not in (coordinator, owner) and not _owned_by(c, h)), None)
+        before = _qemu_pids(c, owner)
+        for host in [owner] + ([empty] if empty else []):
+            proc = c.procs.pop(host)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+            # The device records its release (a magic close, or "release_armed" without one) a
+            # moment after the agent's close().
+            deadline = time.monotonic() + 5
+            while hw.farm.events(host)[-1].kind == "pet" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            kinds = [e.kind for e in hw.farm.events(host)]
+            assert kinds[-1] == "magic_close" and not hw.farm.armed(host), kinds[-6:]
+            assert "open" not in kinds[kinds.index("set_timeout"):][1:], "opened again while stopping"
+        c.wait_for("the cluster shows it was told", lambda: c.cluster_view(coordinator)
+                   .get("hosts", {}).get(owner, {}).get("watchdog_ms") == 0, 5)
+        time.sleep(WATCHDOG_S + 2)
+        assert not hw.reset_at and _qemu_pids(c, owner) == before
+        assert not [e for h in c.procs for e in c.events(h, "vm-start") if e.get("vm") in before]
+        c.start_agent(owner)
+        c.wait_for("the restarted owner's watchdog counts again", lambda: c.cluster_view(coordinator)
+                   .get("hosts", {}).get(owner, {}).get("watchdog_ms") == WATCHDOG_S * 1000, 30)
+        assert _qemu_pids(c, owner) == before
         watch.check()
 
 
@@ -311,6 +404,19 @@ def _qemu_pids(c: Cluster, host: str) -> dict[str, int]:
     return out
 
 
+def _restart_leaves_its_vms_alone(c: Cluster, host: str, before: dict[str, int]) -> None:
+    """`host`'s agent started again picks up its VMs: the same QEMUs, nothing fenced, none
+    started elsewhere."""
+    c.start_agent(host)
+    c.wait_for("the restarted agent reports its VMs", lambda: sorted(
+        vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)
+    time.sleep(3)
+    assert _qemu_pids(c, host) == before, "a VM was restarted or stopped"
+    assert not fence_calls(c)
+    for h in c.hosts:
+        assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
+
+
 @pytest.mark.timeout(150)
 def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
     vms = ha_vms(3)
@@ -322,14 +428,7 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
         c.kill9(host)                  # the agent crashes; its QEMUs and its link stay
         time.sleep(3)                  # peers see it agent-down: not dead, nothing is recovered
         assert _qemu_pids(c, host) == before
-        c.start_agent(host)
-        c.wait_for("the restarted agent reports its VMs", lambda: sorted(
-            vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)
-        time.sleep(3)
-        assert _qemu_pids(c, host) == before, "a VM was restarted or stopped"
-        assert not fence_calls(c)
-        for h in c.hosts:
-            assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
+        _restart_leaves_its_vms_alone(c, host, before)
         watch.check()
 
 
@@ -353,14 +452,7 @@ def test_an_exception_in_the_core_exits_the_agent_and_a_restart_leaves_its_vms_a
         crashed = c.events(host, "core-crashed")
         assert crashed and "_InjectedFault" in crashed[-1]["input"], c.log_tail(host)
         assert _qemu_pids(c, host) == before, "the agent's exit touched a VM"
-        c.start_agent(host)
-        c.wait_for("the restarted agent reports its VMs", lambda: sorted(
-            vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)
-        time.sleep(3)
-        assert _qemu_pids(c, host) == before, "a VM was restarted or stopped"
-        assert not fence_calls(c)
-        for h in c.hosts:
-            assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
+        _restart_leaves_its_vms_alone(c, host, before)
         watch.check()
 
 

@@ -78,7 +78,9 @@ def test_every_message_round_trips_through_json(message: Any) -> None:
     ({"type": "Ack", "sender": "h2", "term": "x", "accepted": [1, 2], "to": "h1"}, "Ack.term"),
     ({"type": "Ack", "sender": "h2", "term": True, "accepted": [1, 2], "to": "h1"}, "Ack.term"),
     ({"type": "Ack", "sender": "h2", "term": 1, "accepted": [1, 2, 3], "to": "h1"}, "Ack.accepted"),
-    ({"type": "VoteGranted", "sender": "h2", "term": 1, "to": "h1", "extra": 1}, "unknown field"),
+    ({"type": "VoteGranted", "sender": "h2", "term": 1, "to": "h1", "Extra field": 1}, "unknown field"),
+    ({"type": "VoteGranted", "sender": "h2", "term": 1, "to": "h1", **{f"f{i}": 1 for i in range(9)}},
+     "unknown field"),
     ({"type": "Nope"}, "unknown type"),
     ({"type": "Heartbeat", **{k: v for k, v in codec.to_data(MESSAGES[0]).items() if k != "type"},
       "vms": {"a": "flying"}}, "Heartbeat.vms[a]"),
@@ -86,6 +88,11 @@ def test_every_message_round_trips_through_json(message: Any) -> None:
 def test_malformed_messages_name_the_field(bad: dict[str, Any], where: str) -> None:
     with pytest.raises(codec.CodecError, match=where.replace("[", r"\[")):
         codec.from_data(bad)
+
+
+def test_a_newer_releases_field_is_ignored_so_a_rolling_upgrade_does_not_split_the_cluster() -> None:
+    data = {**codec.to_data(MESSAGES[0]), "added_later": {"any": ["shape"]}}
+    assert codec.from_data(data) == MESSAGES[0]
 
 
 @given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=6),

@@ -46,10 +46,27 @@ def test_a_host_without_fence_device_needs_the_watchdog(tmp_path: Path) -> None:
     hosts = TWO + "  - {name: c, address: 198.18.0.3}\n"
     out = _check(tmp_path, hosts, "ha: {enabled: true}\n")
     assert out.returncode == 2 and "host c has no fence device" in out.stderr, out.stderr
-    ok = _check(tmp_path, hosts, "ha:\n  enabled: true\n  watchdog: {device: /dev/watchdog, timeout_s: 10}\n")
+    device = tmp_path / "watchdog"
+    device.touch()
+    ok = _check(tmp_path, hosts, f"ha:\n  enabled: true\n  watchdog: {{device: {device}, timeout_s: 10}}\n")
     assert ok.returncode == 0, ok.stderr
+    assert "not a character device" in ok.stderr, "a stand-in is named as one"
     bad = _check(tmp_path, hosts, "ha:\n  enabled: true\n  isolation: sometimes\n")
     assert bad.returncode == 2 and "ha.isolation" in bad.stderr and ":" in bad.stderr, bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_missing_watchdog_device_or_a_fractional_timeout_is_one_line(tmp_path: Path) -> None:
+    hosts = TWO + "  - {name: c, address: 198.18.0.3}\n"
+    ha = "ha:\n  enabled: true\n  watchdog: {{device: {}, timeout_s: {}}}\n"
+    missing = _check(tmp_path, hosts, ha.format("/nonexistent", 10))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "ha.watchdog.device" in missing.stderr and "/nonexistent" in missing.stderr
+    device = tmp_path / "watchdog"
+    device.touch()
+    for timeout in ("0.001", "0", "2.5", "1e9"):
+        out = _check(tmp_path, hosts, ha.format(device, timeout))
+        assert out.returncode == 2 and "timeout_s" in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
 @pytest.mark.timeout(60)

@@ -8,12 +8,13 @@ moves).  A deliberately broken core shows that the checks can fail.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
 from haguard.core.cluster.coordinator import Coordinator
 from haguard.core.cluster.member import ClusterMember
-from haguard.core.cluster.placement import VmSpec
+from haguard.core.cluster.placement import HostCandidate, VmSpec
 from haguard.core.cluster.types import ClusterOutput, HostSpec, MessageReceived, RelayEntry
 from haguard.sim.faults import Fault, Schedule
 from haguard.sim.runner import main, run, shrink
@@ -109,6 +110,40 @@ class _NoFenceCoordinator(Coordinator):
 
 class _NoFenceAgent(ClusterMember):
     coordinator_class = _NoFenceCoordinator
+
+
+class _TrustsTheFileCoordinator(Coordinator):
+    """Broken on purpose, as the coordinator was before it read each host's confirmed watchdog:
+    every host counts as fenced by the configured timeout, whatever its device does."""
+
+    def _watchdogs(self, d: Any) -> None:
+        for host, rec in list(d.hosts.items()):
+            d.hosts[host] = replace(rec, watchdog_ms=self.config.timing.watchdog_timeout_ms)
+
+    def _candidates(self, d: Any) -> list[HostCandidate]:
+        return [replace(c, fenceable=True) for c in super()._candidates(d)]
+
+
+class _TrustsTheFileAgent(ClusterMember):
+    coordinator_class = _TrustsTheFileCoordinator
+
+    def fenceable(self) -> bool:
+        return True
+
+
+@pytest.mark.timeout(60)
+def test_a_watchdog_device_that_ignores_the_configured_timeout_never_lets_a_vm_run_twice() -> None:
+    # h2's device keeps softdog's 60 s whatever it is asked (the configured timeout is 2 s), and no
+    # host has a fence device.  h2 confirms 60 s: it is given no VM, and nothing of it is recovered
+    # before its own deadline.  A coordinator that trusts the file recovers h2's VMs after 2 s +
+    # margin while h2, cut off but not reset for 60 s, still runs them.
+    sim = replace(NO_DEVICES, watchdog_devices={"h2": 60_000})
+    schedule = Schedule(faults=faults("4000:isolate:h2"), heal_ms=12_000)
+    result, world = run(3, schedule=schedule, sim=sim)
+    assert result.failure is None, result.message
+    assert world is not None and not [vm for _at, host, vm in world.starts if host == "h2"]
+    result, _ = run(3, schedule=schedule, sim=sim, agent_class=_TrustsTheFileAgent)
+    assert result.failure == "safety" and result.invariant in (1, 2), result.message
 
 
 @pytest.mark.timeout(30)

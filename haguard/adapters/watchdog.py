@@ -8,10 +8,15 @@ close") disarms it, if the driver allows; otherwise closing leaves it armed.
 - `stop_petting()`: just stop.  The device stays open and armed, so the reset still comes:
   that is the point of self-fencing.  Never the magic close here.
 - `disarm()`: graceful shutdown only: write 'V', then close.
+- `open()` sets the device's timeout to the configured one (WDIOC_SETTIMEOUT) and reads it
+  back (WDIOC_GETTIMEOUT), as sbd does: `confirmed_timeout_s` is what the device will really
+  wait, None when it does not answer these ioctls.  A device never set keeps its driver's
+  default (softdog: 60 s), which the cluster must not mistake for the configured value.
 - `timeout_s`: asked from the device (WDIOC_GETTIMEOUT); a device that does not answer the
-  ioctl (a regular file or a FIFO standing in for it in tests) gets the configured value.
+  ioctl gets the configured value (for log lines only: decisions use `confirmed_timeout_s`).
 
-Any path works, so tests use a regular file or a FIFO they read.
+Any path works: tests use haguard/lab/softdog.py, a FUSE stand-in that answers the ioctls as
+softdog does, or a regular file (which confirms nothing).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from haguard.errors import HaguardError
 log = structlog.get_logger("haguard.watchdog")
 
 DEFAULT_WATCHDOG = Path("/dev/watchdog")
-WDIOC_GETTIMEOUT = 0x80045707   # _IOR('W', 7, int), from <linux/watchdog.h>
+WDIOC_SETTIMEOUT = 0xC0045706   # _IOWR('W', 6, int), from <linux/watchdog.h>
+WDIOC_GETTIMEOUT = 0x80045707   # _IOR('W', 7, int)
 PET_BYTE = b"\0"                # any byte but 'V' pets; 'V' would arm the magic close
 MAGIC_CLOSE = b"V"
 
@@ -41,6 +47,7 @@ class Watchdog:
     def __init__(self, path: Path = DEFAULT_WATCHDOG, *, timeout_s: float = 60.0) -> None:
         self.path = path
         self.configured_timeout_s = timeout_s
+        self.confirmed_timeout_s: float | None = None   # what the device said after being set
         self._fd: int | None = None
         self.petting = False
         self.pets = 0
@@ -61,7 +68,22 @@ class Watchdog:
         os.set_blocking(fd, True)
         self._fd = fd
         self.petting = True
-        log.info("watchdog-open", path=str(self.path), timeout_s=self.timeout_s)
+        self.confirmed_timeout_s = self._set_timeout(fd)
+        log.info("watchdog-open", path=str(self.path), configured_s=self.configured_timeout_s,
+                 confirmed_s=self.confirmed_timeout_s)
+
+    def _set_timeout(self, fd: int) -> float | None:
+        """WDIOC_SETTIMEOUT to the configured value, then WDIOC_GETTIMEOUT: the device's answer
+        (a driver may round or clamp it), None when it takes no such ioctl."""
+        asked = array.array("i", [int(self.configured_timeout_s)])
+        got = array.array("i", [0])
+        try:
+            fcntl.ioctl(fd, WDIOC_SETTIMEOUT, asked, True)
+            fcntl.ioctl(fd, WDIOC_GETTIMEOUT, got, True)
+        except OSError as exc:
+            log.warning("watchdog-timeout-unconfirmed", path=str(self.path), error=exc.strerror)
+            return None
+        return float(got[0]) if got[0] > 0 else None
 
     @property
     def timeout_s(self) -> float:
@@ -101,6 +123,7 @@ class Watchdog:
             return
         fd, self._fd = self._fd, None
         self.petting = False
+        self.confirmed_timeout_s = None
         try:
             os.write(fd, MAGIC_CLOSE)
         except OSError as exc:

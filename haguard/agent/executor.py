@@ -54,6 +54,7 @@ from haguard.core.cluster.types import (
     StartVm,
     StopPettingWatchdog,
     StopVm,
+    WatchdogConfirmed,
 )
 from haguard.core.host_types import QemuStateObserved, VmStopBegan
 from haguard.errors import ConfigError, HaguardError
@@ -136,6 +137,7 @@ class ClusterExecutor:
             authorise=lambda vm, sender, generation: may_receive(vm, sender, generation),
             reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started)
         self._watchdog_failing = False
+        self._closed = False
 
     def tick(self) -> None:
         for sid in self.server.stale():         # a move given up: let go of its monitor
@@ -368,26 +370,48 @@ class ClusterExecutor:
     # ---- watchdog -----------------------------------------------------------------------------
 
     def _pet(self) -> None:
-        if self.watchdog is None:
+        if self.watchdog is None or self._closed:
             return
         try:
             if not self.watchdog.is_open:
                 self.watchdog.open()
+                self._confirmed(self.watchdog.confirmed_timeout_s)
             self.watchdog.pet()
         except WatchdogError as exc:
             if not self._watchdog_failing:      # once per failure, not at every tick
                 log.error("watchdog-failed", error=str(exc))
+                self._confirmed(None, why=str(exc))
             self._watchdog_failing = True
         else:
             if self._watchdog_failing:
                 log.info("watchdog-ok", device=str(self.watchdog.path))
             self._watchdog_failing = False
 
+    def _confirmed(self, timeout_s: float | None, why: str = "") -> None:
+        """Tell the core what the device will really wait (0: nothing confirmed), and the
+        operator when that is not the configured timeout: a host without a fence device then
+        takes no VMs, and its VMs are recovered only after the device's own timeout."""
+        assert self.watchdog is not None
+        configured = self.watchdog.configured_timeout_s
+        confirmed_ms = int(timeout_s * 1000) if timeout_s else 0
+        self.offer(WatchdogConfirmed(timeout_ms=confirmed_ms, now_ms=self.clock()))
+        ok = timeout_s == configured
+        if not ok:
+            why = why or (f"{self.watchdog.path} confirms {timeout_s:g} s, configured {configured:g} s"
+                          if timeout_s else f"{self.watchdog.path} does not confirm its timeout "
+                          "(WDIOC_SETTIMEOUT/WDIOC_GETTIMEOUT unanswered)")
+            log.error("watchdog-mismatch", device=str(self.watchdog.path), confirmed_s=timeout_s,
+                      configured_s=configured, reason=why)
+        state = "confirms its timeout" if ok else "unusable"
+        self.alert(make_alert(AlertKind.WATCHDOG_FAILED, host=self.me, resolved=ok,
+                              summary=f"{self.me}: watchdog {state}",
+                              description=why or f"{self.watchdog.path}: {timeout_s:g} s confirmed"))
+
     # ---- views and shutdown -------------------------------------------------------------------
 
     def status(self, cluster: dict[str, Any]) -> None:
         """Adds what only the executor knows to the core's cluster status: moves' progress,
-        fences under way."""
+        fences under way, the watchdog device's real state and confirmed timeout."""
         for row in cluster.get("migrations", []):
             entry = self.running.get(row["vm"])
             if entry is not None and entry.progress is not None:
@@ -395,15 +419,37 @@ class ClusterExecutor:
                 row.update(status=p.status, percent=round(p.percent, 1), step=p.step,
                            transferred_bytes=p.transferred_bytes)
         cluster["fencing"] = sorted(k.split(":", 1)[1] for k in self.running if k.startswith("fence:"))
+        # What the device really gets, not what the core asked for.
+        wd = self.watchdog
+        if wd is None:
+            cluster["watchdog"] = "none"
+        elif self._watchdog_failing:
+            cluster["watchdog"] = "failed"
+        elif not wd.is_open:
+            cluster["watchdog"] = "closed"
+        else:
+            cluster["watchdog"] = "petting" if wd.petting else "stopped"
+        cluster["watchdog_timeout_s"] = wd.confirmed_timeout_s if wd is not None else None
 
-    async def close(self) -> None:
+    def watchdog_open(self) -> bool:
+        return self.watchdog is not None and self.watchdog.is_open
+
+    async def close(self, *, disarm: bool) -> None:
         """Agent going down: cancel the commands under way (a migration cancelled here is
-        cancelled in QEMU by the engine before postcopy: the VM stays on the source)."""
+        cancelled in QEMU by the engine before postcopy: the VM stays on the source); the
+        watchdog gets the magic close when `disarm` (the cluster knows), else stays armed.
+        Nothing opens it again afterwards (a pet still queued would re-arm it)."""
+        self._closed = True
         tasks = [r.task for r in self.running.values() if r.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.server.close()
-        if self.watchdog is not None and self.watchdog.is_open and self.nothing_here():
-            with contextlib.suppress(WatchdogError):
-                self.watchdog.disarm()
+        if self.watchdog is not None and self.watchdog.is_open:
+            if disarm:
+                with contextlib.suppress(WatchdogError):
+                    self.watchdog.disarm()
+            else:
+                log.critical("watchdog-left-armed", device=str(self.watchdog.path),
+                             reason="the cluster could not be told; VMs run here",
+                             reset_within_s=self.watchdog.confirmed_timeout_s)

@@ -61,6 +61,8 @@ from haguard.core.host_types import (
     ShutdownDrainEnded,
     ShutdownDrainProgress,
     ShutdownDrainRequested,
+    WatchdogDisarmAllowed,
+    WatchdogDisarming,
 )
 from haguard.core.probes import HostHealthChanged
 from haguard.core.vmhealth import (
@@ -88,6 +90,7 @@ SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped the core
+DISARM_WAIT_S = 10.0                       # a clean stop waits this long for the cluster to know
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
 
 
@@ -237,6 +240,7 @@ class Agent:
         self.exit_code = EXIT_OK
         self._drained: asyncio.Future[ShutdownDrainEnded] | None = None
         self._drain_left: tuple[str, ...] = ()
+        self._disarm_allowed = asyncio.Event()
         self.control = ControlServer(control_path(cfg.run_dir), self._control)
         loops = ["core", "tick", "heartbeat"]
         stale_s = max(5.0, 3 * cfg.timing.dead_timeout_ms / 1000)
@@ -369,6 +373,8 @@ class Agent:
             case ShutdownDrainEnded():
                 if self._drained is not None and not self._drained.done():
                     self._drained.set_result(out)
+            case WatchdogDisarmAllowed():
+                self._disarm_allowed.set()
             case _:
                 if self.cluster is not None:
                     self.cluster.execute(out)
@@ -647,6 +653,22 @@ class Agent:
             return
         log.info("metrics-listening", listen=f"{host}:{self.metrics.port}")
 
+    async def _may_disarm(self) -> bool:
+        """A clean stop disarms the watchdog once the cluster knows it is no longer a fence for
+        this host (else a VM could run here and on its new host at once).  Without an answer
+        in time, a host with VMs keeps it armed: better reset than run a VM twice."""
+        assert self.cluster is not None
+        if not self.cluster.watchdog_open():
+            return False
+        if self.tasks.get("core") is None or self.tasks["core"].done():
+            return self._nothing_here()
+        await self.queue.put(WatchdogDisarming(now_ms=monotonic_ms()))
+        try:
+            await asyncio.wait_for(self._disarm_allowed.wait(), timeout=DISARM_WAIT_S)
+        except TimeoutError:
+            return self._nothing_here()
+        return True
+
     async def _shutdown(self) -> None:
         log.info("agent-stopping", host=self.me)
         await asyncio.to_thread(self.metrics.close)     # waits for its serving thread
@@ -655,7 +677,7 @@ class Agent:
         # Peers learn at once; VMs are left alone (watchers are only cancelled).
         await self.control.close()
         if self.cluster is not None:
-            await self.cluster.close()
+            await self.cluster.close(disarm=await self._may_disarm())
         await self.transport.stop(timeout_s=3.0)
         tasks = [*self.tasks.values(), *self.watchers.values(), *self.side_tasks]
         for task in tasks:

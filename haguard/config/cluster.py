@@ -163,7 +163,8 @@ class WatchdogConfig(_Strict):
     """Self-fencing: the agent pets this device only while it holds quorum (or runs no VM)."""
 
     device: Path = Path("/dev/watchdog")
-    timeout_s: float = Field(default=10.0, gt=0, le=600)   # what the device is set to reset after
+    # What the agent sets the device to (WDIOC_SETTIMEOUT takes whole seconds) and reads back.
+    timeout_s: int = Field(default=10, ge=1, le=600)
 
 
 class HaConfig(_Strict):

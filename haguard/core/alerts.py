@@ -51,6 +51,7 @@ class AlertKind(StrEnum):
     RECOVERY_DONE = "recovery-done"
     MIGRATION_FAILED = "migration-failed"
     QUORUM_LOST = "quorum-lost"
+    WATCHDOG_FAILED = "watchdog-failed"
 
 
 # The severity each kind fires with (a resolve keeps it).
@@ -66,6 +67,7 @@ SEVERITY: dict[AlertKind, Severity] = {
     AlertKind.RECOVERY_DONE: Severity.INFO,
     AlertKind.MIGRATION_FAILED: Severity.WARNING,
     AlertKind.QUORUM_LOST: Severity.CRITICAL,
+    AlertKind.WATCHDOG_FAILED: Severity.CRITICAL,
 }
 
 # Kinds the cluster coordinator raises (`RaiseAlert.kind`), by their names there.

@@ -20,6 +20,10 @@ the cluster membership the same way.  Rules that belong to the host as a whole:
   reported to the membership on change and at least every second.
 - `quorum-lost` is raised while this host holds VMs without quorum, resolved when it is
   back; a VM of a fenced host given a new owner by this coordinator is `recovery-done`.
+- a clean stop disarms the watchdog only once the cluster knows (`WatchdogDisarming`): the
+  host reports no confirmed watchdog, and once the committed state says so (a later
+  coordinator will not count a deadline as its fence) `WatchdogDisarmAllowed` goes out;
+  at once for a host with a fence device.
 - a stop-time drain (`ShutdownDrainRequested`) asks for this host's maintenance and ends
   when nothing is left here, when no coordinator has been followed for 30 s, or at its
   time limit (`ShutdownDrainEnded`); meanwhile `ShutdownDrainProgress` every 5 s.
@@ -43,6 +47,7 @@ from haguard.core.cluster.types import (
     MessageReceived,
     PersistedState,
     QemuState,
+    WatchdogConfirmed,
 )
 from haguard.core.detector import (
     BrokerConnectionChanged,
@@ -62,6 +67,8 @@ from haguard.core.host_types import (
     ShutdownDrainProgress,
     ShutdownDrainRequested,
     VmStopBegan,
+    WatchdogDisarmAllowed,
+    WatchdogDisarming,
 )
 from haguard.core.peers import PeerReports, capacity, report_body, status_view
 from haguard.core.probes import (
@@ -128,6 +135,7 @@ class HostCore:
         self._quorum_lost = False
         self._last_committed = self.member.committed if self.member is not None else None
         self._drain: _Drain | None = None
+        self._disarming = False
         self._next_id = 0
 
     # ---- feeding ----------------------------------------------------------------------------
@@ -153,8 +161,11 @@ class HostCore:
             case VmStopBegan(vm=vm):
                 self.stopping.add(vm)
                 return []
-            case CommandFinished() | AdminRequested():
+            case CommandFinished() | AdminRequested() | WatchdogConfirmed():
                 return self._member(event)
+            case WatchdogDisarming():
+                self._disarming = True
+                return self._member(WatchdogConfirmed(timeout_ms=0, now_ms=self.now_ms))
             case ShutdownDrainRequested():
                 self._drain = _Drain(started_ms=self.now_ms, timeout_ms=event.timeout_ms)
                 return self._member(AdminRequested(action="drain", host=self.me, now_ms=self.now_ms))
@@ -173,6 +184,7 @@ class HostCore:
             out += self._member_tick(self.now_ms)
             out += self._watch_quorum(self.now_ms)
             out += self._drain_progress(self.now_ms)
+            out += self._disarm_allowed()
         return out
 
     def _id(self) -> str:
@@ -314,6 +326,16 @@ class HostCore:
                                       reason=f"generation {rec.generation}"))
         return out
 
+    def _disarm_allowed(self) -> list[HostOutput]:
+        member = self.member
+        if not self._disarming or member is None:
+            return []
+        own = member.config.hosts[self.me]
+        if own.fence_device or member.committed.host(self.me).watchdog_ms == 0:
+            self._disarming = False
+            return [WatchdogDisarmAllowed()]
+        return []
+
     def _drain_progress(self, now_ms: int) -> list[HostOutput]:
         drain, member = self._drain, self.member
         if drain is None or member is None:
@@ -380,8 +402,8 @@ class HostCore:
             "quorate": member.broker_quorate(now_ms), "state_version": list(state.key),
             "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
                     for vm, rec in sorted(state.vms.items())},
-            "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced}
-                      for h in sorted(member.config.hosts)},
+            "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced,
+                          "watchdog_ms": state.host(h).watchdog_ms} for h in sorted(member.config.hosts)},
             "migrations": [{"vm": vm, "source": mig.source, "target": mig.target}
                            for vm, mig in sorted(state.migrations.items())],
             "peers": {h: str(member.detector.state(h)) for h in sorted(member.config.hosts) if h != self.me},

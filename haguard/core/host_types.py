@@ -10,7 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from haguard.core.cluster.types import AdminRequested, ClusterOutput, CommandFinished, CoreConfig
+from haguard.core.cluster.types import (
+    AdminRequested,
+    ClusterOutput,
+    CommandFinished,
+    CoreConfig,
+    WatchdogConfirmed,
+)
 from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
 from haguard.core.peers import VmSize
 from haguard.core.probes import HostHealthChanged, ProbeInput, ProbePolicy
@@ -63,13 +69,22 @@ class VmStopBegan:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WatchdogDisarming:
+    """The agent stops cleanly and will disarm its watchdog (the magic close) once the cluster
+    knows: from then on a deadline is no fence for this host."""
+
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShutdownDrainRequested:
     timeout_ms: int
     now_ms: int
 
 
 HostInput = (EnvelopeReceived | BrokerConnectionChanged | PingObserved | ProbeInput | VmInput
-             | QemuStateObserved | VmStopBegan | CommandFinished | AdminRequested | ShutdownDrainRequested)
+             | QemuStateObserved | VmStopBegan | CommandFinished | AdminRequested | ShutdownDrainRequested
+             | WatchdogConfirmed | WatchdogDisarming)
 
 
 # ---- outputs --------------------------------------------------------------------------
@@ -87,6 +102,12 @@ class ShutdownDrainProgress:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WatchdogDisarmAllowed:
+    """The committed cluster state no longer counts this host's watchdog as a fence (or the
+    host has a fence device): the magic close can no longer make a VM run twice."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class ShutdownDrainEnded:
     drained: bool
     reason: str                             # "drained", "no coordinator", "timeout"
@@ -95,4 +116,4 @@ class ShutdownDrainEnded:
 
 
 HostOutput = (DetectorOutput | VmOutput | HostHealthChanged | ClusterOutput | MessageRejected
-              | ShutdownDrainProgress | ShutdownDrainEnded)
+              | ShutdownDrainProgress | ShutdownDrainEnded | WatchdogDisarmAllowed)

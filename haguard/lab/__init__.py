@@ -10,7 +10,9 @@ Everything the demo starts lives here, all of it torn down by `Lab.close()`:
     cluster.py the agents (`haguard run --config HOST.yaml`, one per host), their configs and
                status files, a host's power-off, `haguard drain` inside a host;
     watch.py   a thread sampling every host's QEMUs over QMP, recording where each VM runs
-               and any instant at which one runs twice.
+               and any instant at which one runs twice;
+    softdog.py watchdog devices served through FUSE that answer the real ioctls and expire as
+               Linux's softdog does (these machines have no watchdog device).
 
 Unlike tests/helpers (which the tests use), this package is installed with haguard.
 """

@@ -52,6 +52,9 @@ class HostView(Protocol):
     def last_pet_ms(self) -> int: ...                    # its last watchdog pet
 
     @property
+    def watchdog_ms(self) -> int: ...                    # its device's real timeout
+
+    @property
     def fenced_ms(self) -> int: ...                      # last time a fence device turned it off
 
 
@@ -170,7 +173,7 @@ class Checker:
         if run.ended in SAFE_ENDS:
             return
         old = self.world.hosts[run.host]
-        deadline = run.last_pet_ms + self.world.timing.watchdog_timeout_ms
+        deadline = run.last_pet_ms + old.watchdog_ms
         if old.fenced_ms >= run.ended_ms or now >= deadline:
             return
         raise Violation(2, f"{vm} started on {host} after its copy on {run.host} ended by {run.ended} at "

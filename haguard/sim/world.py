@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +47,7 @@ from haguard.core.cluster.types import (
     StartVm,
     StopPettingWatchdog,
     StopVm,
+    WatchdogConfirmed,
 )
 from haguard.core.detector import BrokerConnectionChanged, DetectorTiming, PingObserved
 from haguard.sim.checkers import Checker, Violation
@@ -85,6 +86,9 @@ class SimConfig:
     hang_migrate_ms: int = 1500
     liveness_bound_ms: int = 25_000
     host_specs: tuple[HostSpec, ...] = ()   # replaces the generated hosts when given
+    # host -> its watchdog device's real timeout, when it is not the configured one (a device
+    # that ignores or clamps WDIOC_SETTIMEOUT); 0: the device cannot be opened.
+    watchdog_devices: Mapping[str, int] = field(default_factory=dict)
     gossip_fanout: int = CoreConfig.gossip_fanout   # below hosts - 1: partial views (a large cluster)
 
 
@@ -100,6 +104,8 @@ class SimHost:
     crashed: set[str] = field(default_factory=set)
     hung: set[str] = field(default_factory=set)     # QEMUs whose monitor does not answer
     watchdog_armed: bool = False
+    watchdog_ms: int = 0              # the device's real timeout (0: no working device)
+    watchdog_told: int = -1           # the agent incarnation told what the device confirmed
     last_pet_ms: int = 0
     fenced_ms: int = -1               # last time a fence device turned it off
     fence_mode: str = "ok"
@@ -124,7 +130,8 @@ class World:
         self.specs = specs
         self.vm_specs = {v.name: v for v in self.sim.vms}
         self.vm_names = sorted(self.vm_specs)
-        self.hosts = {n: SimHost(name=n, spec=s) for n, s in specs.items()}
+        self.hosts = {n: SimHost(name=n, spec=s, watchdog_ms=self.sim.watchdog_devices.get(
+            n, self.timing.watchdog_timeout_ms)) for n, s in specs.items()}
         self.checker = Checker(self, Quorum({h: s.weight for h, s in specs.items()}))
         self.now = 0
         self._queue: list[tuple[int, int, str, Any]] = []
@@ -171,7 +178,7 @@ class World:
 
     def _on_tick(self, _: None) -> None:
         for host in self.hosts.values():
-            starved = self.now - host.last_pet_ms > self.timing.watchdog_timeout_ms
+            starved = self.now - host.last_pet_ms > host.watchdog_ms
             if host.powered and host.watchdog_armed and starved:
                 self._power_off(host, "watchdog")
                 self._at(self.now + self.sim.boot_ms, "boot", host.name)
@@ -246,7 +253,13 @@ class World:
                 case Send(message=msg):
                     self._publish(host, msg)
                 case PetWatchdog():
-                    host.watchdog_armed, host.last_pet_ms = True, self.now
+                    # As the runtime does: the device is opened (armed) and set at the first pet of
+                    # an agent's life, which then learns the timeout the device confirmed.
+                    if host.watchdog_told != host.incarnation:
+                        host.watchdog_told = host.incarnation
+                        self._at(self.now, "watchdog_confirmed", (host.name, host.incarnation))
+                    if host.watchdog_ms:
+                        host.watchdog_armed, host.last_pet_ms = True, self.now
                 case StopPettingWatchdog():
                     pass
                 case RaiseAlert():
@@ -374,6 +387,12 @@ class World:
         return CoreConfig(me=name, hosts=self.specs, vms=self.vm_specs, timing=self.timing,
                           detector=self.sim.detector, isolation=self.sim.isolation,
                           gossip_fanout=self.sim.gossip_fanout)
+
+    def _on_watchdog_confirmed(self, payload: tuple[str, int]) -> None:
+        name, incarnation = payload
+        host = self.hosts[name]
+        if host.incarnation == incarnation:
+            self._feed(host, WatchdogConfirmed(timeout_ms=host.watchdog_ms, now_ms=self.now))
 
     def _boot_agent(self, host: SimHost) -> None:
         host.incarnation += 1

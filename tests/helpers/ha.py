@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from haguard.lab.softdog import Faults, SoftdogFarm
 from haguard.vm.definition import VmDefinition
 from tests.helpers.cluster import Cluster
 from tests.helpers.vms import RunningOnceMonitor, guest_vm
@@ -82,47 +85,50 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
 
 
 class WatchdogHardware:
-    """The hardware behind each host's watchdog device file: a host whose file stops
-    growing (no pet) for `timeout_s` after its first pet is reset: its QEMUs and its agent
-    SIGKILLed, as a hardware reset does."""
+    """The hosts' watchdog devices: softdog stand-ins (haguard/lab/softdog.py) that answer the
+    real ioctls, one per host.  A device not petted for its timeout "resets" its host: its
+    QEMUs and its agent SIGKILLed, as a hardware reset does.  Enter it before the cluster (the
+    agents must see the mount when they start), put `ha(timeout_s)` in its `ha:` section and
+    `attach()` the cluster."""
 
-    def __init__(self, c: Cluster, timeout_s: float) -> None:
-        self.c, self.timeout_s = c, timeout_s
-        self.last_pet: dict[str, float] = {}       # host -> wall-clock time of its last pet
-        self.reset_at: dict[str, float] = {}
-        self._sizes: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="watchdog-hw", daemon=True)
+    def __init__(self, hosts: tuple[str, ...] = ("h1", "h2", "h3"),
+                 faults: dict[str, Faults] | None = None) -> None:
+        self.hosts = hosts
+        self.faults = faults or {}
+        self.c: Cluster | None = None
+        self.reset_at: dict[str, float] = {}       # host -> wall-clock time of its reset
+        self._root = Path(tempfile.mkdtemp(prefix="hgt-dogs-"))
+        self.farm = SoftdogFarm(self._root / "dev", hosts, on_expire=self._expired, faults=self.faults)
 
-    def path(self, host: str) -> Path:
-        return self.c.dir / f"{host}.watchdog"
+    def ha(self, timeout_s: int) -> str:
+        return f"  watchdog: {{device: '{self.farm.mountpoint}/{{host}}', timeout_s: {timeout_s}}}\n"
 
-    def _run(self) -> None:
-        while not self._stop.wait(0.05):
-            for h in self.c.hosts:
-                if h in self.reset_at:
-                    continue
-                try:
-                    size = self.path(h).stat().st_size
-                except OSError:
-                    continue
-                if size != self._sizes.get(h):
-                    self._sizes[h], self.last_pet[h] = size, time.time()
-                elif h in self.last_pet and time.time() - self.last_pet[h] >= self.timeout_s:
-                    self.reset_at[h] = time.time()
-                    self.c.kill_vms(h)
-                    if h in self.c.procs:
-                        self.c.kill9(h)
+    def attach(self, c: Cluster) -> None:
+        self.c = c
+
+    def _expired(self, host: str) -> None:
+        self.reset_at[host] = time.time()
+        if self.c is not None:
+            self.c.kill_vms(host)
+            if host in self.c.procs:
+                self.c.kill9(host)
+
+    @property
+    def last_pet(self) -> dict[str, float]:
+        """host -> wall-clock time of its last pet (the devices keep monotonic times)."""
+        offset = time.time() - time.monotonic()
+        return {h: st.last_ping + offset for h, st in self.farm.statuses().items()
+                if st.last_ping is not None}
 
     def __enter__(self) -> WatchdogHardware:
-        for h in self.c.hosts:
-            self.path(h).touch()
-        self._thread.start()
+        self.farm.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
+        try:
+            self.farm.close(raise_callback_errors=exc[0] is None)
+        finally:
+            shutil.rmtree(self._root, ignore_errors=True)
 
 
 def running_on(c: Cluster) -> dict[str, list[str]]:

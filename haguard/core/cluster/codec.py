@@ -2,10 +2,12 @@
 
 Pure.  `to_data(message)` gives JSON data (`{"type": "Heartbeat", ...fields}`);
 `from_data(data)` rebuilds the message and checks every field against its declared
-type: a missing or unknown field, a wrong type, a value outside a `Literal` or a
-malformed nested state raise `CodecError` with the path of the field.  A message
-from a peer is signed (haguard.core.wire) before it gets here; this is the second
-gate, so a signed but malformed message is still rejected, never acted on.
+type: a missing field, a wrong type, a value outside a `Literal` or a malformed nested
+state raise `CodecError` with the path of the field.  A message from a peer is signed
+(haguard.core.wire) before it gets here; this is the second gate, so a signed but
+malformed message is still rejected, never acted on.  A field this version does not know
+is ignored when it looks like a field name (a newer release's addition: a rolling upgrade
+must not split the cluster), refused otherwise or beyond MAX_UNKNOWN_FIELDS per object.
 
 frozenset and tuple travel as JSON lists, Mapping as a JSON object when its keys are
 str, else as a list of [key, value] pairs.
@@ -14,6 +16,7 @@ str, else as a list of [key, value] pairs.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -33,6 +36,8 @@ from haguard.core.errors import HaguardError
 MESSAGE_TYPES: dict[str, type[Any]] = {t.__name__: t for t in (Heartbeat, VoteRequest, VoteGranted,
                                                                 Proposal, Ack, Digest)}
 MAX_DEPTH = 12
+MAX_UNKNOWN_FIELDS = 8
+_FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
 MAX_ITEMS = 100_000
 _HINTS: dict[type[Any], dict[str, Any]] = {}
 
@@ -103,7 +108,11 @@ def _decode_dataclass(cls: type[Any], data: object, path: str, depth: int) -> ob
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise CodecError(f"{path}: unknown field {sorted(unknown)[0][:40]!r}")
+        # A field added by a newer release, during a rolling upgrade: ignored (this agent
+        # decides as its own version does).  Anything that does not look like one is refused.
+        odd = sorted(k for k in unknown if not isinstance(k, str) or not _FIELD_NAME.match(k))
+        if odd or len(unknown) > MAX_UNKNOWN_FIELDS:
+            raise CodecError(f"{path}: unknown field {str((odd or sorted(unknown))[0])[:40]!r}")
     hints = _hints(cls)
     kwargs: dict[str, object] = {}
     for name, f in fields.items():

@@ -19,7 +19,9 @@ stable storage before any `Send` after it.  The rules kept here:
   The coordinator broadcasts its heartbeat: its lease renewal and membership summary
   (whom it does not hear, the acks it confirms).  This host watches (hears, pings,
   judges) its neighbours and the coordinator; everyone while coordinating.
-- watchdog: petted while this host holds quorum, or while nothing runs here.
+- watchdog: petted while this host holds quorum, or while nothing runs here.  A host
+  without a fence device starts VMs only while its device confirms the configured
+  timeout (`WatchdogConfirmed`); the confirmed value travels in its heartbeat.
 - isolation (no broker and no peer): keep, shut the VMs down, or stop petting at once.
 
 Size: about 480 lines because the order of a tick (retrack, stand, coordinate, beat,
@@ -65,6 +67,7 @@ from haguard.core.cluster.types import (
     StopPettingWatchdog,
     VoteGranted,
     VoteRequest,
+    WatchdogConfirmed,
 )
 from haguard.core.detector import (
     BrokerConnectionChanged,
@@ -115,6 +118,7 @@ class ClusterMember:
         self.moves: dict[tuple[str, str], int] = {}             # (vm, target) -> asked at
         self.degraded = False
         self.petting = False
+        self.watchdog_ms = 0                                    # what this host's device confirmed
         self.self_fenced = False
         self.now_ms = now_ms
         self._next_id = 0
@@ -146,6 +150,10 @@ class ClusterMember:
                 if host in self.config.hosts:
                     self.requests.add((action, host))
                     self._last_beat_ms = -10**9
+            case WatchdogConfirmed(timeout_ms=timeout_ms):
+                if timeout_ms != self.watchdog_ms:
+                    self.watchdog_ms = timeout_ms
+                    self._last_beat_ms = -10**9     # the coordinator learns it at the next tick
             case LocalHealthObserved(degraded=degraded):
                 if degraded != self.degraded:
                     self.degraded = degraded
@@ -412,6 +420,7 @@ class ClusterMember:
                          moves=frozenset(self.moves), degraded=self.degraded,
                          coordinator=coordinating, unheard=unheard,
                          confirmed=dict(self.duty.acks.new) if self.duty is not None else {},
+                         watchdog_ms=self.watchdog_ms,
                          seq=self._beat_seq)
 
     # ---- obeying the committed state (grants.py) -------------------------------------
@@ -435,10 +444,16 @@ class ClusterMember:
         synced = self.follower.synced()
         out = self.local.copies(now, state, self.accepted, term, synced, self.new_id)
         may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced
-                     and synced)
+                     and synced and self.fenceable())
         if may_start:
             out += self.local.starts(state, self.accepted, mine, term, self.new_id)
         return [self.local.issue(cmd, now) for cmd in out]
+
+    def fenceable(self) -> bool:
+        """Others can fence this host: by its device, or by a watchdog that confirmed the
+        configured timeout (a longer one would outlast the coordinator's wait)."""
+        own = self.config.hosts[self.me]
+        return own.fence_device or self.watchdog_ms == self.config.timing.watchdog_timeout_ms
 
     # ---- relays (a cluster larger than a full mesh, relay.py) ------------------------
 

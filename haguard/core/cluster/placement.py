@@ -30,6 +30,7 @@ class HostCandidate:
     name: str
     alive: bool
     memory_mib: int
+    fenceable: bool = True          # a fence device, or a watchdog that confirmed the configured timeout
     vcpus: int
     used_memory_mib: int = 0
     used_vcpus: int = 0
@@ -68,6 +69,8 @@ def refusal(vm: VmSpec, host: HostCandidate, limits: PlacementLimits, *, migrati
         return "not alive"
     if host.fenced:
         return "fenced, not rejoined"
+    if not host.fenceable:
+        return "no fence device and no watchdog confirming the configured timeout"
     if host.maintenance:
         return "in maintenance"
     if host.degraded:

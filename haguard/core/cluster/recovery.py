@@ -3,9 +3,12 @@
 `Fencing` tracks the coordinator's fence of each host declared dead: a fence device
 `off` with retries and backoff (an alert on every failure, a command without result
 within the host's fence timeout counts as failed), or for hosts without a device the
-watchdog deadline: `watchdog_timeout_ms + watchdog_margin_ms` after the declaration
-(by then the host, which lost quorum before others could declare it dead, has
-stopped petting and been reset).  `plan_recovery` places a fenced host's VMs,
+watchdog deadline: the timeout that host's own device confirmed (committed in the
+cluster state, never the configuration file's value) plus `watchdog_margin_ms` after the
+declaration (by then the host, which lost quorum before others could declare it dead,
+has stopped petting and been reset).  A host with neither a device nor a confirmed
+watchdog cannot be fenced: its VMs stay down, and an alert says so once.
+`plan_recovery` places a fenced host's VMs,
 highest priority first.
 """
 
@@ -42,6 +45,8 @@ class FenceAlert:
 class _Fence:
     declared_ms: int
     device: bool
+    watchdog_ms: int = 0            # the host's confirmed watchdog timeout (no device); 0: none
+    said_unfenceable: bool = False
     attempts: int = 0
     command_id: str | None = None
     sent_ms: int = 0
@@ -50,16 +55,17 @@ class _Fence:
 
 
 class Fencing:
-    def __init__(self, *, watchdog_wait_ms: int, fence_timeout_ms: int, backoff_ms: tuple[int, ...],
+    def __init__(self, *, watchdog_margin_ms: int, fence_timeout_ms: int, backoff_ms: tuple[int, ...],
                  host_timeouts_ms: Mapping[str, int] | None = None) -> None:
-        self.watchdog_wait_ms = watchdog_wait_ms
+        self.watchdog_margin_ms = watchdog_margin_ms
         self.fence_timeout_ms = fence_timeout_ms             # for hosts not in host_timeouts_ms
         self.host_timeouts_ms = dict(host_timeouts_ms or {})  # a device's own timeout plus a margin
         self.backoff_ms = backoff_ms or (1000,)
         self._fences: dict[str, _Fence] = {}
 
-    def declare(self, host: str, *, device: bool, now_ms: int) -> None:
-        self._fences.setdefault(host, _Fence(declared_ms=now_ms, device=device, next_try_ms=now_ms))
+    def declare(self, host: str, *, device: bool, now_ms: int, watchdog_ms: int = 0) -> None:
+        self._fences.setdefault(host, _Fence(declared_ms=now_ms, device=device, next_try_ms=now_ms,
+                                             watchdog_ms=watchdog_ms))
 
     def cancel(self, host: str) -> None:
         """The host was heard again before it was fenced: nothing of it may move."""
@@ -80,7 +86,8 @@ class Fencing:
         fence = self._fences.get(host)
         if fence is None:
             return False
-        if not fence.device and now_ms >= fence.declared_ms + self.watchdog_wait_ms:
+        if (not fence.device and fence.watchdog_ms > 0
+                and now_ms >= fence.declared_ms + fence.watchdog_ms + self.watchdog_margin_ms):
             fence.confirmed = True
         return fence.confirmed
 
@@ -89,6 +96,11 @@ class Fencing:
         commands: list[FenceCommand] = []
         alerts: list[FenceAlert] = []
         for host, fence in sorted(self._fences.items()):
+            if not fence.device and not fence.watchdog_ms and not fence.said_unfenceable:
+                fence.said_unfenceable = True
+                alerts.append(FenceAlert(host=host, reason=(
+                    f"cannot fence {host}: no fence device and no confirmed watchdog; its VMs stay "
+                    "down until it is back or an operator confirms it is off")))
             if not fence.device or fence.confirmed:
                 continue
             timeout = self.timeout_ms(host)

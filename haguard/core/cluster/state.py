@@ -31,6 +31,9 @@ class VmRecord:
 class HostRecord:
     maintenance: bool = False
     fenced: bool = False            # powered off or reset; must rejoin without VMs
+    # The watchdog timeout the host's device confirmed (WDIOC_SETTIMEOUT, read back), in ms;
+    # 0: none confirmed, so a deadline is no fence for it.  Never lowered while it holds VMs.
+    watchdog_ms: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

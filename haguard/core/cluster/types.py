@@ -112,6 +112,8 @@ class Heartbeat:
     # A coordinator's confirmation of the acks it received since its previous heartbeat:
     # host -> (incarnation, sequence) (a read index, see ClusterMember).
     confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    # The timeout its watchdog device confirmed, in ms (0: none, or not confirmed).
+    watchdog_ms: int = 0
     # Numbers the sender's heartbeats within its incarnation: a heartbeat relayed by several
     # paths is one heartbeat.  Not part of its content (equal heartbeats say the same).
     seq: int = field(default=0, compare=False)
@@ -218,6 +220,16 @@ class AdminRequested:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WatchdogConfirmed:
+    """What this host's watchdog device does: the timeout it confirmed after being set
+    (WDIOC_SETTIMEOUT, read back with WDIOC_GETTIMEOUT), in ms; 0 when it cannot be opened,
+    does not say, or failed."""
+
+    timeout_ms: int
+    now_ms: int
+
+
+@dataclass(frozen=True, kw_only=True)
 class LocalHealthObserved:
     """This host's health probes: a degraded host gets no new VM and is evacuated live."""
 
@@ -226,7 +238,7 @@ class LocalHealthObserved:
 
 
 ClusterInput = (MessageReceived | LocalVmsObserved | CommandFinished | AdminRequested
-                | LocalHealthObserved | PingObserved | BrokerConnectionChanged)
+                | LocalHealthObserved | WatchdogConfirmed | PingObserved | BrokerConnectionChanged)
 
 
 # ---- outputs ---------------------------------------------------------------------

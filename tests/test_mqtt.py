@@ -18,7 +18,7 @@ import pytest
 
 from haguard.adapters.mqtt import GossipTransport, Topics
 from haguard.config.cluster import MqttConfig
-from haguard.core.wire import Envelope, encode
+from haguard.core.wire import MAX_MESSAGE_BYTES, Envelope, encode
 from haguard.errors import ConfigError
 from tests.helpers.mosquitto import HOSTS_ACL, Mosquitto, free_port
 
@@ -405,6 +405,20 @@ async def test_unreachable_url_and_missing_password_file_are_reported_not_raised
     assert TOPICS.subscriptions() == [
         "haguard/c1/hosts/+/heartbeat", "haguard/c1/hosts/+/state", "haguard/c1/hosts/+/probe",
         "haguard/c1/alerts"]
+
+
+@pytest.mark.timeout(30)
+async def test_a_message_over_the_wire_limit_is_dropped_and_counted_and_the_next_one_goes() -> None:
+    # A proposal of a few hundred VMs once went over 64 KiB: publish raised, and every output after
+    # it in the batch (pets, heartbeats) was lost with the core task.
+    with Mosquitto() as broker:
+        cfg = broker.mqtt_config(keepalive_s=KEEPALIVE_S)
+        async with peers(Peer(cfg, "h1"), Peer(cfg, "h2")) as (a, b):
+            await exchange(a, b, "before")
+            big = {"blob": "x" * (MAX_MESSAGE_BYTES + 1)}
+            assert a.transport.publish("cluster", big) is False
+            assert a.transport.too_large == 1
+            await exchange(a, b, "after")
 
 
 @pytest.mark.timeout(30)

@@ -40,6 +40,7 @@ from haguard.core.wire import (
     NAME_PATTERN,
     OFFLINE,
     Envelope,
+    MessageTooLarge,
     Rejected,
     ReplayGuard,
     decode,
@@ -189,6 +190,7 @@ class GossipTransport:
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
         self._guard = ReplayGuard()
         self._seq = 0                                   # seq 0 is the will's; messages start at 1
+        self.too_large = 0                              # messages dropped: over the wire's limit
         self._outbox: asyncio.Queue[_Outgoing] = asyncio.Queue(maxsize=outbox_size)
         self._client: aiomqtt.Client | None = None      # set while connected and subscribed
         self._url_index = 0
@@ -216,14 +218,21 @@ class GossipTransport:
         """Sign `body` as a `kind` message with the next seq and queue it on the live connection.
 
         `retain`/`expiry_s` default to the kind's policy (KINDS).  Returns False, dropping
-        the message, when there is no connection or the outbox is full: delivery is at most
-        once, and the caller goes on without a broker.  Raises ValueError on an unknown kind
-        or a body that is not JSON data (a bug in the caller, not a network condition).
+        the message, when there is no connection, the outbox is full or the message is over
+        the wire's size limit (counted in `too_large`, logged): delivery is at most once, and
+        one message that cannot go never stops the caller's next ones.  Raises ValueError on
+        an unknown kind or a body that is not JSON data (a bug in the caller).
         """
         policy = KINDS.get(kind)
         if policy is None:
             raise ValueError(f"unknown message kind {kind!r}; known: {', '.join(KINDS)}")
-        payload = self._sign(kind, body)
+        try:
+            payload = self._sign(kind, body)
+        except MessageTooLarge as exc:
+            self.too_large += 1
+            if self.too_large in (1, 10, 100) or self.too_large % 1000 == 0:
+                log.error("mqtt: dropping a %s message: %s (%d so far)", kind, exc, self.too_large)
+            return False
         if kind == "state":
             self._last_state = body
         if self._client is None or self._stopping:

@@ -61,9 +61,15 @@ class Rejected:
     reason: str
 
 
+class MessageTooLarge(ValueError):
+    """A well-formed envelope over MAX_MESSAGE_BYTES: not a bug in the caller but a size the
+    wire does not carry (a sender drops it, counts it and goes on)."""
+
+
 def encode(env: Envelope, key: bytes) -> bytes:
     """The signed canonical encoding of `env`.  Raises ValueError on an envelope that
-    `decode` would refuse (bad names, negative numbers, a body that is not JSON data)."""
+    `decode` would refuse (bad names, negative numbers, a body that is not JSON data), and
+    MessageTooLarge on one over MAX_MESSAGE_BYTES."""
     _check_key(key)
     fields = _fields(env)
     problem = _field_problem(fields) or _data_problem(env.body, depth=0)
@@ -72,7 +78,7 @@ def encode(env: Envelope, key: bytes) -> bytes:
     signed = dict(fields, sig=_sign(_canonical(fields), key))
     data = _canonical(signed).encode("ascii")
     if len(data) > MAX_MESSAGE_BYTES:
-        raise ValueError(f"cannot encode envelope: {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
+        raise MessageTooLarge(f"cannot encode envelope: {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
     return data
 
 

@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -429,6 +430,26 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
         time.sleep(3)                  # peers see it agent-down: not dead, nothing is recovered
         assert _qemu_pids(c, host) == before
         _restart_leaves_its_vms_alone(c, host, before)
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_a_host_whose_state_dir_was_lost_is_heard_again_and_keeps_its_vms() -> None:
+    # Its incarnation counter gone, the agent once started counting at 1 again: its peers, who
+    # remember a higher one, dropped every message of it as a replay.
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
+        before = _qemu_pids(c, host)
+        assert before, running_on(c)
+        c.kill9(host)
+        shutil.rmtree(c.dir / host / "state")
+        rejected = {h: (c.status(h) or {}).get("rejected", 0) for h in c.hosts if h != host}
+        _restart_leaves_its_vms_alone(c, host, before)
+        for h in rejected:
+            assert c.state_of(h, host) == "alive", c.states()
+            assert (c.status(h) or {}).get("rejected", 0) == rejected[h], f"{h} drops {host}'s messages"
         watch.check()
 
 

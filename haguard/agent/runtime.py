@@ -153,17 +153,21 @@ def read_key(cfg: ClusterConfig, path: Path) -> bytes:
     return key
 
 
-def next_incarnation(state_dir: Path) -> int:
-    """The previous incarnation + 1, persisted before use (a restart must never reuse one)."""
+def next_incarnation(state_dir: Path, wall_ms: int | None = None) -> int:
+    """The previous incarnation + 1, persisted before use (a restart must never reuse one).
+
+    Without a counter (a new host, or a lost state_dir) the count starts at the wall clock in
+    milliseconds: peers remember this host's last incarnation and drop anything older as a
+    replay, and a clock-based start is above any count a host reaches by restarting."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "incarnation"
     try:
-        previous = int(path.read_text().strip() or 0)
+        current = int(path.read_text().strip() or 0) + 1
     except FileNotFoundError:
-        previous = 0
+        current = max(1, wall_ms if wall_ms is not None else time.time_ns() // 1_000_000)
+        log.warning("incarnation-counter-missing", path=str(path), starting_at=current)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read the incarnation counter: {exc}", file=str(path)) from None
-    current = previous + 1
     write_durably(path, f"{current}\n")
     return current
 

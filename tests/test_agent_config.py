@@ -141,3 +141,45 @@ def test_sighup_bad_file_keeps_old_config_good_file_applies(setup: tuple[Path, M
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_a_reload_that_needs_a_restart_keeps_the_running_value_and_keeps_saying_so(
+        setup: tuple[Path, Mosquitto]) -> None:
+    # The agent once took such a file as its configuration (half applied: the broker connection
+    # stayed as it was), and the next reload compared with it and said nothing more.
+    d, _ = setup
+    cfg = d / "cluster.yaml"
+    good = cfg.read_text()
+    log = d / "agent.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "haguard", "run", "--config", str(cfg),
+                                 "--log-format", "json"], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=REPO, start_new_session=True)
+    try:
+        _wait(lambda: _status(d).get("ready") and _status(d).get("broker"), 15, "the agent to join", log)
+
+        def warnings() -> list[dict]:  # type: ignore[type-arg]
+            return [json.loads(x) for x in log.read_text().splitlines() if "config-needs-restart" in x]
+
+        cfg.write_text(good.replace("keepalive_s: 2", "keepalive_s: 7"))
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: len(warnings()) == 1, 10, "the first warning", log)
+        assert warnings()[0]["fields"] == ["mqtt"], warnings()
+        _wait(lambda: _status(d).get("config_needs_restart") == ["mqtt"], 5, "the status to say so", log)
+        # Another reload, with a change it can apply: mqtt still differs from what runs.
+        cfg.write_text(good.replace("keepalive_s: 2", "keepalive_s: 7").replace(
+            "heartbeat_interval_ms: 200", "heartbeat_interval_ms: 250"))
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: len(warnings()) == 2, 10, "the second warning", log)
+        assert warnings()[1]["fields"] == ["mqtt"], warnings()
+        # The file back as it was: nothing left to restart for.
+        cfg.write_text(good)
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: _status(d).get("config_needs_restart") == [], 10, "the status to clear", log)
+        assert len(warnings()) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)

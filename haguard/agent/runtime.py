@@ -92,6 +92,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped the core
 DISARM_WAIT_S = 10.0                       # a clean stop waits this long for the cluster to know
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
+# Configuration a reload cannot change (the running values are kept until a restart), and in
+# cluster mode also the membership and timings the cluster core was built with.
+RESTART_FIELDS = ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts", "metrics", "ha")
+CLUSTER_RESTART_FIELDS = ("hosts", "timing")
 
 
 def monotonic_ms() -> int:
@@ -240,6 +244,7 @@ class Agent:
                                            may_receive=self.core.may_receive,
                                            nothing_here=self._nothing_here)
         self.cluster_rejected = 0
+        self.needs_restart: list[str] = []         # changed in the file, kept as running until a restart
         self.fault_injection = os.environ.get(FAULT_INJECTION) == "1"
         self.exit_code = EXIT_OK
         self._drained: asyncio.Future[ShutdownDrainEnded] | None = None
@@ -451,7 +456,8 @@ class Agent:
                 self.cluster.status(data["cluster"])
                 data["cluster"]["rejected"] = self.cluster_rejected
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
-                        ready=self.ready, dropped=self.dropped, rejected=self.rejected)
+                        ready=self.ready, dropped=self.dropped, rejected=self.rejected,
+                        config_needs_restart=self.needs_restart)
             try:
                 write_status(self.status_file, data)
             except OSError as exc:
@@ -549,12 +555,17 @@ class Agent:
         await self.queue.put(_Apply(cfg, vms))
 
     def _apply(self, cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> None:
-        needs_restart = [f for f in ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts",
-                                     "metrics", "ha", "hosts")
-                         if getattr(cfg, f) != getattr(self.cfg, f)]
-        if self.cluster is not None and set(vms) != set(self.vms):
-            # Every agent must plan with the same VMs: the cluster keeps its set until a restart.
-            needs_restart.append("vm_dir (the cluster's VM set)")
+        fields = RESTART_FIELDS + (CLUSTER_RESTART_FIELDS if self.cluster is not None else ())
+        needs_restart = [f for f in fields if getattr(cfg, f) != getattr(self.cfg, f)]
+        if needs_restart:
+            # What runs stays as it is, and so does what this agent compares the next reload with:
+            # a half-applied change would mislead both the operator and the next reload.
+            cfg = cfg.model_copy(update={f: getattr(self.cfg, f) for f in needs_restart})
+        if self.cluster is not None and vms != self.vms:
+            # Every agent must plan with the same VMs: the cluster keeps its own until a restart.
+            needs_restart.append("vm_dir (the cluster's VMs)")
+            vms = self.vms
+        self.needs_restart = needs_restart
         self.core.reconfigure(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
                               monotonic_ms())
         self.pinger.set_peers(self._peer_addresses(cfg))
@@ -575,7 +586,7 @@ class Agent:
         log.info("config-reloaded", peers=sorted(self._peer_addresses(cfg)),
                  timing=cfg.timing.model_dump(), probes=[p.name for p in cfg.probes])
         if needs_restart:
-            log.warning("config-needs-restart", fields=needs_restart)
+            log.warning("config-needs-restart", fields=needs_restart, kept="the running values")
         self.notifier.ready(self.summary(self.core.status(monotonic_ms())))
 
     # ---- life cycle --------------------------------------------------------------------------

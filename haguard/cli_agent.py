@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from haguard.config.cluster import DEFAULT_CLUSTER_CONFIG, ClusterConfig
+from haguard.config.cluster import DEFAULT_CLUSTER_CONFIG
 from haguard.errors import ConfigError
 from haguard.logs import LOG_FORMATS, LOG_LEVELS
 
@@ -57,37 +55,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     from haguard.agent.runtime import read_key, validate_agent_config
     from haguard.config.cluster import load_cluster_config
+    from haguard.host_checks import check_fence_devices, check_tls_files, check_watchdog_device
     from haguard.vm.inventory import load_inventory
     try:
         cfg = load_cluster_config(args.config)
         validate_agent_config(cfg, args.config)
         read_key(cfg, args.config)
         vms = load_inventory(cfg.vm_dir)
-        check_watchdog_device(cfg, args.config)
+        warnings = (check_fence_devices(cfg, args.config) + check_tls_files(cfg, args.config)
+                    + check_watchdog_device(cfg, args.config))
     except ConfigError as exc:
         print(f"haguard: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    for warning in warnings:
+        print(f"haguard: warning: {warning}", file=sys.stderr)
     print(f"ok: cluster {cfg.cluster}, {len(cfg.hosts)} hosts, {len(vms)} VMs")
     return EXIT_OK
-
-
-def check_watchdog_device(cfg: ClusterConfig, path: Path) -> None:
-    """ha.watchdog's device exists and can be written.  It is not opened: opening arms it."""
-    from haguard.config.yamlsrc import line_of
-    wd = cfg.ha.watchdog if cfg.ha.enabled else None
-    if wd is None:
-        return
-    line = line_of(path, ("ha", "watchdog", "device"))
-    try:
-        st = wd.device.stat()
-    except OSError as exc:
-        raise ConfigError(f"{wd.device}: {exc.strerror} (load a watchdog driver, e.g. softdog)",
-                          file=str(path), line=line, field="ha.watchdog.device") from None
-    if not (stat.S_ISCHR(st.st_mode) or stat.S_ISREG(st.st_mode)) or not os.access(wd.device, os.W_OK):
-        raise ConfigError(f"{wd.device} is not a writable watchdog device", file=str(path), line=line,
-                          field="ha.watchdog.device")
-    if not stat.S_ISCHR(st.st_mode):
-        print(f"haguard: warning: {wd.device} is not a character device (a test stand-in?)", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

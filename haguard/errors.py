@@ -15,6 +15,8 @@
      +-- WatchdogError      the watchdog device could not be opened or written (adapters/watchdog.py)
      +-- CodecError         a cluster message that does not match its declared types
      |                      (core/cluster/codec.py; also a ValueError)
+     +-- MessageTooLarge    an envelope over the wire's size limit (core/wire.py; also a
+     |                      ValueError): the sender drops and counts it
      +-- Violation          the simulator saw an invariant of docs/cluster-design.md broken
      |                      (sim/checkers.py)
      +-- SoftdogError       the watchdog stand-in could not start or was misused (lab/softdog.py)

@@ -3,24 +3,29 @@
 One YAML file (default /etc/haguard/cluster.yaml), validated on load; an error names
 the file, line and field.  Secrets (the cluster key, the MQTT password) live in
 their own files, referenced by path, so the main file can be world-readable.
+
+Numbers are taken as written: an integer field refuses `true`, `2.0` and "2" (pydantic's lax
+mode would read them as 1 and 2), a float field refuses booleans and strings, and no field
+takes .inf or .nan.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
-from haguard.config.yamlsrc import load_model
+from haguard.config.yamlsrc import error_at, load_model
 from haguard.names import NAME_RE
 
 DEFAULT_CLUSTER_CONFIG = Path("/etc/haguard/cluster.yaml")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class FenceDevice(_Strict):
@@ -31,18 +36,18 @@ class FenceDevice(_Strict):
     agent: str                              # program name or path
     options: dict[str, str] = {}            # e.g. ip, username, lanplus
     password_file: Path | None = None       # read at fence time, passed on stdin only
-    timeout_s: float = Field(default=60.0, gt=0)
+    timeout_s: StrictFloat = Field(default=60.0, gt=0)
 
 
 class HostConfig(_Strict):
     name: str = Field(pattern=NAME_RE)
     address: str                            # for ping and migration traffic
     fence: FenceDevice | None = None
-    memory_mib: int | None = Field(default=None, gt=0)   # capacity override
-    vcpus: int | None = Field(default=None, gt=0)
+    memory_mib: StrictInt | None = Field(default=None, gt=0)   # capacity override
+    vcpus: StrictInt | None = Field(default=None, gt=0)
     group: str | None = None
-    priority: int = 0                       # placement and coordinator preference
-    weight: int = Field(default=1, ge=0, le=100)    # votes towards quorum
+    priority: StrictInt = 0                 # placement and coordinator preference
+    weight: StrictInt = Field(default=1, ge=0, le=100)    # votes towards quorum
     witness: bool = False                   # votes, runs no VMs (a two-host cluster's tie-breaker)
 
 
@@ -60,7 +65,7 @@ class MqttConfig(_Strict):
     username: str | None = None
     password_file: Path | None = None
     tls: TlsConfig | None = None
-    keepalive_s: int = Field(default=5, ge=1, le=600)
+    keepalive_s: StrictInt = Field(default=5, ge=1, le=600)
 
     @field_validator("urls")
     @classmethod
@@ -73,12 +78,12 @@ class MqttConfig(_Strict):
 
 
 class TimingConfig(_Strict):
-    heartbeat_interval_ms: int = Field(default=300, ge=50)
-    suspect_timeout_ms: int = Field(default=900, ge=100)
-    dead_timeout_ms: int = Field(default=1500, ge=100)
-    ping_interval_ms: int = Field(default=250, ge=50)
-    ping_timeout_ms: int = Field(default=200, ge=10)
-    isolation_timeout_ms: int = Field(default=5000, ge=100)
+    heartbeat_interval_ms: StrictInt = Field(default=300, ge=50)
+    suspect_timeout_ms: StrictInt = Field(default=900, ge=100)
+    dead_timeout_ms: StrictInt = Field(default=1500, ge=100)
+    ping_interval_ms: StrictInt = Field(default=250, ge=50)
+    ping_timeout_ms: StrictInt = Field(default=200, ge=10)
+    isolation_timeout_ms: StrictInt = Field(default=5000, ge=100)
 
     @model_validator(mode="after")
     def _ordered(self) -> TimingConfig:
@@ -93,9 +98,9 @@ class HostProbe(_Strict):
     name: str
     command: tuple[str, ...] | None = None
     file: Path | None = None
-    max_value: float | None = None          # for `file`: degraded above this
-    interval_s: float = Field(default=10.0, gt=0)
-    timeout_s: float = Field(default=5.0, gt=0)
+    max_value: StrictFloat | None = None    # for `file`: degraded above this
+    interval_s: StrictFloat = Field(default=10.0, gt=0)
+    timeout_s: StrictFloat = Field(default=5.0, gt=0)
 
     @model_validator(mode="after")
     def _one_source(self) -> HostProbe:
@@ -107,9 +112,9 @@ class HostProbe(_Strict):
 
 
 class VmRestartPolicy(_Strict):
-    max_restarts: int = Field(default=3, ge=0)
-    window_s: float = Field(default=600.0, gt=0)
-    hung_timeout_ms: int = Field(default=3000, ge=100)
+    max_restarts: StrictInt = Field(default=3, ge=0)
+    window_s: StrictFloat = Field(default=600.0, gt=0)
+    hung_timeout_ms: StrictInt = Field(default=3000, ge=100)
 
 
 class AlertsConfig(_Strict):
@@ -117,11 +122,11 @@ class AlertsConfig(_Strict):
 
     # e.g. http://alertmanager:9093/api/v2/alerts; each gets the same JSON list of alerts.
     webhooks: tuple[str, ...] = ()
-    timeout_s: float = Field(default=5.0, gt=0, le=120)          # one POST
-    retry_attempts: int = Field(default=5, ge=1, le=100)          # per batch and webhook
-    retry_max_s: float = Field(default=60.0, gt=0, le=3600)       # give up a batch after this
-    repeat_interval_s: float = Field(default=300.0, ge=1)         # re-send of a still-firing alert
-    broker_unreachable_after_s: float = Field(default=30.0, ge=0)
+    timeout_s: StrictFloat = Field(default=5.0, gt=0, le=120)         # one POST
+    retry_attempts: StrictInt = Field(default=5, ge=1, le=100)        # per batch and webhook
+    retry_max_s: StrictFloat = Field(default=60.0, gt=0, le=3600)     # give up a batch after this
+    repeat_interval_s: StrictFloat = Field(default=300.0, ge=1)       # re-send of a still-firing alert
+    broker_unreachable_after_s: StrictFloat = Field(default=30.0, ge=0)
 
     @field_validator("webhooks")
     @classmethod
@@ -164,7 +169,7 @@ class WatchdogConfig(_Strict):
 
     device: Path = Path("/dev/watchdog")
     # What the agent sets the device to (WDIOC_SETTIMEOUT takes whole seconds) and reads back.
-    timeout_s: int = Field(default=10, ge=1, le=600)
+    timeout_s: StrictInt = Field(default=10, ge=1, le=600)
 
 
 class HaConfig(_Strict):
@@ -174,19 +179,19 @@ class HaConfig(_Strict):
     # A host cut off from the broker and every peer for timing.isolation_timeout_ms:
     isolation: Literal["keep", "shutdown", "self-fence"] = "keep"
     # ACPI power-off first, then quit: a guest gets this long to shut down (isolation, `stopped`).
-    shutdown_grace_s: float = Field(default=30.0, ge=0, le=3600)
+    shutdown_grace_s: StrictFloat = Field(default=30.0, ge=0, le=3600)
     watchdog: WatchdogConfig | None = None
-    max_migrations_per_host: int = Field(default=1, ge=1, le=64)
-    max_migrations: int = Field(default=2, ge=1, le=1024)
-    memory_overcommit: float = Field(default=1.0, gt=0, le=10)
-    vcpu_overcommit: float = Field(default=4.0, gt=0, le=64)
+    max_migrations_per_host: StrictInt = Field(default=1, ge=1, le=64)
+    max_migrations: StrictInt = Field(default=2, ge=1, le=1024)
+    memory_overcommit: StrictFloat = Field(default=1.0, gt=0, le=10)
+    vcpu_overcommit: StrictFloat = Field(default=4.0, gt=0, le=64)
     # Stopping the agent drains the host first (its VMs move away live), holding the stop:
     # "system-shutdown" only while the machine shuts down or reboots (a restart of the service
     # leaves the VMs alone), "always" at every stop, "never" (the default).
     migrate_on_shutdown: Literal["never", "system-shutdown", "always"] = "never"
-    shutdown_timeout_s: float = Field(default=600.0, gt=0)   # then the agent stops anyway
+    shutdown_timeout_s: StrictFloat = Field(default=600.0, gt=0)   # then the agent stops anyway
     # The broker's typical one-way delay: relayed heartbeats (more than 5 hosts) are dated with it.
-    relay_transit_ms: int = Field(default=0, ge=0, le=1000)
+    relay_transit_ms: StrictInt = Field(default=0, ge=0, le=1000)
 
 
 class ClusterConfig(_Strict):
@@ -207,20 +212,33 @@ class ClusterConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_hosts(self) -> ClusterConfig:
-        seen: set[str] = set()
-        for h in self.hosts:
-            if h.name in seen:
-                raise ValueError(f"host {h.name!r} is listed twice")
-            seen.add(h.name)
-        if self.host is not None and self.host not in seen:
-            raise ValueError(f"host {self.host!r} is not in hosts")
+        names: dict[str, int] = {}
+        addresses: dict[str, int] = {}
+        for i, h in enumerate(self.hosts):
+            if h.name in names:
+                raise error_at(("hosts", i, "name"),
+                               f"host {h.name!r} is listed twice (also hosts[{names[h.name]}])")
+            names[h.name] = i
+            address = _address_key(h.address)
+            if address in addresses and not _is_loopback(h.address):
+                first = addresses[address]
+                raise error_at(("hosts", i, "address"),
+                               f"{h.address!r} is also hosts[{first}]'s address: each host needs its own")
+            addresses.setdefault(address, i)
+        if self.host is not None and self.host not in names:
+            raise error_at(("host",), f"host {self.host!r} is not in hosts")
         if self.ha.enabled:
-            check_tie_breaker(self.hosts)
-            unfenced = [h.name for h in self.hosts if h.fence is None and not h.witness]
+            try:
+                check_tie_breaker(self.hosts)
+            except ValueError as exc:
+                raise error_at(("hosts",), str(exc)) from None
+            unfenced = [i for i, h in enumerate(self.hosts) if h.fence is None and not h.witness]
             if unfenced and self.ha.watchdog is None:
-                raise ValueError(f"host {unfenced[0]} has no fence device and ha.watchdog is not set: "
-                                 "a dead host must be fenced before its VMs restart elsewhere; give it "
-                                 "`fence:` or configure ha.watchdog (self-fencing)")
+                i = unfenced[0]
+                raise error_at(("hosts", i),
+                               f"host {self.hosts[i].name} has no fence device and ha.watchdog is not set: "
+                               "a dead host must be fenced before its VMs restart elsewhere; give it "
+                               "`fence:` or configure ha.watchdog (self-fencing)")
         return self
 
     def this_host(self) -> HostConfig:
@@ -232,6 +250,22 @@ class ClusterConfig(_Strict):
 
     def peer(self, name: str) -> HostConfig | None:
         return next((h for h in self.hosts if h.name == name), None)
+
+
+def _address_key(address: str) -> str:
+    """An address as compared for duplicates: IPs in canonical form (2001:DB8:0::1 is 2001:db8::1)."""
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return address.strip().lower()
+
+
+def _is_loopback(address: str) -> bool:
+    """Loopback addresses may repeat: every host there is this machine (a test, a demo)."""
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def check_tie_breaker(hosts: tuple[HostConfig, ...]) -> None:

@@ -2,6 +2,8 @@
 
 PyYAML's composed nodes keep each value's start mark; we walk the node tree in
 parallel with pydantic's error location to find the line of the offending value.
+A key given twice in one mapping is refused (PyYAML would keep the last silently).
+A model validator that checks several fields names the one at fault with `error_at`.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
 
 from haguard.errors import ConfigError
 
@@ -44,6 +47,64 @@ def line_of(path: Path, loc: tuple[int | str, ...]) -> int | None:
     return target.start_mark.line + 1 if target is not None else None
 
 
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_AT = "haguard_field_error"
+
+
+def error_at(loc: tuple[int | str, ...], message: str) -> PydanticCustomError:
+    """An error for a model validator to raise at `loc` (below the model), so that the
+    ConfigError names that field and its line rather than the model's."""
+    return PydanticCustomError(_AT, "{message}", {"message": message, "loc": loc})
+
+
+def _duplicate_key(root: yaml.Node | None) -> tuple[int, tuple[int | str, ...], int] | None:
+    """The first key (in file order) given twice in one mapping: (its line, its path, the line
+    of the first one), or None.  Keys compare as the values YAML makes of them ("a" and a,
+    1 and 1.0), as a dict would.  Merge keys (<<) are not keys: an explicit key overrides a
+    merged one.  Each node is visited once, so aliases cost nothing."""
+    constructor = yaml.constructor.SafeConstructor()
+    found: list[tuple[int, tuple[int | str, ...], int]] = []
+    visited: set[int] = set()
+    stack: list[tuple[yaml.Node, tuple[int | str, ...]]] = [(root, ())] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*path, i)) for i, item in enumerate(node.value))
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == _MERGE_TAG:
+                    stack.append((value_node, path))
+                    continue
+                name = "?"      # a sequence or mapping as a key: refused when loaded
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = constructor.construct_object(key_node, deep=True)
+                    name = key if isinstance(key, str) else str(key)
+                    line = key_node.start_mark.line + 1
+                    if key in first:
+                        found.append((line, (*path, name), first[key]))
+                    else:
+                        first[key] = line
+                stack.append((value_node, (*path, name)))
+    return min(found, key=lambda f: f[0]) if found else None
+
+
+# Errors where the value given tells why (`true` is no integer in strict mode, .inf no finite number).
+_SHOW_INPUT = frozenset({"int_type", "float_type", "finite_number", "int_from_float", "int_parsing"})
+
+
+def _got(value: object) -> str:
+    """" (got VALUE)" for a scalar, as YAML spells it; nothing for a collection (it may be huge)."""
+    if isinstance(value, bool):
+        return f" (got {str(value).lower()})"
+    if isinstance(value, int | float | str):
+        return f" (got {_one_line(repr(value))[:40]})"
+    return ""
+
+
 def _field_name(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
@@ -56,7 +117,8 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
     """Parse YAML text into plain data plus the node tree (for line numbers)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        duplicate = _duplicate_key(node)
+        data = yaml.safe_load(text) if duplicate is None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -72,6 +134,10 @@ def parse_yaml(text: str, source: str) -> tuple[Any, yaml.Node | None]:
         raise ConfigError("invalid YAML: nested too deep", file=source) from None
     except ValueError:   # an integer past Python's digit limit
         raise ConfigError("invalid YAML: a number has too many digits", file=source) from None
+    if duplicate is not None:
+        line, path, first = duplicate
+        raise ConfigError(f"duplicate key (first at line {first}): give each key once",
+                          file=source, line=line, field=_field_name(path))
     return data, node
 
 
@@ -98,13 +164,17 @@ def validate(model: type[M], data: Any, node: yaml.Node | None, source: str,
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
+        msg = err["msg"]
+        if err["type"] == _AT:
+            loc += tuple((err.get("ctx") or {}).get("loc", ()))
         target = _node_at(node, loc)
         line = target.start_mark.line + 1 if target is not None else None
-        msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
         elif err["type"] == "missing":
             msg = "required field is missing"
+        elif err["type"] in _SHOW_INPUT:
+            msg += _got(err["input"])
         raise ConfigError(msg, file=source, line=line, field=_field_name(prefix + loc) or None) from None
 
 

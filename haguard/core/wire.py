@@ -29,6 +29,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from haguard.core.errors import HaguardError
+
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 65536
 MIN_KEY_BYTES = 16
@@ -61,7 +63,7 @@ class Rejected:
     reason: str
 
 
-class MessageTooLarge(ValueError):
+class MessageTooLarge(HaguardError, ValueError):
     """A well-formed envelope over MAX_MESSAGE_BYTES: not a bug in the caller but a size the
     wire does not carry (a sender drops it, counts it and goes on)."""
 

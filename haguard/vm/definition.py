@@ -1,4 +1,7 @@
-"""VM definitions: what an operator writes in YAML, validated."""
+"""VM definitions: what an operator writes in YAML, validated.
+
+Integers are taken as written (`true`, `512.0` and "512" are refused, not read as 1 and 512).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from haguard.names import NAME_RE
 
@@ -17,7 +20,7 @@ MAC_RE = r"^([0-9a-f]{2}:){5}[0-9a-f]{2}$"
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CpuSpec(_Strict):
@@ -63,8 +66,8 @@ class NicSpec(_Strict):
 
 class VmDefinition(_Strict):
     name: str = Field(pattern=NAME_RE)
-    memory_mib: int = Field(ge=16, le=16 * 1024 * 1024)
-    vcpus: int = Field(default=1, ge=1, le=1024)
+    memory_mib: StrictInt = Field(ge=16, le=16 * 1024 * 1024)
+    vcpus: StrictInt = Field(default=1, ge=1, le=1024)
     machine: str = "pc-i440fx-7.2"
     cpu: CpuSpec = CpuSpec()
     firmware: Literal["seabios", "qboot"] | Path = "seabios"
@@ -76,7 +79,7 @@ class VmDefinition(_Strict):
     accel: Literal["auto", "kvm", "tcg"] = "auto"
     extra_args: tuple[str, ...] = ()
     # Placement and recovery hints, used by the cluster (ignored on a single host).
-    priority: int = Field(default=0, ge=0, le=1000)       # recovered and moved first when higher
+    priority: StrictInt = Field(default=0, ge=0, le=1000)  # recovered and moved first when higher
     affinity: str | None = Field(default=None, pattern=NAME_RE)        # prefer hosts holding this group
     anti_affinity: str | None = Field(default=None, pattern=NAME_RE)   # never two of it on one host
     host_groups: tuple[str, ...] = ()                   # allowed host groups (hosts[].group); empty: any

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from haguard.config.yamlsrc import parse_yaml, read_text, validate
+from haguard.config.yamlsrc import line_of, parse_yaml, read_text, validate
 from haguard.errors import ConfigError
 from haguard.vm.definition import VmDefinition
 
@@ -15,7 +15,7 @@ DEFAULT_VM_DIR = Path("/etc/haguard/vms")
 
 
 class _VmList(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     vms: list[VmDefinition]
 
 
@@ -40,13 +40,21 @@ def load_inventory(directory: Path) -> dict[str, VmDefinition]:
     vms: dict[str, VmDefinition] = {}
     where: dict[str, Path] = {}
     for path in sorted(directory.glob("*.y*ml")):
-        for vm in load_file(path):
+        for i, vm in enumerate(load_file(path)):
             if vm.name in vms:
-                raise ConfigError(f"VM {vm.name!r} is also defined in {where[vm.name]}",
-                                  file=str(path), field="name")
+                loc = _name_loc(path, i)
+                field = "name" if len(loc) == 1 else f"vms[{i}].name"
+                raise ConfigError(f"VM {vm.name!r} is also defined in {where[vm.name]}", file=str(path),
+                                  line=line_of(path, loc), field=field)
             vms[vm.name] = vm
             where[vm.name] = path
     return vms
+
+
+def _name_loc(path: Path, index: int) -> tuple[int | str, ...]:
+    """Where the `index`th VM of a file (one loaded already) names itself."""
+    data, _ = parse_yaml(read_text(path), str(path))
+    return ("vms", index, "name") if isinstance(data, dict) and "vms" in data else ("name",)
 
 
 def find_vm(name: str, directory: Path) -> VmDefinition:

@@ -60,7 +60,9 @@ def test_agent_events_reach_journald_with_their_fields(running: tuple[LocalAgent
     e = started[0]
     assert e["HAGUARD_HOST"] == "h1" and e["SYSLOG_IDENTIFIER"] == "haguard"
     assert e["PRIORITY"] == "6" and e["MESSAGE_ID"] == message_id("agent-started")
-    assert "agent-started" in e["MESSAGE"] and e["HAGUARD_INCARNATION"] == "1"
+    # A first start counts its incarnations from the wall clock in ms (state_dir/incarnation).
+    incarnation = (agent.root / "state" / "incarnation").read_text().strip()
+    assert "agent-started" in e["MESSAGE"] and e["HAGUARD_INCARNATION"] == incarnation
     assert agent.proc is not None and int(e["_PID"]) == agent.proc.pid
 
     # VM events: watched, running; then killed -> crashed (warning), relocation (error)

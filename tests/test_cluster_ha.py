@@ -258,6 +258,25 @@ def test_isolated_owner_stops_petting_and_others_wait_its_watchdog_timeout() -> 
 
 
 @pytest.mark.timeout(150)
+def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets_nothing() -> None:
+    # The device once refused every pet after a stop: a 1 s cut reset the owner 4 s later.
+    vms = ha_vms(3)
+    with _watchdog_cluster(vms) as (hw, c, watch):
+        victim, lost = _partition_victim(c)
+        before = _qemu_pids(c, victim)
+        c.cut(victim)
+        time.sleep(1.2)
+        c.mend(victim)
+        c.wait_for("petting resumed", lambda: c.events(victim, "watchdog-petting-resumed"), 10)
+        assert c.events(victim, "watchdog-stop-petting"), "the cut did cost the owner its quorum"
+        time.sleep(WATCHDOG_S + 2)
+        assert victim not in hw.reset_at and hw.farm.armed(victim)
+        assert _qemu_pids(c, victim) == before and sorted(_owned_by(c, victim)) == sorted(lost)
+        assert not [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        watch.check()
+
+
+@pytest.mark.timeout(150)
 def test_a_watchdog_that_does_not_confirm_the_configured_timeout_gets_no_vm() -> None:
     # h3's device runs 60 s whatever it is asked (softdog's default, as if never set): h3 gets no
     # VM, says why, and the cluster keeps the device's value for a later fence.

@@ -4,9 +4,12 @@ Linux watchdog API: opening the device arms it; every write pets it; if nothing 
 for its timeout, the hardware resets the host.  Writing 'V' right before close (the "magic
 close") disarms it, if the driver allows; otherwise closing leaves it armed.
 
-- `pet()`: one write.
-- `stop_petting()`: just stop.  The device stays open and armed, so the reset still comes:
-  that is the point of self-fencing.  Never the magic close here.
+- `pet()`: one write; after `stop_petting()` it resumes (the core asks again only when this
+  host holds quorum again before its deadline, and the coordinator never counts a deadline
+  as a fence for a host it has heard from since declaring it dead: the simulator checks
+  exactly this model, docs/cluster-design.md).
+- `stop_petting()`: just stop.  The device stays open and armed, so the reset comes unless
+  petting resumes in time: that is the point of self-fencing.  Never the magic close here.
 - `disarm()`: graceful shutdown only: write 'V', then close.
 - `open()` sets the device's timeout to the configured one (WDIOC_SETTIMEOUT) and reads it
   back (WDIOC_GETTIMEOUT), as sbd does: `confirmed_timeout_s` is what the device will really
@@ -98,11 +101,12 @@ class Watchdog:
         return float(buf[0]) if buf[0] > 0 else self.configured_timeout_s
 
     def pet(self) -> bool:
-        """One keepalive write; False after `stop_petting()` (a decision only a restart undoes)."""
+        """One keepalive write (resuming after `stop_petting()`, before the device expired)."""
         if self._fd is None:
             raise WatchdogError(f"watchdog {self.path} is not open")
         if not self.petting:
-            return False
+            log.warning("watchdog-petting-resumed", path=str(self.path))
+            self.petting = True
         try:
             os.write(self._fd, PET_BYTE)
         except OSError as exc:
@@ -111,7 +115,7 @@ class Watchdog:
         return True
 
     def stop_petting(self, reason: str = "") -> None:
-        """Stop for good and keep the device open: the hardware will reset the host."""
+        """Stop and keep the device open: the hardware resets the host unless a pet comes in time."""
         if self.petting:
             log.critical("watchdog-stop-petting", path=str(self.path), reason=reason,
                          reset_within_s=self.timeout_s)

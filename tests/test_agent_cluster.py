@@ -18,6 +18,11 @@ import pytest
 
 from tests.helpers.cluster import HUB_ADDR, REPO, Cluster, DeathWatch
 
+# The slowest scenarios: real agents in namespaces through link faults and broker outages.
+# `pytest -m "not slow"` runs the rest.
+pytestmark = pytest.mark.slow
+
+
 DEAD_MS = 1500
 SLACK_S = 1.5
 OUTAGE_S = 30.0

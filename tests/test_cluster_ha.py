@@ -30,6 +30,10 @@ from tests.helpers.ha import (
     wait_placed,
 )
 
+# The slowest scenarios: real 3- and 7-host clusters with QEMU guests.
+# `pytest -m "not slow"` runs the rest.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.timeout(180)
 def test_drain_moves_every_vm_live_respecting_anti_affinity_and_capacity() -> None:

@@ -18,6 +18,11 @@ import pytest
 
 from haguard.lab.fence import qemus_naming
 
+# The slowest scenarios: the whole demo.
+# `pytest -m "not slow"` runs the rest.
+pytestmark = pytest.mark.slow
+
+
 
 class DemoRun:
     """One demo process with its own TMPDIR (every file it makes lands there)."""

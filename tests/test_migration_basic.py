@@ -47,6 +47,7 @@ async def test_idle_vm_moves_over_unix_and_tcp_and_keeps_its_state(lab: VmLab) -
     assert json.loads(st.stdout)["state"] == "running", st.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_dirtying_guest_postcopy_never_hits_deadline_auto_completes(lab: VmLab) -> None:
     vm = lab.define(guest_vm("dirty1", memory_mib=256, mib=64, rate=200))

@@ -139,6 +139,7 @@ async def _assert_recovered(lab: VmLab, res: dict, src, dst, before) -> None:  #
     assert abs(res["downtime_ms"] - res["measured_pause_ms"]) <= 1, res
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_postcopy_connection_aborted_then_restored_recovers(lab: VmLab, pair: HostPair) -> None:
     # The dirtying guest at full speed: many page faults in flight when the stream breaks.
@@ -146,6 +147,7 @@ async def test_postcopy_connection_aborted_then_restored_recovers(lab: VmLab, pa
     await _assert_recovered(lab, res, src, dst, before)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_postcopy_link_stalled_then_restored_recovers(lab: VmLab, pair: HostPair) -> None:
     res, src, dst, before = await _postcopy_fault(lab, pair, "pcst1", "stall", rate=20)

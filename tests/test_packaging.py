@@ -32,6 +32,11 @@ import yaml
 from haguard import __version__
 from tests.helpers.journald import journald
 
+# The slowest scenarios: a .deb into a Debian root, a wheel into a fresh venv.
+# `pytest -m "not slow"` runs the rest.
+pytestmark = pytest.mark.slow
+
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / "build" / "debootstrap"
 ROOT_TAR = CACHE / "bookworm-minbase.tar"

@@ -262,6 +262,20 @@ def test_isolated_owner_stops_petting_and_others_wait_its_watchdog_timeout() -> 
 
 
 @pytest.mark.timeout(150)
+def test_hosts_with_a_fence_device_never_arm_their_watchdog_by_default() -> None:
+    # Others can power them off: their own watchdog would only add resets (a switch reboot
+    # reset every host with VMs although each had a fence device).
+    vms = ha_vms(2)
+    with WatchdogHardware() as hw, ha_cluster(vms, ha=hw.ha(WATCHDOG_S)) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        hw.attach(c)
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        assert not [e for h in c.hosts for e in hw.farm.events(h, "open")], "a device was armed"
+        assert {c.cluster_view(h).get("watchdog") for h in c.hosts} == {"none"}
+        watch.check()
+
+
+@pytest.mark.timeout(150)
 def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets_nothing() -> None:
     # The device once refused every pet after a stop: a 1 s cut reset the owner 4 s later.
     vms = ha_vms(3)

@@ -87,3 +87,24 @@ def test_relay_transit_reaches_the_core_and_a_bad_value_is_one_line(tmp_path: Pa
                  "ha:\n  enabled: true\n  relay_transit_ms: -5\n")
     assert bad.returncode == 2 and "ha.relay_transit_ms" in bad.stderr, bad.stderr
     assert bad.stderr.count("\n") == 1, bad.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_watchdog_is_armed_only_where_it_is_the_fence_unless_asked(tmp_path: Path) -> None:
+    from haguard.agent.derive import watchdog_armed_here
+    from haguard.config.cluster import ClusterConfig
+
+    def cfg(host: str, **ha: object) -> ClusterConfig:
+        return ClusterConfig.model_validate({
+            "cluster": "c1", "host": host, "key_file": str(tmp_path / "key"),
+            "mqtt": {"urls": ["mqtt://127.0.0.1"]},
+            "hosts": [{"name": "a", "address": "198.18.0.1", "fence": {"agent": "fence_dummy"}},
+                      {"name": "b", "address": "198.18.0.2"}, {"name": "w", "address": "198.18.0.3",
+                                                               "witness": True}],
+            "ha": {"enabled": True, "watchdog": {"device": str(tmp_path / "wd"), "timeout_s": 10}, **ha}})
+
+    assert not watchdog_armed_here(cfg("a")), "a has a fence device"
+    assert watchdog_armed_here(cfg("b")), "b has none: its watchdog is its fence"
+    assert watchdog_armed_here(cfg("a", isolation="self-fence"))
+    assert watchdog_armed_here(cfg("a", watchdog={"device": str(tmp_path / "wd"), "timeout_s": 10,
+                                                  "arm": "always"}))

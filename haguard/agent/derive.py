@@ -65,6 +65,15 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
         isolation=ha.isolation)
 
 
+def watchdog_armed_here(cfg: ClusterConfig) -> bool:
+    """Whether this host opens (arms) its watchdog: `ha.watchdog.arm: always`, or where it is
+    this host's fence (no fence device) or the isolation policy is self-fence."""
+    wd = cfg.ha.watchdog
+    if wd is None:
+        return False
+    return wd.arm == "always" or cfg.this_host().fence is None or cfg.ha.isolation == "self-fence"
+
+
 def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
                 health_policy: VmHealthPolicy) -> HostConfig:
     """The host core's view of the configuration (the cluster's part in cluster mode)."""
@@ -75,4 +84,4 @@ def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
         vm_policy=health_policy, memory_mib=memory, vcpus=me.vcpus or os.cpu_count() or 1,
         vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()},
         cluster=core_config(cfg, vms) if cfg.ha.enabled else None,
-        watchdog_device=cfg.ha.watchdog is not None)
+        watchdog_device=watchdog_armed_here(cfg))

@@ -33,6 +33,7 @@ import structlog
 from haguard.adapters import metrics
 from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
+from haguard.agent.derive import watchdog_armed_here
 from haguard.agent.durable import write_durably
 from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
 from haguard.config.cluster import ClusterConfig
@@ -128,7 +129,7 @@ class ClusterExecutor:
         self.nothing_here = nothing_here
         self.state_file = cfg.state_dir / STATE_FILE
         self.watchdog: Watchdog | None = None
-        if cfg.ha.watchdog is not None:
+        if cfg.ha.watchdog is not None and watchdog_armed_here(cfg):
             self.watchdog = Watchdog(cfg.ha.watchdog.device, timeout_s=cfg.ha.watchdog.timeout_s)
         self.running: dict[str, _Running] = {}      # vm or "fence:HOST" -> its command's task
         self.rpc = RpcClient(self.me, lambda to, body: self.publish("direct", body, to=to))

@@ -170,6 +170,9 @@ class WatchdogConfig(_Strict):
     device: Path = Path("/dev/watchdog")
     # What the agent sets the device to (WDIOC_SETTIMEOUT takes whole seconds) and reads back.
     timeout_s: StrictInt = Field(default=10, ge=1, le=600)
+    # auto: armed only where it is the fence (a host without a fence device) or the isolation
+    # policy is self-fence; a host others can power off is never reset by its own watchdog.
+    arm: Literal["auto", "always"] = "auto"
 
 
 class HaConfig(_Strict):

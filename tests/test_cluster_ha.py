@@ -442,6 +442,14 @@ def _qemu_pids(c: Cluster, host: str) -> dict[str, int]:
     return out
 
 
+def _busiest_host(c: Cluster) -> tuple[str, dict[str, int]]:
+    """The host with the most VMs, and its QEMUs' pids."""
+    host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
+    before = _qemu_pids(c, host)
+    assert before, running_on(c)
+    return host, before
+
+
 def _restart_leaves_its_vms_alone(c: Cluster, host: str, before: dict[str, int]) -> None:
     """`host`'s agent started again picks up its VMs: the same QEMUs, nothing fenced, none
     started elsewhere."""
@@ -460,9 +468,7 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
-        before = _qemu_pids(c, host)
-        assert before, running_on(c)
+        host, before = _busiest_host(c)
         c.kill9(host)                  # the agent crashes; its QEMUs and its link stay
         time.sleep(3)                  # peers see it agent-down: not dead, nothing is recovered
         assert _qemu_pids(c, host) == before
@@ -477,9 +483,7 @@ def test_a_host_whose_state_dir_was_lost_is_heard_again_and_keeps_its_vms() -> N
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
-        before = _qemu_pids(c, host)
-        assert before, running_on(c)
+        host, before = _busiest_host(c)
         c.kill9(host)
         shutil.rmtree(c.dir / host / "state")
         rejected = {h: (c.status(h) or {}).get("rejected", 0) for h in c.hosts if h != host}
@@ -498,9 +502,7 @@ def test_an_exception_in_the_core_exits_the_agent_and_a_restart_leaves_its_vms_a
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
-        before = _qemu_pids(c, host)
-        assert before, running_on(c)
+        host, before = _busiest_host(c)
         c.kill9(host)
         proc = c.start_agent(host, env={"HAGUARD_FAULT_INJECTION": "1"})
         c.wait_for("the agent runs again", lambda: (c.status(host) or {}).get("ready") is True, 30)

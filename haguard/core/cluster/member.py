@@ -345,17 +345,13 @@ class ClusterMember:
             out += self._send_heartbeats(now, standing)
             out += self._send_digests(now)
         if self.election.role is not Role.COORDINATOR and self.relay.has_news(now, self.beats):
-            entries = self.relay.news(now, self.beats, self.election.following(now))
-            if entries is not None:
-                out.append(self._digest_to(entries, self._following(now)))
+            to = self.election.following(now)
+            entries = self.relay.news(now, self.beats, to)
+            if entries is not None and to is not None:
+                out.append(self._digest_to(entries, to))
         out += self._watchdog(now)
         out += self._local_actions(now)
         return out
-
-    def _following(self, now: int) -> str:
-        followed = self.election.following(now)
-        assert followed is not None
-        return followed
 
     def _digest_to(self, entries: tuple[RelayEntry, ...], to: str) -> Send:
         return self.send(Digest(sender=self.me, term=self.election.term, entries=entries, to=to))

@@ -116,30 +116,31 @@ def status_view(me: str, mine: Mapping[str, Any], detector: FailureDetector, pee
     for view in detector.views():
         watched.add(view.host)
         report = peers.reports.get(view.host, PeerReport())
-        stats = pings.stats(view.host)
         hb = report.heartbeat or {}
         hosts.append({
             "name": view.host, "self": False, "state": str(view.state), "reason": view.reason,
             "since_ms_ago": now_ms - view.since_ms,
             "last_heard_ms_ago": None if view.last_gossip_ms is None else now_ms - view.last_gossip_ms,
-            "rtt_ms": None if stats is None else stats.avg_rtt_ms,
-            "loss": None if stats is None else round(stats.loss_ratio, 3),
-            "health": hb.get("health"), "failing": hb.get("failing", []),
-            "capacity": hb.get("capacity"), "incarnation": view.incarnation})
+            **_reported(view.host, hb, pings), "incarnation": view.incarnation})
         if view.state in (PeerState.ALIVE, PeerState.SUSPECT, PeerState.UNREACHABLE):
             vms += [{"name": n, "state": s, "host": view.host} for n, s in (hb.get("vms") or {}).items()]
     for host, report in sorted(peers.reports.items()):
         if host in watched:
             continue
-        stats, hb = pings.stats(host), report.heartbeat or {}
         hosts.append({
             "name": host, "self": False, "state": str(PeerState.UNKNOWN), "reason": NOT_WATCHED,
             "last_heard_ms_ago": None if report.heartbeat_ms is None else now_ms - report.heartbeat_ms,
-            "rtt_ms": None if stats is None else stats.avg_rtt_ms,
-            "loss": None if stats is None else round(stats.loss_ratio, 3),
-            "health": hb.get("health"), "failing": hb.get("failing", []), "capacity": hb.get("capacity")})
+            **_reported(host, report.heartbeat or {}, pings)})
     return {"host": me, "broker": detector.broker_connected, "isolated": detector.isolated, "hosts": hosts,
             "vms": sorted(vms, key=lambda v: (v["name"], v["host"]))}
+
+
+def _reported(host: str, hb: Mapping[str, Any], pings: PingStats) -> dict[str, Any]:
+    """A peer's row as its pings and its own report show it."""
+    stats = pings.stats(host)
+    return {"rtt_ms": None if stats is None else stats.avg_rtt_ms,
+            "loss": None if stats is None else round(stats.loss_ratio, 3),
+            "health": hb.get("health"), "failing": hb.get("failing", []), "capacity": hb.get("capacity")}
 
 
 def clean_report(body: Mapping[str, Any]) -> dict[str, Any]:

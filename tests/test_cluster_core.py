@@ -217,7 +217,7 @@ def _follower_with_grant(owner: str | None, until_ms: int = 1300, confirm: bool 
 def test_a_granted_vm_is_started_with_its_generation_and_term() -> None:
     agent = _follower_with_grant("h2", confirm=False)
     assert not [o for o in agent.tick(1300) if isinstance(o, StartVm)], "no ack of ours confirmed yet"
-    agent = _follower_with_grant("h2")
+    agent = _follower_with_grant("h2", cfg=ARMED)
     out = agent.tick(1300)
     pets = [o for o in out if isinstance(o, PetWatchdog)]
     starts = [o for o in out if isinstance(o, StartVm)]
@@ -261,17 +261,51 @@ def test_a_kill_order_removes_a_stray_copy() -> None:
     assert [o.vm for o in agent.tick(300) if isinstance(o, KillVm)] == ["vm1"]
 
 
-def test_losing_quorum_with_vms_running_stops_the_watchdog() -> None:
-    agent = _follower_with_grant("h2")
+ARMED = config("h2", watchdog_arm="always")       # these hosts have fence devices: armed on request
+
+
+def test_losing_quorum_with_vms_running_stops_the_watchdog_after_the_grace() -> None:
+    agent = _follower_with_grant("h2", cfg=ARMED)
     agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=1250))
     assert any(isinstance(o, PetWatchdog) for o in agent.tick(1300))
-    stopped = [o for t in range(1400, 4000, 100) for o in agent.tick(t) if isinstance(o, StopPettingWatchdog)]
-    assert len(stopped) == 1 and "lost quorum" in stopped[0].reason
-    assert not any(isinstance(o, PetWatchdog) for o in agent.tick(4100))
+    grace = ARMED.timing.self_fence_grace_ms
+    outputs = {t: agent.tick(t) for t in range(1400, 2400 + grace + 1000, 100)}
+    stopped = [(t, o) for t, out in outputs.items() for o in out if isinstance(o, StopPettingWatchdog)]
+    assert len(stopped) == 1 and "lost quorum" in stopped[0][1].reason
+    lost_at = agent.self_fence.lost_since
+    assert lost_at is not None and stopped[0][0] == lost_at + grace, "a blip shorter than the grace is no event"
+    assert all(any(isinstance(o, PetWatchdog) for o in outputs[t]) for t in outputs if t < lost_at + grace)
+    assert not any(isinstance(o, PetWatchdog) for o in agent.tick(2400 + grace + 1100))
+
+
+def test_quorum_back_within_the_grace_keeps_the_watchdog_petted() -> None:
+    agent = _follower_with_grant("h2", cfg=ARMED)
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=1250))
+    agent.tick(1300)
+    grace = ARMED.timing.self_fence_grace_ms
+    silent = [o for t in range(1400, 1400 + grace - 500, 100) for o in agent.tick(t)]
+    assert agent.self_fence.lost_since is not None, "quorum was lost"
+    assert not [o for o in silent if isinstance(o, StopPettingWatchdog)]
+    after = []
+    for t in range(1400 + grace - 400, 1400 + 2 * grace, 100):
+        hear_all(agent, t)
+        after += agent.tick(t)
+    assert not [o for o in after if isinstance(o, StopPettingWatchdog)]
+    assert agent.self_fence.lost_since is None and agent.petting
+
+
+def test_a_host_with_a_fence_device_never_arms_its_watchdog_by_default() -> None:
+    # The majority powers it off before anything of it runs elsewhere: its own reset would
+    # only take down VMs that a switch reboot would have left running.
+    agent = _follower_with_grant("h2")
+    agent.step(LocalVmsObserved(vms={"vm1": "running"}, now_ms=1250))
+    out = [o for t in range(1300, 12_000, 100) for o in agent.tick(t)]
+    assert not [o for o in out if isinstance(o, PetWatchdog | StopPettingWatchdog)]
+    assert [o for o in agent.tick(12_100) if isinstance(o, StartVm)] == [], "it started vm1 once, earlier"
 
 
 def test_without_vms_the_watchdog_is_petted_even_alone() -> None:
-    agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
+    agent = ClusterMember(ARMED, incarnation=1, now_ms=0)
     assert any(isinstance(o, PetWatchdog) for o in agent.tick(5000))
 
 
@@ -326,7 +360,8 @@ def test_without_a_fence_device_the_watchdog_deadline_is_awaited() -> None:
     c = Coordinator(cfg, term=2, new_id=lambda: "f")
     state = ClusterState(term=2, version=5, vms={"vm1": VmRecord(owner="h2")},
                          hosts=_confirmed(h2=HostRecord(watchdog_ms=WATCHDOG_MS)))
-    wait = cfg.timing.watchdog_timeout_ms + cfg.timing.watchdog_margin_ms
+    t = cfg.timing
+    wait = t.watchdog_timeout_ms + t.self_fence_grace_ms + t.watchdog_margin_ms
     new, out = c.plan(state, _views(dead=True), 1000)
     assert new is None and out == []
     assert c.plan(state, _views(dead=True), 1000 + wait - 1)[0] is None
@@ -345,7 +380,7 @@ def test_the_coordinator_waits_the_timeout_the_hosts_device_confirmed_not_the_co
     c.plan(state, _views(dead=True), 1000)
     late = 1000 + cfg.timing.watchdog_timeout_ms + cfg.timing.watchdog_margin_ms
     assert c.plan(state, _views(dead=True), late)[0] is None, "the configured timeout is no fence"
-    wait = device_ms + cfg.timing.watchdog_margin_ms
+    wait = device_ms + cfg.timing.self_fence_grace_ms + cfg.timing.watchdog_margin_ms
     assert c.plan(state, _views(dead=True), 1000 + wait - 1)[0] is None
     new, _ = c.plan(state, _views(dead=True), 1000 + wait)
     assert new is not None and new.vms["vm1"].owner in {"h1", "h3"}

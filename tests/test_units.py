@@ -128,6 +128,7 @@ STAND_IN_AGENT = '''
 import asyncio, ctypes, json, os, signal, subprocess
 from pathlib import Path
 from haguard.adapters.qmp import Qmp
+from haguard.adapters.scheduling import policy_of, raise_priority
 from haguard.adapters.systemd import Notifier, ProgressWatchdog
 from haguard.vm import launcher
 from haguard.vm.definition import VmDefinition
@@ -143,6 +144,7 @@ def userfaultfd() -> str:  # what postcopy needs from the sandbox (QEMU 7.2 uses
     return "ok"
 
 async def main() -> None:
+    runs_at = raise_priority(10)        # as the agent does first: the unit has set it already
     n = Notifier()
     vm = VmDefinition(name="t1", memory_mib=64, machine="pc-i440fx-7.2", firmware="qboot",
                       kernel=HERE / "guest.elf", append="mib=4 rate=0", accel="kvm")
@@ -156,7 +158,8 @@ async def main() -> None:
                             timeout=30).returncode for a in ("on", "status")]
     report = {"qemu_pid": pid, "started": started, "kvm": kvm["enabled"], "status": status["status"],
               "userfaultfd": userfaultfd(), "qemu_cgroup": Path(f"/proc/{pid}/cgroup").read_text(),
-              "fence": fence}
+              "fence": fence, "runs_at": runs_at, "agent_policy": policy_of(os.getpid()),
+              "qemu_policy": policy_of(pid)}
     Path(f"/run/haguard/report-{os.getpid()}.json").write_text(json.dumps(report))
 
     def reload() -> None:
@@ -325,6 +328,9 @@ def test_unit_under_real_systemd_keeps_the_vm(container: Container) -> None:
     assert report["fence"] == [0, 0]          # a fence agent runs: power on, then status "on"
     # ... and QEMU lives in its own scope in machine.slice, not in the agent's cgroup.
     assert "0::/machine.slice/haguard-vm-t1-" in str(report["qemu_cgroup"])
+    # The agent runs real-time (the unit's policy); QEMU, forked through systemd-run, does not.
+    assert report["agent_policy"] == [os.SCHED_RR, 10] and "set by the service" in str(report["runs_at"])
+    assert report["qemu_policy"] == [os.SCHED_OTHER, 0]
 
     box.run("systemctl", "reload", "haguard.service")
     time.sleep(0.3)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from haguard.config.cluster import ClusterConfig, TimingConfig
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
+from haguard.core.cluster.selffence import arms_watchdog
 from haguard.core.cluster.types import ClusterTiming, CoreConfig, HostSpec
 from haguard.core.detector import DetectorTiming
 from haguard.core.host_types import HostConfig
@@ -49,12 +50,15 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
                           allowed_groups=frozenset(v.host_groups))
              for name, v in vms.items()}
     watchdog_ms = int(ha.watchdog.timeout_s * 1000) if ha.watchdog else 10_000
+    election_ms = max(t.heartbeat_interval_ms * 3, t.dead_timeout_ms * 2 // 3)
     timing = ClusterTiming(
         tick_ms=100, heartbeat_ms=t.heartbeat_interval_ms, quorum_timeout_ms=t.suspect_timeout_ms,
-        lease_ms=t.dead_timeout_ms, election_timeout_ms=max(t.heartbeat_interval_ms * 3,
-                                                            t.dead_timeout_ms * 2 // 3),
+        lease_ms=t.dead_timeout_ms, election_timeout_ms=election_ms,
         watchdog_timeout_ms=watchdog_ms,
         watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
+        # Long enough for a lapsed lease, an election and a new coordinator's first mutual
+        # contact (measured: at most 1.3 s in the simulator, docs/failure-modes.md).
+        self_fence_grace_ms=t.dead_timeout_ms + election_ms + t.suspect_timeout_ms,
         relay_transit_ms=ha.relay_transit_ms)
     return CoreConfig(
         me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,
@@ -62,16 +66,12 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
         limits=PlacementLimits(memory_overcommit=ha.memory_overcommit, vcpu_overcommit=ha.vcpu_overcommit,
                                max_migrations_per_host=ha.max_migrations_per_host,
                                max_migrations_cluster=ha.max_migrations),
-        isolation=ha.isolation)
+        isolation=ha.isolation, watchdog_arm=ha.watchdog.arm if ha.watchdog is not None else "never")
 
 
 def watchdog_armed_here(cfg: ClusterConfig) -> bool:
-    """Whether this host opens (arms) its watchdog: `ha.watchdog.arm: always`, or where it is
-    this host's fence (no fence device) or the isolation policy is self-fence."""
-    wd = cfg.ha.watchdog
-    if wd is None:
-        return False
-    return wd.arm == "always" or cfg.this_host().fence is None or cfg.ha.isolation == "self-fence"
+    """Whether this host opens (arms) its watchdog (the core's rule: selffence.py)."""
+    return cfg.ha.watchdog is not None and arms_watchdog(core_config(cfg, {}), cfg.this_host().name)
 
 
 def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
@@ -83,5 +83,4 @@ def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
         me=me.name, peers=tuple(h.name for h in cfg.hosts), timing=detector_timing(cfg.timing),
         vm_policy=health_policy, memory_mib=memory, vcpus=me.vcpus or os.cpu_count() or 1,
         vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()},
-        cluster=core_config(cfg, vms) if cfg.ha.enabled else None,
-        watchdog_device=watchdog_armed_here(cfg))
+        cluster=core_config(cfg, vms) if cfg.ha.enabled else None)

@@ -39,6 +39,7 @@ from haguard.adapters.hostprobe import HostProber
 from haguard.adapters.icmp import PeerPinger
 from haguard.adapters.metrics import AgentMetrics
 from haguard.adapters.mqtt import GossipTransport
+from haguard.adapters.scheduling import raise_priority
 from haguard.adapters.systemd import Notifier, ProgressWatchdog, summary
 from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart_in_place
 from haguard.agent import supervise
@@ -50,11 +51,14 @@ from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
 from haguard.core.alerts import Alert, BrokerWatch, alerts_for
-from haguard.core.cluster.types import AdminRequested
+from haguard.core.cluster.campaign import HANDOVER_WAIT_MS
+from haguard.core.cluster.selffence import DISARM_WAIT_MS
+from haguard.core.cluster.types import AdminRequested, StopRequested
 from haguard.core.detector import BrokerConnectionChanged, IsolationChanged, PeerState, PeerStateChanged
 from haguard.core.host import HostCore
 from haguard.core.host_types import (
     EnvelopeReceived,
+    HandoverEnded,
     HostInput,
     HostOutput,
     MessageRejected,
@@ -90,11 +94,11 @@ SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped the core
-DISARM_WAIT_S = 10.0                       # a clean stop waits this long for the cluster to know
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
 # Configuration a reload cannot change (the running values are kept until a restart), and in
 # cluster mode also the membership and timings the cluster core was built with.
-RESTART_FIELDS = ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts", "metrics", "ha")
+RESTART_FIELDS = ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts", "metrics", "scheduling",
+                  "ha")
 CLUSTER_RESTART_FIELDS = ("hosts", "timing")
 
 
@@ -250,6 +254,7 @@ class Agent:
         self._drained: asyncio.Future[ShutdownDrainEnded] | None = None
         self._drain_left: tuple[str, ...] = ()
         self._disarm_allowed = asyncio.Event()
+        self._handed_over = asyncio.Event()
         self.control = ControlServer(control_path(cfg.run_dir), self._control)
         loops = ["core", "tick", "heartbeat"]
         stale_s = max(5.0, 3 * cfg.timing.dead_timeout_ms / 1000)
@@ -384,6 +389,9 @@ class Agent:
                     self._drained.set_result(out)
             case WatchdogDisarmAllowed():
                 self._disarm_allowed.set()
+            case HandoverEnded(successor=successor):
+                log.info("handover-ended", successor=successor)
+                self._handed_over.set()
             case _:
                 if self.cluster is not None:
                     self.cluster.execute(out)
@@ -679,10 +687,19 @@ class Agent:
             return self._nothing_here()
         await self.queue.put(WatchdogDisarming(now_ms=monotonic_ms()))
         try:
-            await asyncio.wait_for(self._disarm_allowed.wait(), timeout=DISARM_WAIT_S)
+            await asyncio.wait_for(self._disarm_allowed.wait(), timeout=DISARM_WAIT_MS / 1000)
         except TimeoutError:
             return self._nothing_here()
         return True
+
+    async def _hand_over(self) -> None:
+        """A coordinator names its successor and waits until it leads (campaign.py), so that
+        followers see a new coordinator within a round trip instead of after a lapsed lease."""
+        if self.tasks.get("core") is None or self.tasks["core"].done():
+            return
+        await self.queue.put(StopRequested(now_ms=monotonic_ms()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._handed_over.wait(), timeout=HANDOVER_WAIT_MS / 1000 + 1)
 
     async def _shutdown(self) -> None:
         log.info("agent-stopping", host=self.me)
@@ -692,7 +709,9 @@ class Agent:
         # Peers learn at once; VMs are left alone (watchers are only cancelled).
         await self.control.close()
         if self.cluster is not None:
-            await self.cluster.close(disarm=await self._may_disarm())
+            disarm = await self._may_disarm()
+            await self._hand_over()
+            await self.cluster.close(disarm=disarm)
         await self.transport.stop(timeout_s=3.0)
         tasks = [*self.tasks.values(), *self.watchers.values(), *self.side_tasks]
         for task in tasks:
@@ -712,6 +731,8 @@ async def run_agent(config_path: Path, log_format: str = "auto", log_level: str 
         print(f"haguard: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     configure_logging(log_format, log_level, host=me)
+    # Before any thread starts: they inherit it (the heartbeat path must not wait behind vCPUs).
+    log.info("scheduling", runs_at=raise_priority(cfg.scheduling.realtime_priority))
     try:
         agent = Agent(config_path, cfg, key, incarnation, vms)
     except (ConfigError, ValueError) as exc:

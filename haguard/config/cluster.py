@@ -138,6 +138,13 @@ class AlertsConfig(_Strict):
         return v
 
 
+class SchedulingConfig(_Strict):
+    """The agent's CPU priority (adapters/scheduling.py): SCHED_RR at this priority, never
+    inherited by QEMU or other children; 0 leaves it at the normal policy."""
+
+    realtime_priority: StrictInt = Field(default=10, ge=0, le=99)
+
+
 class MetricsConfig(_Strict):
     """The Prometheus endpoint (GET /metrics).  Loopback by default: it tells what runs where."""
 
@@ -211,6 +218,7 @@ class ClusterConfig(_Strict):
     vm_restart: VmRestartPolicy = VmRestartPolicy()
     alerts: AlertsConfig = AlertsConfig()
     metrics: MetricsConfig = MetricsConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
     ha: HaConfig = HaConfig()
 
     @model_validator(mode="after")

@@ -18,12 +18,15 @@ the cluster membership the same way.  Rules that belong to the host as a whole:
   `finish-migrate`) are copies that do not run the guest; any other state holds it
   (the safe side).  A QEMU gone while not being stopped or moved is a crash.  They are
   reported to the membership on change and at least every second.
-- `quorum-lost` is raised while this host holds VMs without quorum, resolved when it is
-  back; a VM of a fenced host given a new owner by this coordinator is `recovery-done`.
+- `quorum-lost` is raised while this host holds VMs without quorum for longer than the
+  self-fence grace, resolved when it is back; a VM of a fenced host given a new owner by
+  this coordinator is `recovery-done`.
 - a clean stop disarms the watchdog only once the cluster knows (`WatchdogDisarming`): the
   host reports no confirmed watchdog, and once the committed state says so (a later
   coordinator will not count a deadline as its fence) `WatchdogDisarmAllowed` goes out;
   at once for a host with a fence device.
+- a clean stop hands the coordinator's lease over (`StopRequested`, campaign.py) and says
+  when the agent may disconnect (`HandoverEnded`).
 - a stop-time drain (`ShutdownDrainRequested`) asks for this host's maintenance and ends
   when nothing is left here, when no coordinator has been followed for 30 s, or at its
   time limit (`ShutdownDrainEnded`); meanwhile `ShutdownDrainProgress` every 5 s.
@@ -39,6 +42,7 @@ from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster import codec
 from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.state import ClusterState
+from haguard.core.cluster.status import membership_status
 from haguard.core.cluster.types import (
     AdminRequested,
     CommandFinished,
@@ -47,6 +51,7 @@ from haguard.core.cluster.types import (
     MessageReceived,
     PersistedState,
     QemuState,
+    StopRequested,
     WatchdogConfirmed,
 )
 from haguard.core.detector import (
@@ -58,6 +63,7 @@ from haguard.core.detector import (
 )
 from haguard.core.host_types import (
     EnvelopeReceived,
+    HandoverEnded,
     HostConfig,
     HostInput,
     HostOutput,
@@ -136,6 +142,7 @@ class HostCore:
         self._last_committed = self.member.committed if self.member is not None else None
         self._drain: _Drain | None = None
         self._disarming = False
+        self._handover_said = True                  # until a StopRequested
         self._next_id = 0
 
     # ---- feeding ----------------------------------------------------------------------------
@@ -163,6 +170,11 @@ class HostCore:
                 return []
             case CommandFinished() | AdminRequested() | WatchdogConfirmed():
                 return self._member(event)
+            case StopRequested():
+                if self.member is None:
+                    return [HandoverEnded(successor=None)]
+                self._handover_said = False
+                return self._member(event)
             case WatchdogDisarming():
                 self._disarming = True
                 return self._member(WatchdogConfirmed(timeout_ms=0, now_ms=self.now_ms))
@@ -185,6 +197,7 @@ class HostCore:
             out += self._watch_quorum(self.now_ms)
             out += self._drain_progress(self.now_ms)
             out += self._disarm_allowed()
+            out += self._handover_ended(self.now_ms)
         return out
 
     def _id(self) -> str:
@@ -300,14 +313,16 @@ class HostCore:
     # ---- the host's own rules -------------------------------------------------------------------
 
     def _watch_quorum(self, now_ms: int) -> list[HostOutput]:
-        """quorum-lost while this host holds VMs: it cannot decide, and its watchdog (if any)
-        stops being petted.  Resolved when quorum is back."""
+        """quorum-lost while this host holds VMs and has lacked quorum for longer than a blip
+        (the self-fence grace: a handover or a broker blip is no event); an armed watchdog
+        stops being petted then.  Resolved when quorum is back."""
         assert self.member is not None
-        lost = bool(self.qemu) and not self.member.connected_quorate(now_ms)
+        fence = self.member.self_fence
+        lost = bool(self.qemu) and fence.lost(now_ms)
         if lost == self._quorum_lost or now_ms - self.started_ms < self.cfg.timing.dead_timeout_ms:
             return []
         self._quorum_lost = lost
-        petting = "; the watchdog is no longer petted" if lost and self.cfg.watchdog_device else ""
+        petting = "; the watchdog is no longer petted" if lost and fence.armed else ""
         return [RaiseAlert(id=self._id(), kind="quorum-lost", host=self.me, resolved=not lost,
                            summary=f"{self.me} {'lost' if lost else 'regained'} quorum with VMs running",
                            reason="no decision is taken here; VMs keep running" + petting)]
@@ -335,6 +350,14 @@ class HostCore:
             self._disarming = False
             return [WatchdogDisarmAllowed()]
         return []
+
+    def _handover_ended(self, now_ms: int) -> list[HostOutput]:
+        member = self.member
+        if member is None or self._handover_said or not member.campaign.handover_done(now_ms):
+            return []
+        self._handover_said = True
+        following = member.election.following(now_ms)
+        return [HandoverEnded(successor=following if following != self.me else None)]
 
     def _drain_progress(self, now_ms: int) -> list[HostOutput]:
         drain, member = self._drain, self.member
@@ -394,23 +417,8 @@ class HostCore:
         return data
 
     def cluster_status(self, now_ms: int) -> dict[str, Any]:
-        member = self.member
-        assert member is not None
-        state = member.committed
-        return {
-            "role": str(member.role), "term": member.term, "coordinator": member.election.following(now_ms),
-            "quorate": member.broker_quorate(now_ms), "state_version": list(state.key),
-            "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
-                    for vm, rec in sorted(state.vms.items())},
-            "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced,
-                          "watchdog_ms": state.host(h).watchdog_ms} for h in sorted(member.config.hosts)},
-            "migrations": [{"vm": vm, "source": mig.source, "target": mig.target}
-                           for vm, mig in sorted(state.migrations.items())],
-            "peers": {h: str(member.detector.state(h)) for h in sorted(member.config.hosts) if h != self.me},
-            "watchdog": "petting" if member.petting else ("stopped" if self.cfg.watchdog_device else "none"),
-            "proposal_in_flight": (list(member.proposer.proposal.key)
-                                   if member.proposer is not None and member.proposer.in_flight else None),
-        }
+        assert self.member is not None
+        return membership_status(self.member, now_ms)
 
     def reconfigure(self, cfg: HostConfig, now_ms: int) -> None:
         """A reloaded configuration: peers, timing, policies and capacities; evidence is kept.
@@ -432,4 +440,4 @@ class HostCore:
 
 
 def _keep_cluster(new: HostConfig, old: HostConfig) -> HostConfig:
-    return replace(new, cluster=old.cluster, watchdog_device=old.watchdog_device)
+    return replace(new, cluster=old.cluster)

@@ -15,6 +15,7 @@ from haguard.core.cluster.types import (
     ClusterOutput,
     CommandFinished,
     CoreConfig,
+    StopRequested,
     WatchdogConfirmed,
 )
 from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
@@ -34,7 +35,6 @@ class HostConfig:
     vcpus: int = 0
     vm_sizes: Mapping[str, VmSize] = field(default_factory=dict)   # from the VM inventory
     cluster: CoreConfig | None = None       # cluster mode
-    watchdog_device: bool = False           # a watchdog device is configured (cluster mode)
 
 
 # ---- inputs ---------------------------------------------------------------------------
@@ -84,7 +84,7 @@ class ShutdownDrainRequested:
 
 HostInput = (EnvelopeReceived | BrokerConnectionChanged | PingObserved | ProbeInput | VmInput
              | QemuStateObserved | VmStopBegan | CommandFinished | AdminRequested | ShutdownDrainRequested
-             | WatchdogConfirmed | WatchdogDisarming)
+             | WatchdogConfirmed | WatchdogDisarming | StopRequested)
 
 
 # ---- outputs --------------------------------------------------------------------------
@@ -115,5 +115,13 @@ class ShutdownDrainEnded:
     took_ms: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class HandoverEnded:
+    """After `StopRequested`: this host coordinates no more and a successor leads (or none
+    came in time, or this host was no coordinator): the agent may disconnect."""
+
+    successor: str | None
+
+
 HostOutput = (DetectorOutput | VmOutput | HostHealthChanged | ClusterOutput | MessageRejected
-              | ShutdownDrainProgress | ShutdownDrainEnded | WatchdogDisarmAllowed)
+              | ShutdownDrainProgress | ShutdownDrainEnded | WatchdogDisarmAllowed | HandoverEnded)

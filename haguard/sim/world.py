@@ -25,6 +25,7 @@ from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.selffence import DISARM_WAIT_MS
 from haguard.core.cluster.types import (
     AdminRequested,
     ClusterOutput,
@@ -46,7 +47,9 @@ from haguard.core.cluster.types import (
     Send,
     StartVm,
     StopPettingWatchdog,
+    StopRequested,
     StopVm,
+    WatchdogArm,
     WatchdogConfirmed,
 )
 from haguard.core.detector import BrokerConnectionChanged, DetectorTiming, PingObserved
@@ -62,6 +65,7 @@ class SimConfig:
     witness: bool = False              # one more host that only votes
     fence_devices: bool = True
     isolation: IsolationPolicy = "keep"
+    watchdog_arm: WatchdogArm = "auto"
     vms: tuple[VmSpec, ...] = tuple(
         VmSpec(name=f"vm{i}", memory_mib=2048, vcpus=2, priority=i % 3,
                anti_affinity="web" if i <= 2 else None) for i in range(1, 7))
@@ -147,7 +151,9 @@ class World:
         self.starts: list[tuple[int, str, str]] = []           # (at, host, vm)
         self.migrations_done: list[tuple[int, str, str, str]] = []
         self.power_offs: list[tuple[int, str, str]] = []       # (at, host, why)
+        self.stopped_petting: list[tuple[int, str, str]] = []  # (at, host, why)
         self.healed = False
+        self.stopping: dict[str, tuple[int, bool | None]] = {}  # host -> (since, disarm: None yet)
         self.converged_ms: int | None = None
         self.events = 0
         for host in self.hosts.values():
@@ -177,6 +183,8 @@ class World:
                 return
 
     def _on_tick(self, _: None) -> None:
+        for name in sorted(self.stopping):
+            self._advance_stop(self.hosts[name])
         for host in self.hosts.values():
             starved = self.now - host.last_pet_ms > host.watchdog_ms
             if host.powered and host.watchdog_armed and starved:
@@ -261,7 +269,7 @@ class World:
                     if host.watchdog_ms:
                         host.watchdog_armed, host.last_pet_ms = True, self.now
                 case StopPettingWatchdog():
-                    pass
+                    self.stopped_petting.append((self.now, host.name, out.reason))
                 case RaiseAlert():
                     self.alerts.append((self.now, host.name, out))
                 case StartVm():
@@ -386,6 +394,7 @@ class World:
     def _config(self, name: str) -> CoreConfig:
         return CoreConfig(me=name, hosts=self.specs, vms=self.vm_specs, timing=self.timing,
                           detector=self.sim.detector, isolation=self.sim.isolation,
+                          watchdog_arm=self.sim.watchdog_arm,
                           gossip_fanout=self.sim.gossip_fanout)
 
     def _on_watchdog_confirmed(self, payload: tuple[str, int]) -> None:
@@ -443,6 +452,9 @@ class World:
                     self._power_off(a, "crash")
             case "boot":
                 self._on_boot(f.args[0])
+            case "agent-stop":
+                if a is not None and a.agent is not None and a.name not in self.stopping:
+                    self._stop_cleanly(a)
             case "agent-restart":
                 if a is not None and a.agent is not None:
                     a.agent = None
@@ -471,6 +483,31 @@ class World:
             case "drain" | "undrain":
                 action: Literal["drain", "undrain"] = "drain" if f.kind == "drain" else "undrain"
                 self.admin(action, f.args[0])
+
+    def _stop_cleanly(self, host: SimHost) -> None:
+        """As the runtime stops: the cluster learns the watchdog is no fence, then the magic
+        close (or, without an answer in time and with VMs, it stays armed); a coordinator
+        hands over; the agent exits and is started again."""
+        self.stopping[host.name] = (self.now, None)
+        if host.watchdog_armed:
+            self._feed(host, WatchdogConfirmed(timeout_ms=0, now_ms=self.now))
+
+    def _advance_stop(self, host: SimHost) -> None:
+        since, disarm = self.stopping[host.name]
+        agent = host.agent
+        if agent is None:
+            del self.stopping[host.name]
+        elif disarm is None:
+            known = host.spec.fence_device or agent.committed.host(host.name).watchdog_ms == 0
+            if not host.watchdog_armed or known or self.now - since >= DISARM_WAIT_MS:
+                self.stopping[host.name] = (self.now, not host.watchdog_armed or known or not agent.local.vms)
+                self._feed(host, StopRequested(now_ms=self.now))
+        elif agent.campaign.handover_done(self.now):
+            del self.stopping[host.name]
+            host.agent = None
+            host.incarnation += 1
+            host.watchdog_armed = host.watchdog_armed and not disarm
+            self._at(self.now + self.sim.agent_restart_ms, "agent_boot", host.name)
 
     def admin(self, action: Literal["drain", "undrain"], host: str) -> None:
         """An operator's request, given to the first agent that runs."""

@@ -25,6 +25,7 @@ from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from haguard.core.cluster.types import (
     Ack,
     Digest,
+    Handover,
     Heartbeat,
     Message,
     Proposal,
@@ -34,7 +35,7 @@ from haguard.core.cluster.types import (
 from haguard.core.errors import HaguardError
 
 MESSAGE_TYPES: dict[str, type[Any]] = {t.__name__: t for t in (Heartbeat, VoteRequest, VoteGranted,
-                                                                Proposal, Ack, Digest)}
+                                                                Proposal, Ack, Digest, Handover)}
 MAX_DEPTH = 12
 MAX_UNKNOWN_FIELDS = 8
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")

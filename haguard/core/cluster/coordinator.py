@@ -70,6 +70,7 @@ class Coordinator:
         self.term = term
         self.new_id = new_id
         self.fencing = Fencing(watchdog_margin_ms=t.watchdog_margin_ms,
+                               self_fence_grace_ms=t.self_fence_grace_ms,
                                fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms,
                                host_timeouts_ms={h: s.fence_timeout_ms for h, s in config.hosts.items()
                                                  if s.fence_timeout_ms is not None})

@@ -3,7 +3,8 @@
 Each agent grants at most one vote per term; the vote is persisted before the grant
 is sent (the agent emits `PersistState` ahead of the `Send`).  A voter that still
 follows a live coordinator refuses to vote, so a host that merely lost sight of the
-coordinator cannot depose it.
+coordinator cannot depose it; unless the candidate says that coordinator handed over to it
+(Raft's leadership transfer: a clean stop).
 """
 
 from __future__ import annotations
@@ -54,12 +55,15 @@ class Election:
         return self.coordinator if self.lease_valid(now_ms) else None
 
     def should_grant(self, candidate: str, term: int, candidate_key: StateKey, my_key: StateKey,
-                     candidate_alive: bool, now_ms: int) -> tuple[bool, str]:
+                     candidate_alive: bool, now_ms: int, *, handover: bool = False) -> tuple[bool, str]:
         if term < self.term:
             return False, f"term {term} is older than {self.term}"
         if term == self.term and self.voted_for not in (None, candidate):
             return False, f"already voted for {self.voted_for} in term {term}"
-        if self.role is Role.COORDINATOR or (self.lease_valid(now_ms) and self.coordinator != candidate):
+        # A handover (the coordinator named the candidate) needs no lapsed lease: stickiness
+        # only keeps a host that lost sight of a live coordinator from deposing it.
+        if self.role is Role.COORDINATOR or (self.lease_valid(now_ms) and self.coordinator != candidate
+                                             and not handover):
             return False, f"still following {self.following(now_ms)}"
         if not candidate_alive:
             return False, "candidate not alive here"

@@ -19,7 +19,8 @@ stable storage before any `Send` after it.  The rules kept here:
   The coordinator broadcasts its heartbeat: its lease renewal and membership summary
   (whom it does not hear, the acks it confirms).  This host watches (hears, pings,
   judges) its neighbours and the coordinator; everyone while coordinating.
-- watchdog: petted while this host holds quorum, or while nothing runs here.  A host
+- watchdog (selffence.py): armed where it is the host's fence; petted while this host
+  holds quorum, lost it less than a grace ago, or runs nothing.  A host
   without a fence device starts VMs only while its device confirms the configured
   timeout (`WatchdogConfirmed`); the confirmed value travels in its heartbeat.
 - isolation (no broker and no peer): keep, shut the VMs down, or stop petting at once.
@@ -44,6 +45,7 @@ from haguard.core.cluster.grants import LocalVms
 from haguard.core.cluster.quorate import QuorumViews, heard_by
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.relay import RelayHops, RelayLayout, relay_layout, ring_neighbours
+from haguard.core.cluster.selffence import SelfFence
 from haguard.core.cluster.state import ClusterState, Proposer, initial_state
 from haguard.core.cluster.types import (
     Ack,
@@ -53,6 +55,7 @@ from haguard.core.cluster.types import (
     CommandFinished,
     CoreConfig,
     Digest,
+    Handover,
     Heartbeat,
     LocalHealthObserved,
     LocalVmsObserved,
@@ -65,6 +68,7 @@ from haguard.core.cluster.types import (
     RelayEntry,
     Send,
     StopPettingWatchdog,
+    StopRequested,
     VoteGranted,
     VoteRequest,
     WatchdogConfirmed,
@@ -117,7 +121,8 @@ class ClusterMember:
         self.requests: set[tuple[str, str]] = set()
         self.moves: dict[tuple[str, str], int] = {}             # (vm, target) -> asked at
         self.degraded = False
-        self.petting = False
+        self.self_fence = SelfFence(config)
+        self.petting = False                                    # the armed device is petted
         self.watchdog_ms = 0                                    # what this host's device confirmed
         self.self_fenced = False
         self.now_ms = now_ms
@@ -160,6 +165,8 @@ class ClusterMember:
                     self._last_beat_ms = -10**9
             case PingObserved() | BrokerConnectionChanged():
                 out += self._detected(self.detector.step(event))
+            case StopRequested():
+                out += self.campaign.hand_over(self.now_ms)
         # Periodic work (coordinating, heartbeats, obeying the committed state) waits for tick().
         return self._ready(out)
 
@@ -207,6 +214,8 @@ class ClusterMember:
                 return self.follower.proposal(message)
             case Digest():
                 return self._digest(message) if message.to == self.me else []
+            case Handover():
+                return self.campaign.handed_over(message)
             case Ack():
                 return self._ack_received(message)
         return []
@@ -364,13 +373,15 @@ class ClusterMember:
                 for to, entries in self.relay.digests(now, self.beats, self.election.following(now), keep)]
 
     def _watchdog(self, now: int) -> list[ClusterOutput]:
-        nothing_here = not self.local.vms
-        pet = (self.connected_quorate(now) or nothing_here) and not self.self_fenced
+        """Pet an armed device unless quorum has been lost for longer than a blip (selffence.py)."""
+        self.self_fence.observe(now, self.connected_quorate(now))
+        pet = self.self_fence.pet(now, has_vms=bool(self.local.vms), self_fenced=self.self_fenced)
         was, self.petting = self.petting, pet
         if pet:
             return [PetWatchdog(id=self.new_id())]
         if was:
-            why = "self-fencing: isolated" if self.self_fenced else "lost quorum with VMs running here"
+            why = ("self-fencing: isolated" if self.self_fenced else
+                   f"lost quorum {self.self_fence.lost_for(now)} ms ago with VMs running here")
             return [StopPettingWatchdog(id=self.new_id(), reason=why)]
         return []
 
@@ -439,7 +450,7 @@ class ClusterMember:
         self.local.forget_moved(state, mine)
         synced = self.follower.synced()
         out = self.local.copies(now, state, self.accepted, term, synced, self.new_id)
-        may_start = (self.petting and self.connected_quorate(now) and not state.host(self.me).fenced
+        may_start = (not self.self_fenced and self.connected_quorate(now) and not state.host(self.me).fenced
                      and synced and self.fenceable())
         if may_start:
             out += self.local.starts(state, self.accepted, mine, term, self.new_id)

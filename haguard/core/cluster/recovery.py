@@ -4,12 +4,12 @@
 `off` with retries and backoff (an alert on every failure, a command without result
 within the host's fence timeout counts as failed), or for hosts without a device the
 watchdog deadline: the timeout that host's own device confirmed (committed in the
-cluster state, never the configuration file's value) plus `watchdog_margin_ms` after the
-declaration (by then the host, which lost quorum before others could declare it dead,
-has stopped petting and been reset).  A host with neither a device nor a confirmed
-watchdog cannot be fenced: its VMs stay down, and an alert says so once.
-`plan_recovery` places a fenced host's VMs,
-highest priority first.
+cluster state, never the configuration file's value) plus its self-fence grace plus
+`watchdog_margin_ms` after the declaration (by then the host, which lost quorum before
+others could declare it dead, has waited out its grace, stopped petting and been reset).
+A host with neither a device nor a confirmed watchdog cannot be fenced: its VMs stay
+down, and an alert says so once.  `plan_recovery` places a fenced host's VMs, highest
+priority first.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ class _Fence:
 
 class Fencing:
     def __init__(self, *, watchdog_margin_ms: int, fence_timeout_ms: int, backoff_ms: tuple[int, ...],
-                 host_timeouts_ms: Mapping[str, int] | None = None) -> None:
-        self.watchdog_margin_ms = watchdog_margin_ms
+                 host_timeouts_ms: Mapping[str, int] | None = None, self_fence_grace_ms: int = 0) -> None:
+        # A host keeps petting this long after losing quorum (selffence.py): part of the wait.
+        self.watchdog_margin_ms = watchdog_margin_ms + self_fence_grace_ms
         self.fence_timeout_ms = fence_timeout_ms             # for hosts not in host_timeouts_ms
         self.host_timeouts_ms = dict(host_timeouts_ms or {})  # a device's own timeout plus a margin
         self.backoff_ms = backoff_ms or (1000,)

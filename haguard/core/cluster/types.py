@@ -17,6 +17,8 @@ from haguard.core.cluster.state import ClusterState, StateKey
 from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
 
 IsolationPolicy = Literal["keep", "shutdown", "self-fence"]
+# Where the watchdog is armed: auto (where it is the host's fence), always, never (none configured).
+WatchdogArm = Literal["auto", "always", "never"]
 # QEMU states a host reports for its local VMs.  Only `running` executes the guest.
 QemuState = Literal["running", "inmigrate", "postmigrate"]
 
@@ -48,6 +50,9 @@ class ClusterTiming:
     election_timeout_ms: int = 1000
     watchdog_timeout_ms: int = 2000
     watchdog_margin_ms: int = 1500  # covers quorum_timeout, heartbeat and message delay
+    # An armed host with VMs stops petting only after quorum has been lost this long (a
+    # coordinator's handover or death, a broker blip); the coordinator waits it too.
+    self_fence_grace_ms: int = 3300
     fence_timeout_ms: int = 3000    # default for hosts whose HostSpec gives none
     fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
     max_local_restarts: int = 3
@@ -67,6 +72,7 @@ class CoreConfig:
     detector: DetectorTiming = field(default_factory=DetectorTiming)
     limits: PlacementLimits = field(default_factory=PlacementLimits)
     isolation: IsolationPolicy = "keep"
+    watchdog_arm: WatchdogArm = "auto"
     # Ring neighbours each host sends its heartbeat to (and pings), besides the coordinator;
     # rounded up to an even number.  A cluster of at most fanout + 1 hosts is a full mesh.
     gossip_fanout: int = 4
@@ -125,6 +131,18 @@ class VoteRequest:
     term: int
     accepted: StateKey
     to: None = None
+    # The coordinator the sender followed handed over to it (a clean stop): voters grant
+    # although that coordinator's lease still holds.
+    handover: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class Handover:
+    """A coordinator that stops cleanly names its successor, which stands at once."""
+
+    sender: str
+    term: int
+    to: str
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -185,7 +203,7 @@ class Digest:
     to: str
 
 
-Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack | Digest
+Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack | Digest | Handover
 
 
 # ---- inputs ----------------------------------------------------------------------
@@ -237,8 +255,16 @@ class LocalHealthObserved:
     now_ms: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class StopRequested:
+    """The agent stops cleanly: a coordinator hands over to a successor first."""
+
+    now_ms: int
+
+
 ClusterInput = (MessageReceived | LocalVmsObserved | CommandFinished | AdminRequested
-                | LocalHealthObserved | WatchdogConfirmed | PingObserved | BrokerConnectionChanged)
+                | LocalHealthObserved | WatchdogConfirmed | PingObserved | BrokerConnectionChanged
+                | StopRequested)
 
 
 # ---- outputs ---------------------------------------------------------------------

@@ -273,7 +273,7 @@ def test_losing_quorum_with_vms_running_stops_the_watchdog_after_the_grace() -> 
     stopped = [(t, o) for t, out in outputs.items() for o in out if isinstance(o, StopPettingWatchdog)]
     assert len(stopped) == 1 and "lost quorum" in stopped[0][1].reason
     lost_at = agent.self_fence.lost_since
-    assert lost_at is not None and stopped[0][0] == lost_at + grace, "a blip shorter than the grace is no event"
+    assert lost_at is not None and stopped[0][0] == lost_at + grace, "a shorter loss is no event"
     assert all(any(isinstance(o, PetWatchdog) for o in outputs[t]) for t in outputs if t < lost_at + grace)
     assert not any(isinstance(o, PetWatchdog) for o in agent.tick(2400 + grace + 1100))
 

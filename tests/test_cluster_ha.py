@@ -26,6 +26,7 @@ from tests.helpers.ha import (
     ha_cluster,
     ha_vms,
     now,
+    qemu_pids,
     running_on,
     wait_placed,
 )
@@ -281,7 +282,7 @@ def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets
     vms = ha_vms(3)
     with _watchdog_cluster(vms) as (hw, c, watch):
         victim, lost = _partition_victim(c)
-        before = _qemu_pids(c, victim)
+        before = qemu_pids(c, victim)
         c.cut(victim)
         time.sleep(1.2)
         c.mend(victim)
@@ -289,7 +290,7 @@ def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets
         assert c.events(victim, "watchdog-stop-petting"), "the cut did cost the owner its quorum"
         time.sleep(WATCHDOG_S + 2)
         assert victim not in hw.reset_at and hw.farm.armed(victim)
-        assert _qemu_pids(c, victim) == before and sorted(_owned_by(c, victim)) == sorted(lost)
+        assert qemu_pids(c, victim) == before and sorted(_owned_by(c, victim)) == sorted(lost)
         assert not [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
         watch.check()
 
@@ -345,7 +346,7 @@ def test_a_clean_stop_disarms_the_watchdog_once_the_cluster_knows_and_keeps_it_d
         coordinator = c.cluster_view("h1").get("coordinator")
         owner = next(h for h in c.hosts if h != coordinator and _owned_by(c, h))
         empty = next((h for h in c.hosts if h not in (coordinator, owner) and not _owned_by(c, h)), None)
-        before = _qemu_pids(c, owner)
+        before = qemu_pids(c, owner)
         for host in [owner] + ([empty] if empty else []):
             proc = c.procs.pop(host)
             proc.send_signal(signal.SIGTERM)
@@ -361,12 +362,12 @@ def test_a_clean_stop_disarms_the_watchdog_once_the_cluster_knows_and_keeps_it_d
         c.wait_for("the cluster shows it was told", lambda: c.cluster_view(coordinator)
                    .get("hosts", {}).get(owner, {}).get("watchdog_ms") == 0, 5)
         time.sleep(WATCHDOG_S + 2)
-        assert not hw.reset_at and _qemu_pids(c, owner) == before
+        assert not hw.reset_at and qemu_pids(c, owner) == before
         assert not [e for h in c.procs for e in c.events(h, "vm-start") if e.get("vm") in before]
         c.start_agent(owner)
         c.wait_for("the restarted owner's watchdog counts again", lambda: c.cluster_view(coordinator)
                    .get("hosts", {}).get(owner, {}).get("watchdog_ms") == WATCHDOG_S * 1000, 30)
-        assert _qemu_pids(c, owner) == before
+        assert qemu_pids(c, owner) == before
         watch.check()
 
 
@@ -432,20 +433,10 @@ def test_operator_move_goes_through_the_coordinator_and_a_degraded_host_is_evacu
         watch.check()
 
 
-def _qemu_pids(c: Cluster, host: str) -> dict[str, int]:
-    """vm -> pid of the QEMU the host's run dir points at."""
-    from haguard.vm import launcher
-    out, base = {}, c.run_dir(host)
-    for link in base.iterdir():
-        if link.is_symlink() and (pid := launcher.read_pid(launcher.current_paths(link.name, base))):
-            out[link.name] = pid
-    return out
-
-
 def _busiest_host(c: Cluster) -> tuple[str, dict[str, int]]:
     """The host with the most VMs, and its QEMUs' pids."""
     host = max(c.hosts, key=lambda h: len(_owned_by(c, h)))
-    before = _qemu_pids(c, host)
+    before = qemu_pids(c, host)
     assert before, running_on(c)
     return host, before
 
@@ -457,7 +448,7 @@ def _restart_leaves_its_vms_alone(c: Cluster, host: str, before: dict[str, int])
     c.wait_for("the restarted agent reports its VMs", lambda: sorted(
         vm for vm, hs in running_on(c).items() if host in hs) == sorted(before), 30)
     time.sleep(3)
-    assert _qemu_pids(c, host) == before, "a VM was restarted or stopped"
+    assert qemu_pids(c, host) == before, "a VM was restarted or stopped"
     assert not fence_calls(c)
     for h in c.hosts:
         assert not [e for e in c.events(h, "vm-start") if e.get("vm") in before and h != host]
@@ -471,7 +462,7 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
         host, before = _busiest_host(c)
         c.kill9(host)                  # the agent crashes; its QEMUs and its link stay
         time.sleep(3)                  # peers see it agent-down: not dead, nothing is recovered
-        assert _qemu_pids(c, host) == before
+        assert qemu_pids(c, host) == before
         _restart_leaves_its_vms_alone(c, host, before)
         watch.check()
 
@@ -511,7 +502,7 @@ def test_an_exception_in_the_core_exits_the_agent_and_a_restart_leaves_its_vms_a
         assert proc.wait(timeout=15) == 70, "EX_SOFTWARE: a bug in the core"
         crashed = c.events(host, "core-crashed")
         assert crashed and "_InjectedFault" in crashed[-1]["input"], c.log_tail(host)
-        assert _qemu_pids(c, host) == before, "the agent's exit touched a VM"
+        assert qemu_pids(c, host) == before, "the agent's exit touched a VM"
         _restart_leaves_its_vms_alone(c, host, before)
         watch.check()
 

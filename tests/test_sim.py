@@ -534,7 +534,7 @@ def test_a_broker_outage_in_a_large_cluster_with_fence_devices_resets_nobody() -
 
 
 @pytest.mark.timeout(60)
-def test_a_broker_outage_in_a_large_cluster_without_fence_devices_resets_the_hosts_never_doubling_a_vm() -> None:
+def test_a_broker_outage_in_a_large_cluster_without_fence_devices_resets_the_hosts_never_twice() -> None:
     # Without fence devices the watchdog is the fence: past the grace, every host with VMs
     # stops petting and is reset (docs/failure-modes.md); once the broker is back, all run again.
     sim = replace(_large(12, fanout=2), fence_devices=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -59,12 +60,15 @@ class TwiceWatch:
 def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "",
                timing: dict[str, int] | None = None, host_extra: str = "", extra: str = "",
                prepare: Callable[[Cluster], None] | None = None,
-               hosts: tuple[str, ...] = ("h1", "h2", "h3")) -> Iterator[Cluster]:
+               hosts: tuple[str, ...] = ("h1", "h2", "h3"),
+               shipped_timing: bool = False) -> Iterator[Cluster]:
     """Agents (three by default) with `ha.enabled`; every host gets the fence stand-in when
-    `fence`, and `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200")."""
+    `fence`, and `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200").
+    `shipped_timing`: the defaults an operator gets (no `timing:` section)."""
     cluster_dir_hint: dict[str, str] = {}
     c = Cluster(hosts=hosts, timing=dict(HA_TIMING, **(timing or {})), vms=vms,
-                extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint)
+                extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint,
+                default_timing=shipped_timing)
     for h in c.hosts:
         fields = [host_extra] if host_extra else []
         if fence:
@@ -142,6 +146,28 @@ def running_on(c: Cluster) -> dict[str, list[str]]:
             if v.get("host") == h and v.get("state") == "running":
                 out.setdefault(str(v["name"]), []).append(h)
     return out
+
+
+def qemu_pids(c: Cluster, host: str) -> dict[str, int]:
+    """vm -> pid of the QEMU the host's run dir points at."""
+    from haguard.vm import launcher
+    out, base = {}, c.run_dir(host)
+    for link in base.iterdir() if base.exists() else ():
+        if link.is_symlink() and (pid := launcher.read_pid(launcher.current_paths(link.name, base))):
+            out[link.name] = pid
+    return out
+
+
+def all_qemu_pids(c: Cluster) -> dict[str, tuple[str, int]]:
+    """vm -> (host, pid) over every host (a VM restarted or moved gets another pid)."""
+    return {vm: (h, pid) for h in c.hosts for vm, pid in qemu_pids(c, h).items()}
+
+
+def stop_agent(c: Cluster, host: str, timeout_s: float = 30) -> int:
+    """SIGTERM, as `systemctl stop` does; waits for the agent to exit, returns its code."""
+    proc = c.procs.pop(host)
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout_s)
 
 
 def wait_placed(c: Cluster, names: list[str], timeout_s: float = 60, *, avoid: tuple[str, ...] = ()) -> float:

@@ -1,0 +1,151 @@
+"""Routine operations never reset a host: real agents in namespaces at the shipped timing,
+real QEMU guests, a real mosquitto, softdog stand-ins for the watchdogs (a device not petted
+for its timeout kills its host's QEMUs and agent, as a reset does).  Every host's QEMUs are
+sampled throughout; a VM seen on two hosts at once fails the test.
+
+- a rolling restart of every agent (what a package upgrade does), coordinator first, then
+  coordinator last, on 12 hosts without fence devices (every watchdog armed: the worst case);
+- a switch reboot: every link of a 7-host cluster with fence devices down for 120 s;
+- busy hosts: guests spinning 3 vCPUs per core under 5 agents (HAGUARD_SOAK_S, default 180 s;
+  `bench/detection.py --busy` runs the 10-minute soak and reports the heartbeat jitter).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.helpers.beats import BeatWatch, percentile
+from tests.helpers.cluster import HUB_ADDR, Cluster
+from tests.helpers.ha import (
+    TwiceWatch,
+    WatchdogHardware,
+    all_qemu_pids,
+    fence_calls,
+    ha_cluster,
+    ha_vms,
+    running_on,
+    stop_agent,
+    wait_placed,
+)
+from tests.helpers.vms import guest_vm
+
+pytestmark = pytest.mark.slow
+
+WATCHDOG_S = 10                     # the shipped default
+
+
+def _hosts(n: int) -> tuple[str, ...]:
+    return tuple(f"h{i}" for i in range(1, n + 1))
+
+
+def _coordinator(c: Cluster) -> str:
+    views = {c.cluster_view(h).get("coordinator") for h in c.procs}
+    views.discard(None)
+    assert len(views) == 1, views
+    return str(views.pop())
+
+
+def _rejoined(c: Cluster, host: str, armed: bool) -> bool:
+    view = c.cluster_view(host)
+    return (view.get("coordinator") is not None and view.get("quorum_lost_ms") == 0
+            and (not armed or view.get("watchdog") == "petting"))
+
+
+def _no_harm(c: Cluster, hw: WatchdogHardware, before: dict[str, tuple[str, int]]) -> None:
+    stops = {h: c.events(h, "watchdog-stop-petting") for h in c.hosts}
+    assert not any(stops.values()), stops
+    lost = {h: [e for e in c.events(h, "cluster-alert") if e.get("kind") == "quorum-lost"] for h in c.hosts}
+    assert not any(lost.values()), lost
+    assert not hw.reset_at, hw.reset_at
+    assert not fence_calls(c)
+    assert all_qemu_pids(c) == before, "a VM was restarted, moved or stopped"
+
+
+@pytest.mark.timeout(900)
+def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
+    hosts = _hosts(12)
+    vms = ha_vms(6)                     # on half of the hosts
+    with WatchdogHardware(hosts) as hw, \
+            ha_cluster(vms, fence=False, hosts=hosts, shipped_timing=True, ha=hw.ha(WATCHDOG_S)) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        hw.attach(c)
+        wait_placed(c, [v.name for v in vms], timeout_s=120)
+        c.wait_for("every agent following with its watchdog petted",
+                   lambda: all(_rejoined(c, h, armed=True) for h in hosts), 60)
+        before = all_qemu_pids(c)
+        assert len(before) == len(vms)
+        handovers = 0
+        for order in ("coordinator first", "coordinator last"):
+            coordinator = _coordinator(c)
+            others = [h for h in hosts if h != coordinator]
+            for host in [coordinator, *others] if order == "coordinator first" else [*others, coordinator]:
+                assert stop_agent(c, host) == 0, c.log_tail()
+                handovers += host == coordinator
+                c.start_agent(host)
+                c.wait_for(f"{host} back ({order})", lambda h=host: _rejoined(c, h, armed=True), 60)
+        ended = [e for h in hosts for e in c.events(h, "handover-ended") if e.get("successor")]
+        assert len(ended) >= handovers == 2, ended
+        _no_harm(c, hw, before)
+        assert sorted(running_on(c)) == sorted(v.name for v in vms)
+        watch.check()
+
+
+@pytest.mark.timeout(600)
+def test_a_switch_reboot_resets_no_host_that_has_a_fence_device() -> None:
+    hosts = _hosts(7)
+    vms = ha_vms(4)
+    with WatchdogHardware(hosts) as hw, \
+            ha_cluster(vms, hosts=hosts, shipped_timing=True, ha=hw.ha(WATCHDOG_S)) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        hw.attach(c)
+        wait_placed(c, [v.name for v in vms], timeout_s=120)
+        c.wait_for("a coordinator", lambda: all(_rejoined(c, h, armed=False) for h in hosts), 60)
+        before = all_qemu_pids(c)
+        for h in hosts:                 # every link down at once: no broker, no peer
+            c.cut(h)
+        time.sleep(120)
+        for h in hosts:
+            c.mend(h)
+        c.wait_for("the cluster formed again", lambda: all(_rejoined(c, h, armed=False) for h in hosts), 60)
+        time.sleep(10)                  # long enough for any fence or recovery to start
+        _no_harm(c, hw, before)
+        assert not [e for h in hosts for e in hw.farm.events(h, "open")], "a watchdog was armed"
+        watch.check()
+
+
+def _spinning(n: int) -> tuple:  # type: ignore[type-arg]
+    """Guests whose one vCPU never idles (they rewrite 4 MiB as fast as they can)."""
+    return tuple(guest_vm(f"vm{i + 1}", memory_mib=64, mib=4, rate=-1) for i in range(n))
+
+
+@pytest.mark.timeout(1200)
+def test_busy_hosts_keep_quorum_and_their_timing() -> None:
+    # 2 cores, 6 spinning vCPUs (3 per core), 5 agents at the shipped timing, every watchdog
+    # armed (no fence devices): no suspicion, no quorum loss, no reset.
+    soak_s = float(os.environ.get("HAGUARD_SOAK_S", "180"))
+    hosts = _hosts(5)
+    vms = _spinning(3 * (os.cpu_count() or 2))
+    with WatchdogHardware(hosts) as hw, \
+            ha_cluster(vms, fence=False, hosts=hosts, shipped_timing=True, ha=hw.ha(WATCHDOG_S)) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        hw.attach(c)
+        wait_placed(c, [v.name for v in vms], timeout_s=120)
+        c.wait_for("every agent following", lambda: all(_rejoined(c, h, armed=True) for h in hosts), 60)
+        before = all_qemu_pids(c)
+        seen = {h: len(c.events(h, "peer-state")) for h in hosts}
+        with BeatWatch(c.hub, HUB_ADDR, 1883, f"haguard/{c.cluster}/#") as beats:
+            time.sleep(soak_s)
+            gaps = beats.gaps_ms()
+        suspicions = [e for h in hosts for e in c.events(h, "peer-state")[seen[h]:]
+                      if e.get("new") in ("suspect", "dead", "unreachable")]
+        assert not suspicions, suspicions
+        _no_harm(c, hw, before)
+        p99 = percentile(gaps, 99)
+        print(f"heartbeat gaps over {soak_s:.0f} s: {len(gaps)}, p50 {percentile(gaps, 50):.0f} ms, "
+              f"p99 {p99:.0f} ms, max {max(gaps):.0f} ms")
+        assert len(gaps) > soak_s * len(hosts), "every host's heartbeats were seen"
+        assert p99 < 900, "a peer would suspect it (suspect_timeout_ms 900)"
+        watch.check()

@@ -21,8 +21,12 @@ suspect 900 ms, dead 1500 ms, pings every 250 ms, MQTT keepalive 5 s):
 Anchors, not measured here: corosync 3.1 with its defaults drops a cut node after
 7.9 s (median) on this kind of machine; Proxmox VE's HA stack acts after about a minute.
 
+  busy         (--busy, alone) five agents while guests spin 3 vCPUs per core: heartbeat
+               gaps at the broker, suspicions and resets, at normal and real-time
+               scheduling side by side (bench/busy.py)
+
 Usage: .venv/bin/python bench/detection.py [--quick] [--cuts N] [--loss-s S] [--vms N]
-           [--cost-only] [--baseline REV [--rounds N]]
+           [--cost-only] [--baseline REV [--rounds N]] [--busy [--busy-s S]]
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console
 from rich.table import Table
 
+from bench.busy import busy_phase, print_busy
 from bench.common import base_parser, emit_result, log, scratch_dir
 from haguard.vm import launcher
 from haguard.vm.definition import VmDefinition
@@ -422,7 +427,13 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REV",
                     help="also measure the agent of git revision REV on the same VMs, turns interleaved")
     ap.add_argument("--rounds", type=int, default=3, help="turns per agent with --baseline (default 3)")
+    ap.add_argument("--busy", action="store_true",
+                    help="only busy hosts: heartbeat jitter with 3 spinning vCPUs per core, normal and "
+                         "real-time scheduling side by side (bench/busy.py)")
+    ap.add_argument("--busy-s", type=float, help="seconds per busy run (default 600; --quick 30)")
     args = ap.parse_args()
+    if args.busy:
+        return busy_main(args.busy_s or (30.0 if args.quick else 600.0))
     cuts = args.cuts or (5 if args.quick else 20)
     loss_s = args.loss_s or (60.0 if args.quick else 600.0)
     measure_s = 12.0 if args.quick else 60.0
@@ -446,6 +457,20 @@ def main() -> int:
     print_tables(f)
     emit_result(f)
     return 0 if f["all_targets_met"] else 1
+
+
+def busy_main(seconds: float) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)
+    t0 = time.monotonic()
+    try:
+        f = busy_phase(seconds)
+    except KeyboardInterrupt:
+        print("interrupted: agents, namespaces, QEMUs and temp dirs removed", file=sys.stderr)
+        return 130
+    f["bench_seconds"] = round(time.monotonic() - t0, 1)
+    print_busy(f)
+    emit_result(f)
+    return 0 if all(f["busy_targets"].values()) else 1
 
 
 if __name__ == "__main__":

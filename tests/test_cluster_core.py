@@ -15,6 +15,7 @@ from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
+from haguard.core.cluster.recovery import Fencing
 from haguard.core.cluster.relay import RELAY_REFRESH_MS, relay_layout, ring_neighbours
 from haguard.core.cluster.state import ClusterState, HostRecord, Proposer, VmRecord, initial_state
 from haguard.core.cluster.types import (
@@ -310,6 +311,22 @@ def test_without_vms_the_watchdog_is_petted_even_alone() -> None:
 
 
 # ---- the coordinator: fence first ---------------------------------------------------
+
+def test_an_armed_watchdog_is_a_fence_for_a_host_whose_device_fails() -> None:
+    # `arm: always`: h2 has a fence device that fails, and a watchdog that confirmed 2 s; once
+    # its deadline (declaration + grace + timeout + margin) has passed, h2 has been reset.
+    t = ClusterTiming()
+    f = Fencing(watchdog_margin_ms=t.watchdog_margin_ms, self_fence_grace_ms=t.self_fence_grace_ms,
+                fence_timeout_ms=t.fence_timeout_ms, backoff_ms=t.fence_backoff_ms)
+    f.declare("h2", device=True, now_ms=1000, watchdog_ms=2000)
+    f.declare("h3", device=True, now_ms=1000)                  # arm: auto: no watchdog
+    commands, _ = f.poll(1000, iter(["c2", "c3"]).__next__)
+    for cmd in commands:
+        assert f.result(cmd.id, False, "device unreachable", 1100) is not None
+    deadline = 1000 + t.self_fence_grace_ms + 2000 + t.watchdog_margin_ms
+    assert not f.confirmed("h2", deadline - 1) and f.confirmed("h2", deadline)
+    assert not f.confirmed("h3", 10**7), "without a watchdog only the device fences"
+
 
 def _confirmed(**hosts: HostRecord) -> dict[str, HostRecord]:
     """Host records as the coordinator keeps them: the live hosts' watchdogs confirmed."""

@@ -81,6 +81,8 @@ VARIANTS = {
     # Partial views, as in a large cluster: each host hears two ring neighbours and the coordinator.
     "ring-partial-views": SimConfig(hosts=8, gossip_fanout=2),
     "ring-watchdog-only": SimConfig(hosts=7, gossip_fanout=2, fence_devices=False),
+    # Fence devices that may fail, and every watchdog armed as a second fence.
+    "devices-and-watchdogs": SimConfig(watchdog_arm="always"),
 }
 
 

@@ -23,8 +23,8 @@ the cluster membership the same way.  Rules that belong to the host as a whole:
   this coordinator is `recovery-done`.
 - a clean stop disarms the watchdog only once the cluster knows (`WatchdogDisarming`): the
   host reports no confirmed watchdog, and once the committed state says so (a later
-  coordinator will not count a deadline as its fence) `WatchdogDisarmAllowed` goes out;
-  at once for a host with a fence device.
+  coordinator will not count a deadline as its fence) `WatchdogDisarmAllowed` goes out
+  (a host with a fence device too: with `arm: always` its deadline is a fence as well).
 - a clean stop hands the coordinator's lease over (`StopRequested`, campaign.py) and says
   when the agent may disconnect (`HandoverEnded`).
 - a stop-time drain (`ShutdownDrainRequested`) asks for this host's maintenance and ends
@@ -345,8 +345,7 @@ class HostCore:
         member = self.member
         if not self._disarming or member is None:
             return []
-        own = member.config.hosts[self.me]
-        if own.fence_device or member.committed.host(self.me).watchdog_ms == 0:
+        if member.committed.host(self.me).watchdog_ms == 0:
             self._disarming = False
             return [WatchdogDisarmAllowed()]
         return []

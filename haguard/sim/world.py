@@ -498,7 +498,7 @@ class World:
         if agent is None:
             del self.stopping[host.name]
         elif disarm is None:
-            known = host.spec.fence_device or agent.committed.host(host.name).watchdog_ms == 0
+            known = agent.committed.host(host.name).watchdog_ms == 0
             if not host.watchdog_armed or known or self.now - since >= DISARM_WAIT_MS:
                 self.stopping[host.name] = (self.now, not host.watchdog_armed or known or not agent.local.vms)
                 self._feed(host, StopRequested(now_ms=self.now))

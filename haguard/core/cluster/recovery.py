@@ -2,8 +2,9 @@
 
 `Fencing` tracks the coordinator's fence of each host declared dead: a fence device
 `off` with retries and backoff (an alert on every failure, a command without result
-within the host's fence timeout counts as failed), or for hosts without a device the
-watchdog deadline: the timeout that host's own device confirmed (committed in the
+within the host's fence timeout counts as failed), or, for a host whose watchdog is
+armed (every host without a device; with `arm: always` also the others, whose device
+may fail), the watchdog deadline: the timeout that host's own device confirmed (committed in the
 cluster state, never the configuration file's value) plus its self-fence grace plus
 `watchdog_margin_ms` after the declaration (by then the host, which lost quorum before
 others could declare it dead, has waited out its grace, stopped petting and been reset).
@@ -87,8 +88,10 @@ class Fencing:
         fence = self._fences.get(host)
         if fence is None:
             return False
-        if (not fence.device and fence.watchdog_ms > 0
-                and now_ms >= fence.declared_ms + fence.watchdog_ms + self.watchdog_margin_ms):
+        # A confirmed watchdog is a fence for a host with a device too (`arm: always`): one
+        # whose device fails is still recovered once its deadline has passed.
+        deadline = fence.declared_ms + fence.watchdog_ms + self.watchdog_margin_ms
+        if fence.watchdog_ms > 0 and now_ms >= deadline:
             fence.confirmed = True
         return fence.confirmed
 

@@ -11,7 +11,9 @@ agent relays it (libvirt's peer-to-peer migration works the same way):
                                                     sender to us), start QEMU -incoming defer,
     <------------------------------ inbox --------  reply address + free port
     run_migration(source, RemoteQmp) : each dest.cmd() is one `qmp` call, run on that
-                                       instance's control monitor, allow-listed commands only
+                                       instance's control monitor: allow-listed commands
+                                       only, listeners only on this host's own address
+                                       and the ports it chose
 
 Every request and reply is a signed "direct" envelope in the recipient's inbox
 (haguard.adapters.mqtt); the body names its recipient, so a message moved to another
@@ -45,12 +47,17 @@ log = structlog.get_logger("haguard.migrate-rpc")
 Publish = Callable[[str, dict[str, Any]], bool]        # (to, body) -> sent
 Authorise = Callable[[str, str, int], str | None]      # (vm, sender, generation) -> why not, or None
 
-# What a source may run on the destination's QEMU: the engine's destination side.
+# What a source may run on the destination's QEMU: the engine's destination side of a
+# move between hosts (plus any query-*).  No disk export or block device: cluster moves
+# are of VMs on shared storage, and `blockdev-add` of any host path with a writable NBD
+# export would hand the host's files to the peer.
 DEST_COMMANDS = frozenset({
     "qom-get", "migrate-set-capabilities", "migrate-set-parameters", "migrate-incoming",
-    "migrate-recover", "migrate-pause", "quit", "yank", "nbd-server-start", "nbd-server-stop",
-    "block-export-add", "block-export-del", "blockdev-add",
+    "migrate-recover", "migrate-pause", "quit", "yank",
 })
+# The listeners a source may open on the destination: the port the destination chose at
+# `prepare`, and for postcopy recovery the ports after it (postcopy.py takes port + 1, + 2, ...).
+RECOVERY_PORTS = 64
 CALL_TIMEOUT_S = 10.0
 AUTHORISE_WAIT_S = 2.0         # for this host's copy of the cluster state to show the move
 PREPARE_TIMEOUT_S = 15.0        # starting the incoming QEMU takes well under a second
@@ -208,6 +215,7 @@ class _Session:
     source: str
     generation: int
     paths: InstancePaths
+    port: int = 0                  # the incoming listener's port, chosen here at `prepare`
     qmp: Qmp | None = None
 
 
@@ -229,6 +237,7 @@ class DestinationServer:
         self.reply = reply
         self.started = started
         self.sessions: dict[str, _Session] = {}
+        self.refused = 0                  # relayed commands refused (counted in the status)
         self._ids = itertools.count(1)
 
     async def handle(self, sender: str, body: dict[str, Any]) -> None:
@@ -294,19 +303,25 @@ class DestinationServer:
         # a stray incoming QEMU that the cluster core has killed.
         launcher.promote(vm_name, self.base, instance.paths)
         sid = f"{vm_name}-{next(self._ids)}"
-        self.sessions[sid] = _Session(vm=vm_name, source=sender, generation=generation, paths=instance.paths)
+        port = free_port(self.address)
+        self.sessions[sid] = _Session(vm=vm_name, source=sender, generation=generation, paths=instance.paths,
+                                      port=port)
         log.info("migration-incoming", vm=vm_name, source=sender, session=sid, pid=instance.pid)
         if self.started is not None:
             self.started(vm_name)
-        return {"ok": True, "session": sid, "address": self.address, "port": free_port(self.address)}
+        return {"ok": True, "session": sid, "address": self.address, "port": port}
 
     async def _qmp(self, session: _Session, body: dict[str, Any]) -> dict[str, Any]:
         command, args = body["command"], body.get("args") or {}
         if not isinstance(command, str) or not isinstance(args, dict):
             raise ValueError("command and args")
-        if command not in DEST_COMMANDS and not command.startswith("query-"):
+        why = self._refusal(session, command, args)
+        if why is not None:
+            log.warning("migration-command-refused", sender=session.source, vm=session.vm,
+                        command=command[:60], reason=why)
+            self.refused += 1
             return {"ok": False, "connected": True,
-                    "error": {"class": "GenericError", "desc": f"{command} is not allowed on a destination"}}
+                    "error": {"class": "GenericError", "desc": f"{command[:60]} refused on {self.me}: {why}"}}
         if session.qmp is None:
             return {"ok": False, "connected": False, "error": {"desc": "not connected"}}
         timeout_ms = body.get("timeout_ms", 10_000)
@@ -324,6 +339,27 @@ class DestinationServer:
                     while session.qmp.connected:
                         await asyncio.sleep(0.02)
         return {"ok": True, "connected": session.qmp.connected, "return": result}
+
+    def _refusal(self, session: _Session, command: str, args: dict[str, Any]) -> str | None:
+        """Why a source may not run this on the destination's QEMU (None: it may).  A URI
+        from the network reaches QEMU only as the listener this host chose itself: never
+        `exec:` (a shell command), `fd:`, `file:`, `unix:` or another address."""
+        if command not in DEST_COMMANDS and not command.startswith("query-"):
+            return "not a command of a move's destination"
+        if command not in ("migrate-incoming", "migrate-recover"):
+            return None
+        if set(args) != {"uri"} or not isinstance(args["uri"], str):
+            return "only a uri is accepted"
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        scheme, _, rest = args["uri"].partition(":")
+        where, _, port = rest.rpartition(":")
+        if scheme != "tcp" or where != host or not port.isdigit():
+            return f"listens only on tcp:{host}:PORT, not {args['uri'][:80]!r}"
+        first = session.port + (1 if command == "migrate-recover" else 0)
+        last = session.port + (RECOVERY_PORTS if command == "migrate-recover" else 0)
+        if not first <= int(port) <= last:
+            return f"port {port} is not this move's ({first}-{last})"
+        return None
 
     def stale(self) -> list[str]:
         """Sessions whose move the cluster state no longer holds (the source gave up or died)."""

@@ -3,7 +3,8 @@
 Runs inside the agent's core task (never concurrently with itself); the decisions are
 the host core's (haguard/core/host.py), this module only does what they say:
 
-    PersistState   written to state_dir (fsync, rename) before anything after it
+    PersistState   written to state_dir (fsync, rename) in a thread (`persist`, awaited by the
+                   core task) before anything after it
     Send           a signed "cluster" broadcast or a "direct" message to one host's inbox
     StartVm/StopVm/KillVm/MigrateVm/FenceHost   a task each; its result comes back
                    through the agent's queue as `CommandFinished`
@@ -163,7 +164,7 @@ class ClusterExecutor:
     def execute(self, out: ClusterOutputs) -> None:
         match out:
             case PersistState():
-                save_persisted(self.state_file, out)
+                raise TypeError("PersistState goes through persist(): awaited before what follows")
             case Send(message=message):
                 body = {"msg": codec.to_data(message)}
                 if message.to is None:
@@ -412,7 +413,8 @@ class ClusterExecutor:
 
     def status(self, cluster: dict[str, Any]) -> None:
         """Adds what only the executor knows to the core's cluster status: moves' progress,
-        fences under way, the watchdog device's real state and confirmed timeout."""
+        fences under way, relayed commands refused, the watchdog device's real state and
+        confirmed timeout."""
         for row in cluster.get("migrations", []):
             entry = self.running.get(row["vm"])
             if entry is not None and entry.progress is not None:
@@ -420,6 +422,7 @@ class ClusterExecutor:
                 row.update(status=p.status, percent=round(p.percent, 1), step=p.step,
                            transferred_bytes=p.transferred_bytes)
         cluster["fencing"] = sorted(k.split(":", 1)[1] for k in self.running if k.startswith("fence:"))
+        cluster["relay_refused"] = self.server.refused      # peers' commands this host refused
         # What the device really gets, not what the core asked for.
         wd = self.watchdog
         if wd is None:
@@ -431,6 +434,10 @@ class ClusterExecutor:
         else:
             cluster["watchdog"] = "petting" if wd.petting else "stopped"
         cluster["watchdog_timeout_s"] = wd.confirmed_timeout_s if wd is not None else None
+
+    async def persist(self, out: PersistState) -> None:
+        """Votes and state on stable storage (fsync, rename) before anything after them."""
+        await asyncio.to_thread(save_persisted, self.state_file, out)
 
     def watchdog_open(self) -> bool:
         return self.watchdog is not None and self.watchdog.is_open

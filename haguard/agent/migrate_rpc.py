@@ -237,7 +237,7 @@ class DestinationServer:
         self.reply = reply
         self.started = started
         self.sessions: dict[str, _Session] = {}
-        self.refused = 0                  # relayed commands refused (counted in the status)
+        self.refused = 0                  # relayed commands refused (the status's cluster.relay_refused)
         self._ids = itertools.count(1)
 
     async def handle(self, sender: str, body: dict[str, Any]) -> None:

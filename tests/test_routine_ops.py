@@ -4,7 +4,8 @@ for its timeout kills its host's QEMUs and agent, as a reset does).  Every host'
 sampled throughout; a VM seen on two hosts at once fails the test.
 
 - a rolling restart of every agent (what a package upgrade does), coordinator first, then
-  coordinator last, on 12 hosts without fence devices (every watchdog armed: the worst case);
+  coordinator last, then the coordinator's agent killed, on 12 hosts without fence devices
+  (every watchdog armed: the worst case);
 - a switch reboot: every link of a 7-host cluster with fence devices down for 120 s;
 - busy hosts: guests spinning 3 vCPUs per core under 5 agents (HAGUARD_SOAK_S, default 180 s;
   `bench/detection.py --busy` runs the 10-minute soak and reports the heartbeat jitter).
@@ -88,6 +89,13 @@ def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
                 c.wait_for(f"{host} back ({order})", lambda h=host: _rejoined(c, h, armed=True), 60)
         ended = [e for h in hosts for e in c.events(h, "handover-ended") if e.get("successor")]
         assert len(ended) >= handovers == 2, ended
+        # A coordinator that dies (kill -9) costs the followers nothing either.
+        coordinator = _coordinator(c)
+        c.kill9(coordinator)
+        c.wait_for("a new coordinator", lambda: {c.cluster_view(h).get("coordinator") for h in c.procs}
+                   - {None, coordinator}, 30)
+        c.start_agent(coordinator)
+        c.wait_for(f"{coordinator} back", lambda: all(_rejoined(c, h, armed=True) for h in hosts), 60)
         _no_harm(c, hw, before)
         assert sorted(running_on(c)) == sorted(v.name for v in vms)
         watch.check()

@@ -53,7 +53,7 @@ from haguard.config.yamlsrc import line_of
 from haguard.core.alerts import Alert, BrokerWatch, alerts_for
 from haguard.core.cluster.campaign import HANDOVER_WAIT_MS
 from haguard.core.cluster.selffence import DISARM_WAIT_MS
-from haguard.core.cluster.types import AdminRequested, StopRequested
+from haguard.core.cluster.types import AdminRequested, PersistState, StopRequested
 from haguard.core.detector import BrokerConnectionChanged, IsolationChanged, PeerState, PeerStateChanged
 from haguard.core.host import HostCore
 from haguard.core.host_types import (
@@ -318,7 +318,13 @@ class Agent:
             while True:
                 item = await self.queue.get()
                 self.watchdog.beat("core")
-                self._take(item)
+                for out in self._take(item):
+                    if isinstance(out, PersistState) and self.cluster is not None:
+                        # In a thread: a slow fsync must not stall the loop's other work
+                        # (broker keepalives, status, probes); what follows waits for it.
+                        await self.cluster.persist(out)
+                    else:
+                        self._execute(out)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -327,7 +333,8 @@ class Agent:
             self.exit_code = EXIT_CORE_BUG
             self.stopping.set()
 
-    def _take(self, item: _Item) -> None:
+    def _take(self, item: _Item) -> list[HostOutput]:
+        """The core's outputs for one queued item, in the order they must be executed."""
         match item:
             case _Tick():
                 outputs = self.core.tick(item.now_ms)
@@ -337,10 +344,10 @@ class Agent:
                     self.cluster.tick()
             case _Heartbeat():
                 self._heartbeat()
-                return
+                return []
             case _Apply():
                 self._apply(item.cfg, item.vms)
-                return
+                return []
             case _InjectedFault():
                 raise RuntimeError("injected core fault (HAGUARD_FAULT_INJECTION)")
             case BrokerConnectionChanged():
@@ -350,8 +357,7 @@ class Agent:
                 outputs = self.core.step(item)
             case _:
                 outputs = self.core.step(item)
-        for out in outputs:
-            self._execute(out)
+        return outputs
 
     def _execute(self, out: HostOutput) -> None:
         if isinstance(out, PeerStateChanged | IsolationChanged | VmStateChanged | HostHealthChanged):

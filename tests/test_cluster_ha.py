@@ -279,12 +279,19 @@ def test_hosts_with_a_fence_device_never_arm_their_watchdog_by_default() -> None
 @pytest.mark.timeout(150)
 def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets_nothing() -> None:
     # The device once refused every pet after a stop: a 1 s cut reset the owner 4 s later.
+    # Now a 1.2 s cut is shorter than the self-fence grace (3.3 s here) and costs nothing at all;
+    # a 5 s cut stops the petting, which resumes before the device (4 s) expires.
     vms = ha_vms(3)
     with _watchdog_cluster(vms) as (hw, c, watch):
         victim, lost = _partition_victim(c)
         before = qemu_pids(c, victim)
         c.cut(victim)
         time.sleep(1.2)
+        c.mend(victim)
+        time.sleep(5)
+        assert not c.events(victim, "watchdog-stop-petting"), "a blip stopped the petting"
+        c.cut(victim)
+        c.wait_for("the petting stopped", lambda: c.events(victim, "watchdog-stop-petting"), 10)
         c.mend(victim)
         c.wait_for("petting resumed", lambda: c.events(victim, "watchdog-petting-resumed"), 10)
         assert c.events(victim, "watchdog-stop-petting"), "the cut did cost the owner its quorum"

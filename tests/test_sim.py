@@ -706,14 +706,20 @@ def test_a_coordinator_that_dies_costs_the_followers_nothing(kind: str) -> None:
         assert world.checker.all_running()
 
 
-@pytest.mark.timeout(120)
-def test_a_switch_reboot_resets_no_host_that_has_a_fence_device() -> None:
-    # 7 hosts, every link (to the broker and to each other) down for 120 s at once.
-    sim = _half_full(7, devices=True)
+def _switch_reboot(devices: bool) -> tuple[SimConfig, World]:
+    """7 hosts formed at 4.9 s; every link (to the broker and to each other) down from 5 s
+    to 125 s."""
+    sim = _half_full(7, devices=devices)
     down = [f"5000:isolate:h{i}" for i in range(1, 8)] + [f"125000:rejoin:h{i}" for i in range(1, 8)]
     world = World(4, Schedule(faults=faults(*down), heal_ms=125_000), sim)
     world.run(4900)
     assert world.checker.all_running()
+    return sim, world
+
+
+@pytest.mark.timeout(120)
+def test_a_switch_reboot_resets_no_host_that_has_a_fence_device() -> None:
+    _sim, world = _switch_reboot(devices=True)
     before = _pids(world)
     world.run(125_000 + 20_000)
     assert not world.stopped_petting and not world.power_offs and not world.fences
@@ -725,10 +731,7 @@ def test_a_switch_reboot_without_fence_devices_resets_the_hosts_with_vms_and_rec
     # What docs/failure-modes.md says: the watchdog is each host's fence, nobody can tell an
     # isolated host from a dead one, so every host with VMs resets after grace + timeout; the
     # VMs run again once the network is back and a majority has formed.
-    sim = _half_full(7, devices=False)
-    down = [f"5000:isolate:h{i}" for i in range(1, 8)] + [f"125000:rejoin:h{i}" for i in range(1, 8)]
-    world = World(4, Schedule(faults=faults(*down), heal_ms=125_000), sim)
-    world.run(4900)
+    sim, world = _switch_reboot(devices=False)
     with_vms = {h for h, host in world.hosts.items() if host.vms}
     world.run(125_000)
     resets = {h: at for at, h, why in world.power_offs if why == "watchdog"}

@@ -58,7 +58,7 @@ def _rejoined(c: Cluster, host: str, armed: bool) -> bool:
 def _no_harm(c: Cluster, hw: WatchdogHardware, before: dict[str, tuple[str, int]]) -> None:
     stops = {h: c.events(h, "watchdog-stop-petting") for h in c.hosts}
     assert not any(stops.values()), stops
-    lost = {h: [e for e in c.events(h, "cluster-alert") if e.get("kind") == "quorum-lost"] for h in c.hosts}
+    lost = {h: [e for e in c.events(h, "alert") if e.get("alert") == "quorum-lost"] for h in c.hosts}
     assert not any(lost.values()), lost
     assert not hw.reset_at, hw.reset_at
     assert not fence_calls(c)

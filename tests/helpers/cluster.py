@@ -57,6 +57,7 @@ class Cluster:
         self.dir = Path(tempfile.mkdtemp(prefix="hg-cluster-"))
         self.broker: Mosquitto | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.faults = 0         # faults injected so far (cut, loss, kill -9, QEMUs killed)
         self.cluster = "c" + tag
         self.extra = extra
         self.host_fields = host_fields if host_fields is not None else {}
@@ -133,17 +134,20 @@ class Cluster:
     # ---- faults ------------------------------------------------------------------------
 
     def kill9(self, host: str) -> None:
+        self.faults += 1
         proc = self.procs.pop(host)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
 
     def cut(self, host: str) -> None:
+        self.faults += 1
         self._in(self.hub, "ip", "link", "set", self.hub_dev[host], "down")
 
     def mend(self, host: str) -> None:
         self._in(self.hub, "ip", "link", "set", self.hub_dev[host], "up")
 
     def lossy(self, host: str, probability: float) -> None:
+        self.faults += 1
         """Drop a random `probability` of the host's packets on its link, in and out."""
         for chain, opt in (("INPUT", "-i"), ("OUTPUT", "-o")):
             self._in(self.ns[host], "iptables", "-I", chain, opt, "eth0", "-m", "statistic",
@@ -233,6 +237,7 @@ class Cluster:
 
     def kill_vms(self, host: str) -> None:
         """SIGKILL every QEMU of `host` (a power cut)."""
+        self.faults += 1
         subprocess.run(["pkill", "-KILL", "-f", str(self.run_dir(host))], check=False)
 
     def agent_pid(self, host: str) -> int | None:

@@ -171,10 +171,17 @@ def stop_agent(c: Cluster, host: str, timeout_s: float = 30) -> int:
 
 
 def wait_placed(c: Cluster, names: list[str], timeout_s: float = 60, *, avoid: tuple[str, ...] = ()) -> float:
+    """Until each VM runs once, on none of `avoid`.  Before any fault, also checks that the
+    start cost nothing: no host stopped petting its watchdog (every real cluster start of
+    the suite is one more sample of this)."""
     def placed() -> bool:
         where = running_on(c)
         return all(len(where.get(n, [])) == 1 and where[n][0] not in avoid for n in names)
-    return c.wait_for(f"{names} running once each, not on {avoid}", placed, timeout_s)
+    took = c.wait_for(f"{names} running once each, not on {avoid}", placed, timeout_s)
+    if not c.faults:
+        stopped = {h: c.events(h, "watchdog-stop-petting") for h in c.hosts}
+        assert not any(stopped.values()), f"a cluster start stopped petting: {stopped}"
+    return took
 
 
 def fence_calls(c: Cluster) -> list[str]:

@@ -1,7 +1,7 @@
 """Routine operations and infrastructure faults in the simulator: what they cost the hosts.
 
 Each scenario starts from a formed cluster (VMs on half of the hosts, the simulator's
-timing: heartbeat 200 ms, lease 1.5 s, self-fence grace 3.3 s, watchdog 2 s) and reports,
+timing: heartbeat 200 ms, lease 1.5 s, self-fence grace 4.3 s, watchdog 2 s) and reports,
 for the hosts other than the one the operation is about:
 
   stops      watchdog stop-petting decisions       resets   watchdog resets

@@ -279,7 +279,7 @@ def test_hosts_with_a_fence_device_never_arm_their_watchdog_by_default() -> None
 @pytest.mark.timeout(150)
 def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets_nothing() -> None:
     # The device once refused every pet after a stop: a 1 s cut reset the owner 4 s later.
-    # Now a 1.2 s cut is shorter than the self-fence grace (3.3 s here) and costs nothing at all;
+    # Now a 1.2 s cut is shorter than the self-fence grace (4.3 s here) and costs nothing at all;
     # a 5 s cut stops the petting, which resumes before the device (4 s) expires.
     vms = ha_vms(3)
     with _watchdog_cluster(vms) as (hw, c, watch):

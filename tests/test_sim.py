@@ -481,7 +481,7 @@ def test_a_move_that_switches_over_during_a_broker_outage_is_kept_after_the_sour
     # No broker: nothing is decided; with h2 down and h4-h1 cut, h4 reaches no majority by ping.
     for fault in ("broker-down", "crash:h2", "cut2:h4:h1"):
         world._on_fault(Fault.decode(f"{world.now}:{fault}"))
-    world.run(world.now + 6000)
+    world.run(world.now + 9000)     # quorum lost, the grace, the device's timeout
     assert world.migrations_done and world.migrations_done[0][3] == vm, "switched over without the broker"
     assert {h for _at, h, why in world.power_offs if why == "watchdog"} >= {"h4"}, "the watchdog reset h4"
     for fault in ("broker-up", "heal:h4:h1", "boot:h2"):

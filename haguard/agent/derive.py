@@ -56,9 +56,9 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
         lease_ms=t.dead_timeout_ms, election_timeout_ms=election_ms,
         watchdog_timeout_ms=watchdog_ms,
         watchdog_margin_ms=t.suspect_timeout_ms + 2 * t.heartbeat_interval_ms + 1000,
-        # Long enough for a lapsed lease, an election and a new coordinator's first mutual
-        # contact (measured: at most 1.3 s in the simulator, docs/failure-modes.md).
-        self_fence_grace_ms=t.dead_timeout_ms + election_ms + t.suspect_timeout_ms,
+        # Long enough for a lapsed lease, an election that fails and one that wins, and the
+        # new coordinator's first mutual contact (docs/cluster-design.md, "Watchdog self-fencing").
+        self_fence_grace_ms=t.dead_timeout_ms + 2 * election_ms + t.suspect_timeout_ms,
         relay_transit_ms=ha.relay_transit_ms)
     return CoreConfig(
         me=cfg.this_host().name, hosts=hosts, vms=specs, timing=timing,

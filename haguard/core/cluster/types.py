@@ -52,7 +52,7 @@ class ClusterTiming:
     watchdog_margin_ms: int = 1500  # covers quorum_timeout, heartbeat and message delay
     # An armed host with VMs stops petting only after quorum has been lost this long (a
     # coordinator's handover or death, a broker blip); the coordinator waits it too.
-    self_fence_grace_ms: int = 3300
+    self_fence_grace_ms: int = 4300     # lease + 2 elections (one may fail) + quorum timeout
     fence_timeout_ms: int = 3000    # default for hosts whose HostSpec gives none
     fence_backoff_ms: tuple[int, ...] = (500, 1000, 2000, 4000)
     max_local_restarts: int = 3

@@ -280,7 +280,7 @@ def test_agent_raises_and_resolves_alerts(tmp_path: Path, receiver: Receiver) ->
                                env={"HAGUARD_JOURNAL_SOCKET": str(jd.socket)})
             cluster = agent.config.read_text().split("\n")[0].split(": ")[1]
             key = (tmp_path / "key").read_bytes().strip()
-            sub = AlertSubscriber(broker.port, f"haguard/{cluster}/alerts")
+            sub = AlertSubscriber(broker.port, f"haguard/{cluster}/hosts/+/alerts")
             agent.start()
             agent.wait_for("ready", lambda: (agent.status() or {}).get("ready"), 10)
 

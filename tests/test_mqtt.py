@@ -172,6 +172,30 @@ async def test_forged_replayed_foreign_and_garbage_messages_are_rejected(broker:
         assert a.rejects and not a.heard("h1")
 
 
+@pytest.mark.timeout(20)
+async def test_a_forged_alert_cannot_silence_a_host(broker: Mosquitto) -> None:
+    """One alert signed as h1 with the largest incarnation once made every receiver drop all of
+    h1's later messages as replays: alerts travelled on a topic naming no host, so the sender
+    check was skipped while the replay guard still recorded the incarnation."""
+    cfg = broker.mqtt_config(keepalive_s=KEEPALIVE_S)
+    async with peers(Peer(cfg, "h1"), Peer(cfg, "h2")) as (a, b), raw_client(broker) as raw:
+        await exchange(a, b, "before")
+        huge = 2**63 - 1
+        forged = encode(Envelope(cluster="c1", host="h1", incarnation=huge, seq=1, kind="alert",
+                                 body={"what": "forged"}), KEY)
+        for topic in ("haguard/c1/alerts",                   # the topic alerts once shared
+                      TOPICS.host("h3", "alerts"),          # another host's topic
+                      TOPICS.host("h1", "alerts")):         # h1's own, beyond any real incarnation
+            await raw.publish(topic, forged, qos=1)
+        await eventually(lambda: len(b.rejects) >= 2, 3, "the forged alerts rejected")
+        await exchange(a, b, "after")                       # h1 is still heard
+        assert not b.heard("h1", "alert", what="forged")
+        assert b.transport.guard.mark("h1") == (1, b.transport.guard.mark("h1")[1])  # type: ignore[index]
+        reasons = " | ".join(r for _, r in b.rejects)
+        assert "sent as host 'h1' on another host's topic" in reasons, reasons
+        assert "incarnation" in reasons and "ahead of this host's clock" in reasons, reasons
+
+
 @pytest.mark.timeout(15)
 async def test_a_second_agent_with_the_same_host_name_is_reported(broker: Mosquitto) -> None:
     cfg = broker.mqtt_config(keepalive_s=KEEPALIVE_S)
@@ -404,7 +428,7 @@ async def test_unreachable_url_and_missing_password_file_are_reported_not_raised
                             incarnation=1, key=key, on_envelope=print, on_reject=print, on_connection=print)
     assert TOPICS.subscriptions() == [
         "haguard/c1/hosts/+/heartbeat", "haguard/c1/hosts/+/state", "haguard/c1/hosts/+/probe",
-        "haguard/c1/alerts"]
+        "haguard/c1/hosts/+/alerts"]
 
 
 @pytest.mark.timeout(30)

@@ -45,6 +45,7 @@ from haguard.core.wire import (
     ReplayGuard,
     decode,
     encode,
+    incarnation_too_far_ahead,
 )
 from haguard.errors import ConfigError, HaguardError
 
@@ -55,7 +56,7 @@ DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 
 @dataclass(frozen=True, kw_only=True)
 class KindPolicy:
-    channel: str            # the topic a kind travels on: heartbeat, state, probe, alerts
+    channel: str            # the topic a kind travels on: heartbeat, state, probe, alerts, ...
     qos: int
     retain: bool
     expiry_s: int           # MQTT v5 message expiry: a stale copy is never delivered
@@ -75,13 +76,15 @@ KINDS: dict[str, KindPolicy] = {
     "direct": KindPolicy(channel="inbox", qos=1, retain=False, expiry_s=30),
 }
 CHANNELS = ("heartbeat", "state", "probe", "alerts", "cluster", "inbox")
-_HOST_CHANNELS = ("heartbeat", "state", "probe", "cluster")
+# Every channel but the inboxes is under its sender's own `hosts/{host}/`: the receiver checks
+# the envelope's host against the topic, and a broker ACL can bind the topic to a login.
+_HOST_CHANNELS = ("heartbeat", "state", "probe", "alerts", "cluster")
 _CHANNEL_KINDS = {ch: frozenset(k for k, p in KINDS.items() if p.channel == ch) for ch in CHANNELS}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Topics:
-    """`{prefix}/{cluster}/hosts/{host}/{heartbeat,state,probe,cluster}`, `{prefix}/{cluster}/alerts`,
+    """`{prefix}/{cluster}/hosts/{host}/{heartbeat,state,probe,alerts,cluster}`,
     `{prefix}/{cluster}/inbox/{to}/{from}`; `{prefix}/{cluster}/coord/...` is reserved."""
 
     prefix: str
@@ -96,10 +99,6 @@ class Topics:
     @property
     def base(self) -> str:
         return f"{self.prefix}/{self.cluster}"
-
-    @property
-    def alerts(self) -> str:
-        return f"{self.base}/alerts"
 
     @property
     def coord(self) -> str:
@@ -117,22 +116,20 @@ class Topics:
             if to is None:
                 raise ValueError(f"a {kind!r} message needs a recipient")
             return self.inbox(to, host)
-        return self.alerts if channel == "alerts" else self.host(host, channel)
+        return self.host(host, channel)
 
     def subscriptions(self, me: str | None = None) -> list[str]:
-        topics = [self.host("+", ch) for ch in ("heartbeat", "state", "probe")] + [self.alerts]
+        topics = [self.host("+", ch) for ch in ("heartbeat", "state", "probe", "alerts")]
         if me is not None:
             topics += [self.host("+", "cluster"), self.inbox(me, "+")]
         return topics
 
-    def parse(self, topic: str, me: str | None = None) -> tuple[str, str | None] | None:
-        """(channel, sending host) of a topic this transport subscribes to; None for alerts."""
+    def parse(self, topic: str, me: str | None = None) -> tuple[str, str] | None:
+        """(channel, sending host) of a topic this transport subscribes to."""
         head = self.base + "/"
         if not topic.startswith(head):
             return None
         parts = topic[len(head):].split("/")
-        if parts == ["alerts"]:
-            return "alerts", None
         if len(parts) == 3 and parts[0] == "hosts" and parts[2] in _HOST_CHANNELS:
             return parts[2], parts[1]
         if len(parts) == 3 and parts[0] == "inbox" and me is not None and parts[1] == me:
@@ -481,11 +478,15 @@ class GossipTransport:
         if isinstance(env, Rejected):
             self._reject(topic, env.reason)
             return
-        if topic_host is not None and env.host != topic_host:
+        if env.host != topic_host:
             self._reject(topic, f"sent as host {env.host!r} on another host's topic")
             return
         if env.kind not in _CHANNEL_KINDS[channel]:
             self._reject(topic, f"kind {env.kind!r} does not belong on this topic")
+            return
+        ahead = incarnation_too_far_ahead(env, self._clock_ms())
+        if ahead is not None:
+            self._reject(topic, ahead.reason)
             return
         if env.host == self.host:
             # Our own retained state from before, or an echo: not news.  Another incarnation

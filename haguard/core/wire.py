@@ -15,9 +15,14 @@ not that it is fresh: `ReplayGuard` drops anything not newer than what was accep
 from that host before.
 
 Ordering: an agent bumps its `incarnation` at every start and numbers its messages
-with a strictly increasing `seq` from 1.  seq 0 is the MQTT last will: a signed
-"offline" envelope handed to the broker at connect time, published by the broker
-when the connection dies, so it cannot carry a fresh seq.
+with a strictly increasing `seq` from 1.  An incarnation starts at the wall clock in
+milliseconds when a host has no counter, and only grows by one per start after that, so
+one more than a day ahead of the receiver's clock is not a real one: accepting it would
+make the guard drop the host's every real message (`MAX_INCARNATION_LEAD_MS`).
+
+seq 0 is the MQTT last will: a signed "offline" envelope handed to the broker at
+connect time, published by the broker when the connection dies, so it cannot carry a
+fresh seq.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ MIN_KEY_BYTES = 16
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
 KIND_PATTERN = r"^[a-z][a-z0-9-]{0,31}$"
 OFFLINE = "offline"
+# A day: clocks that disagree by more are broken; a real host counts up from its clock.
+MAX_INCARNATION_LEAD_MS = 86_400_000
 # Integers travel as JSON numbers: keep them within a signed 64-bit range.
 _MAX_INT = 2**63 - 1
 
@@ -176,6 +183,15 @@ def _data_problem(value: object, *, depth: int) -> str | None:
 
 def _canonical(obj: dict[str, Any]) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def incarnation_too_far_ahead(env: Envelope, wall_ms: int) -> Rejected | None:
+    """An incarnation no real agent can have at the receiver's clock `wall_ms` (checked before
+    the replay guard records it, and before anything else trusts it)."""
+    if env.incarnation > wall_ms + MAX_INCARNATION_LEAD_MS:
+        return Rejected(reason=f"incarnation {env.incarnation} is more than a day ahead of "
+                               f"this host's clock ({wall_ms} ms)")
+    return None
 
 
 def _sign(canonical: str, key: bytes) -> str:

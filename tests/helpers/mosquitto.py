@@ -38,7 +38,6 @@ HOSTS_ACL = """\
 pattern read haguard/#
 pattern write haguard/+/hosts/%u/#
 pattern write haguard/+/inbox/+/%u
-pattern write haguard/+/alerts
 """
 
 

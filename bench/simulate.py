@@ -142,7 +142,7 @@ class CountingWorld(World):
     def _boot_agent(self, host: SimHost) -> None:
         # A cluster in steady state: every VM placed and running (placing 20,000 VMs from scratch
         # is not what is measured), the placement saved as committed by an earlier coordinator.
-        if self.placed is not None and host.disk.committed is None:
+        if self.placed is not None and (host.disk is None or host.disk.committed is None):
             host.disk = PersistedState(accepted=self.placed, committed=self.placed)
             host.vms = {vm: "running" for vm in self.placed.owned_by(host.name)}
         super()._boot_agent(host)

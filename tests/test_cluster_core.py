@@ -30,6 +30,7 @@ from haguard.core.cluster.types import (
     KillVm,
     LocalVmsObserved,
     MessageReceived,
+    PersistedState,
     PersistState,
     PetWatchdog,
     PlacementDecided,
@@ -131,6 +132,37 @@ def test_a_proposal_commits_with_a_majority_of_acks_for_its_key() -> None:
 
 # ---- the agent ------------------------------------------------------------------------
 
+def test_a_host_that_lost_its_votes_never_votes_twice_in_a_term() -> None:
+    # h3 grants h1 term 5, then its state_dir is lost and its agent starts again.  h2 never
+    # heard of term 5 and asks for it: a grant would give h1 and h2 a majority each in term 5.
+    window = ClusterTiming().lease_ms + 2 * ClusterTiming().election_timeout_ms
+    before = ClusterMember(config("h3"), incarnation=1, now_ms=0, persisted=PersistedState(term=4))
+    connected(before)
+    hear_all(before, 100, term=4)
+    out = before.step(MessageReceived(message=VoteRequest(sender="h1", term=5, accepted=(0, 0)), now_ms=200))
+    assert [o.message for o in out if isinstance(o, Send)] == [VoteGranted(sender="h3", term=5, to="h1")]
+
+    def asks(agent: ClusterMember, term: int, now: int) -> list[object]:
+        ask = VoteRequest(sender="h2", term=term, accepted=(0, 0))
+        out = agent.step(MessageReceived(message=ask, now_ms=now))
+        return [o.message for o in out if isinstance(o, Send)]
+
+    after = ClusterMember(config("h3"), incarnation=2, now_ms=1000, persisted=None)
+    connected(after, 1000)
+    after.step(MessageReceived(message=beat("h1", term=5), now_ms=1100))
+    after.step(MessageReceived(message=beat("h2", term=4), now_ms=1100))
+    assert asks(after, 5, 1200) == [], "abstains inside the window"
+    standing = [o for o in after.tick(1300) if isinstance(o, Send) and isinstance(o.message, VoteRequest)]
+    assert not standing, "and does not stand"
+    assert asks(after, 5, 1000 + window + 100) == [], "term 5 was heard in the window: counted as voted"
+    assert asks(after, 6, 1000 + window + 200) == [VoteGranted(sender="h3", term=6, to="h2")]
+    # A new cluster (every host heard at term 0) is not held back.
+    fresh = ClusterMember(config("h3"), incarnation=1, now_ms=0, persisted=None)
+    connected(fresh)
+    hear_all(fresh, 100)
+    assert asks(fresh, 1, 150) == [VoteGranted(sender="h3", term=1, to="h2")]
+
+
 def test_a_vote_is_persisted_before_the_grant_is_sent() -> None:
     agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     connected(agent)
@@ -144,7 +176,6 @@ def test_a_vote_is_persisted_before_the_grant_is_sent() -> None:
 
 
 def test_a_restarted_agent_keeps_its_vote() -> None:
-    from haguard.core.cluster.types import PersistedState
     agent = ClusterMember(config("h2"), incarnation=2, now_ms=0,
                          persisted=PersistedState(term=4, voted_for="h1"))
     connected(agent)
@@ -630,7 +661,7 @@ def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> N
 
 
 def test_the_coordinator_summarises_whom_it_does_not_hear() -> None:
-    agent = ClusterMember(_large("h00", n=7), incarnation=1, now_ms=0)
+    agent = ClusterMember(_large("h00", n=7), incarnation=1, now_ms=0, persisted=PersistedState())
     connected(agent)
     hosts = sorted(agent.config.hosts)
     for now in (100, 200, 300):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -477,7 +478,9 @@ def test_agent_killed_and_restarted_leaves_its_vms_alone() -> None:
 @pytest.mark.timeout(150)
 def test_a_host_whose_state_dir_was_lost_is_heard_again_and_keeps_its_vms() -> None:
     # Its incarnation counter gone, the agent once started counting at 1 again: its peers, who
-    # remember a higher one, dropped every message of it as a replay.
+    # remember a higher one, dropped every message of it as a replay.  Its votes gone, it could
+    # grant a second vote in a term it had voted in: it now abstains, then counts the terms it
+    # heard meanwhile as voted in (core/cluster/lostvotes.py).
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
@@ -489,6 +492,11 @@ def test_a_host_whose_state_dir_was_lost_is_heard_again_and_keeps_its_vms() -> N
         for h in rejected:
             assert c.state_of(h, host) == "alive", c.states()
             assert (c.status(h) or {}).get("rejected", 0) == rejected[h], f"{h} drops {host}'s messages"
+        assert c.events(host, "cluster-state-missing"), c.log_tail(host)
+        c.wait_for("the abstention ends", lambda: c.cluster_view(host).get("votes_abstaining") is False, 15)
+        saved = json.loads((c.dir / host / "state" / "cluster-state.json").read_text())
+        term = c.cluster_view(host)["term"]
+        assert term > 0 and (saved["term"], saved["voted_for"]) == (term, host), saved
         watch.check()
 
 

@@ -526,13 +526,13 @@ def test_a_broker_outage_in_a_large_cluster_with_fence_devices_resets_nobody() -
     # Nobody can show a majority without the broker; every host has a fence device, so no
     # watchdog is armed: nothing is decided, nobody is reset, no VM stops (0 gaps).
     sim = _large(12, fanout=2)
-    world = World(5, Schedule(faults=faults("5000:broker-down", "9000:broker-up"), heal_ms=9000), sim)
-    world.run(4900)
+    world = World(5, Schedule(faults=faults("7000:broker-down", "11000:broker-up"), heal_ms=11000), sim)
+    world.run(6900)
     assert world.checker.all_running()
     running = owners(world)
-    world.run(9000 + sim.liveness_bound_ms)
+    world.run(11000 + sim.liveness_bound_ms)
     assert not world.power_offs and not world.fences
-    assert not [s for s in world.starts if s[0] > 4900] and owners(world) == running
+    assert not [s for s in world.starts if s[0] > 6900] and owners(world) == running
 
 
 @pytest.mark.timeout(60)
@@ -540,14 +540,14 @@ def test_a_broker_outage_in_a_large_cluster_without_fence_devices_resets_the_hos
     # Without fence devices the watchdog is the fence: past the grace, every host with VMs
     # stops petting and is reset (docs/failure-modes.md); once the broker is back, all run again.
     sim = replace(_large(12, fanout=2), fence_devices=False)
-    world = World(5, Schedule(faults=faults("5000:broker-down", "15000:broker-up"), heal_ms=15000), sim)
-    world.run(4900)
+    world = World(5, Schedule(faults=faults("7000:broker-down", "17000:broker-up"), heal_ms=17000), sim)
+    world.run(6900)
     assert world.checker.all_running()
     with_vms = {h for h, host in world.hosts.items() if host.vms}
-    world.run(15000)
+    world.run(17000)
     assert {h for _at, h, why in world.power_offs if why == "watchdog"} == with_vms
     assert not world.fences, "nothing decided without the broker"
-    settle(world, 15000 + sim.liveness_bound_ms)
+    settle(world, 17000 + sim.liveness_bound_ms)
 
 
 @pytest.mark.timeout(60)
@@ -555,11 +555,11 @@ def test_a_broker_blip_costs_a_large_cluster_nothing() -> None:
     # 700 ms without the broker, 10 hosts, no fence devices: every host with VMs used to stop
     # petting at once; now the loss is shorter than the self-fence grace.
     sim = replace(_large(10, fanout=2), fence_devices=False)
-    world = World(5, Schedule(faults=faults("5000:broker-down", "5700:broker-up"), heal_ms=10**9), sim)
-    world.run(4900)
+    world = World(5, Schedule(faults=faults("7000:broker-down", "7700:broker-up"), heal_ms=10**9), sim)
+    world.run(6900)
     assert world.checker.all_running()
     running = owners(world)
-    world.run(15_000)
+    world.run(17_000)
     assert not world.stopped_petting and not world.power_offs and not world.fences
     assert owners(world) == running
 
@@ -721,12 +721,12 @@ def test_a_coordinator_that_dies_costs_the_followers_nothing(kind: str) -> None:
 
 
 def _switch_reboot(devices: bool) -> tuple[SimConfig, World]:
-    """7 hosts formed at 4.9 s; every link (to the broker and to each other) down from 5 s
+    """7 hosts formed at 6.9 s; every link (to the broker and to each other) down from 7 s
     to 125 s."""
     sim = _half_full(7, devices=devices)
-    down = [f"5000:isolate:h{i}" for i in range(1, 8)] + [f"125000:rejoin:h{i}" for i in range(1, 8)]
+    down = [f"7000:isolate:h{i}" for i in range(1, 8)] + [f"125000:rejoin:h{i}" for i in range(1, 8)]
     world = World(4, Schedule(faults=faults(*down), heal_ms=125_000), sim)
-    world.run(4900)
+    world.run(6900)
     assert world.checker.all_running()
     return sim, world
 
@@ -751,7 +751,7 @@ def test_a_switch_reboot_without_fence_devices_resets_the_hosts_with_vms_and_rec
     resets = {h: at for at, h, why in world.power_offs if why == "watchdog"}
     assert set(resets) == with_vms
     t = sim.timing
-    assert min(resets.values()) >= 5000 + t.self_fence_grace_ms + t.watchdog_timeout_ms
+    assert min(resets.values()) >= 7000 + t.self_fence_grace_ms + t.watchdog_timeout_ms
     settle(world, 125_000 + sim.liveness_bound_ms)
 
 

@@ -225,6 +225,9 @@ class Agent:
         self.queue: asyncio.Queue[_Item] = asyncio.Queue(maxsize=QUEUE_SIZE)
         self.started_ms = monotonic_ms()
         persisted = load_persisted(cfg.state_dir / STATE_FILE) if cfg.ha.enabled else None
+        if cfg.ha.enabled and persisted is None:
+            # A new host, or a lost state_dir: the core abstains from voting for a while.
+            log.warning("cluster-state-missing", path=str(cfg.state_dir / STATE_FILE))
         self.core = HostCore(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
                              incarnation=incarnation, now_ms=self.started_ms, persisted=persisted)
         self.status_file = status_path(cfg.run_dir)

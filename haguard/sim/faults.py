@@ -24,6 +24,7 @@ KINDS = {
     "boot": 1,           # host powered on
     "agent-restart": 1,  # agent process killed and started again, VMs keep running
     "agent-stop": 1,     # agent stopped cleanly (hands over, disarms) and started again
+    "state-lost": 1,     # agent killed, its state_dir lost (votes and state), started again
     "fence": 2,          # fence device of a host: ok | fail | hang
     "qemu-crash": 1,     # a VM's QEMU dies on whichever host runs it
     "qemu-hang": 1,      # a VM's QEMU stops answering its monitor (the guest may still run)
@@ -80,8 +81,8 @@ class FaultMix:
 
     weights: dict[str, int] = field(default_factory=lambda: {
         "cut": 3, "cut2": 3, "heal": 3, "isolate": 2, "rejoin": 2, "broker-down": 1, "broker-up": 1,
-        "crash": 3, "boot": 2, "agent-restart": 2, "agent-stop": 2, "fence": 2, "qemu-crash": 2,
-        "qemu-hang": 1, "migrations": 1, "loss": 1, "dup": 1, "drain": 1, "undrain": 1})
+        "crash": 3, "boot": 2, "agent-restart": 2, "agent-stop": 2, "state-lost": 1, "fence": 2,
+        "qemu-crash": 2, "qemu-hang": 1, "migrations": 1, "loss": 1, "dup": 1, "drain": 1, "undrain": 1})
 
 
 def random_schedule(seed: int, hosts: list[str], vms: list[str], *, heal_ms: int = 15_000,

@@ -103,7 +103,7 @@ class SimHost:
     powered: bool = True
     agent: ClusterMember | None = None
     incarnation: int = 0
-    disk: PersistedState = field(default_factory=PersistedState)
+    disk: PersistedState | None = None      # state_dir: nothing before the first write, as on a new host
     vms: dict[str, QemuState] = field(default_factory=dict)
     crashed: set[str] = field(default_factory=set)
     hung: set[str] = field(default_factory=set)     # QEMUs whose monitor does not answer
@@ -455,9 +455,11 @@ class World:
             case "agent-stop":
                 if a is not None and a.agent is not None and a.name not in self.stopping:
                     self._stop_cleanly(a)
-            case "agent-restart":
+            case "agent-restart" | "state-lost":
                 if a is not None and a.agent is not None:
                     a.agent = None
+                    if f.kind == "state-lost":
+                        a.disk = None
                     a.incarnation += 1
                     self._at(self.now + self.sim.agent_restart_ms, "agent_boot", a.name)
             case "fence":

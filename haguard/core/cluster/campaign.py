@@ -40,11 +40,14 @@ class Campaign:
     def vote_requested(self, message: VoteRequest) -> list[ClusterOutput]:
         m, now = self.m, self.m.now_ms
         self.candidates[message.sender] = (now, message.accepted)
+        if m.lost_votes.abstaining():
+            return []
         # A candidate this agent does not watch: its request is the news that it lives.
         alive = (m.detector.state(message.sender) is PeerState.ALIVE
                  or not m.detector.watches(message.sender))
+        my_key = max(m.accepted.key, m.lost_votes.floor_key)
         ok, _why = m.election.should_grant(message.sender, message.term, message.accepted,
-                                           m.accepted.key, alive, now, handover=message.handover)
+                                           my_key, alive, now, handover=message.handover)
         if not ok:
             return []
         m.drop_coordination()
@@ -59,7 +62,8 @@ class Campaign:
     def maybe_stand(self, now: int, quorate: bool) -> list[ClusterOutput]:
         m = self.m
         e, timeout = m.election, m.config.timing.election_timeout_ms
-        if e.role is Role.COORDINATOR or e.lease_valid(now) or not quorate or self.leaving:
+        if (e.role is Role.COORDINATOR or e.lease_valid(now) or not quorate or self.leaving
+                or m.lost_votes.abstaining()):
             return []
         if e.role is Role.CANDIDATE and now - e.started_ms < timeout:
             return []
@@ -99,7 +103,7 @@ class Campaign:
         """Our coordinator named us its successor: stand at once."""
         m, e = self.m, self.m.election
         if (message.to != m.me or message.term != e.term or e.following(m.now_ms) != message.sender
-                or self.leaving):
+                or self.leaving or m.lost_votes.abstaining()):
             return []
         term = e.stand(m.now_ms)
         return [m.send(VoteRequest(sender=m.me, term=term, accepted=m.accepted.key, handover=True))]

@@ -42,6 +42,7 @@ from haguard.core.cluster.duty import Duty
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.follower import Follower
 from haguard.core.cluster.grants import LocalVms
+from haguard.core.cluster.lostvotes import LostVotes
 from haguard.core.cluster.quorate import QuorumViews, heard_by
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.relay import RelayHops, RelayLayout, relay_layout, ring_neighbours
@@ -109,6 +110,8 @@ class ClusterMember:
         self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
         self.election = Election(self.me, self.quorum, config.timing.lease_ms, term=saved.term,
                                  voted_for=saved.voted_for)
+        self.lost_votes = LostVotes(lost=persisted is None, now_ms=now_ms,
+                                    window_ms=config.timing.lease_ms + 2 * config.timing.election_timeout_ms)
         self.committed: ClusterState = saved.committed or initial_state(sorted(config.vms), self.hosts)
         self.accepted: ClusterState = saved.accepted or self.committed
         self.duty: Duty | None = None                           # while coordinating
@@ -140,6 +143,7 @@ class ClusterMember:
         out: list[ClusterOutput] = []
         self.now_ms = max(self.now_ms, event.now_ms)
         self.steps += 1
+        self._abstain()
         match event:
             case MessageReceived(message=message):
                 out += self._receive(message)
@@ -172,6 +176,7 @@ class ClusterMember:
 
     def tick(self, now_ms: int) -> list[ClusterOutput]:
         self.now_ms = max(self.now_ms, now_ms)
+        self._abstain()
         out = self._detected(self.detector.tick(self.now_ms))
         return self._ready(out + self._advance(self.now_ms))
 
@@ -183,6 +188,11 @@ class ClusterMember:
                                        voted_for=self.election.voted_for,
                                        accepted=self.accepted, committed=self.committed))
         return out
+
+    def _abstain(self) -> None:
+        if self.lost_votes.abstaining():
+            self.lost_votes.update(self.now_ms, self.election, [h for h in self.hosts if h != self.me],
+                                   self.beats)
 
     def _durable(self) -> tuple[object, ...]:
         return (self.election.term, self.election.voted_for, self.accepted.key, self.committed.key)

@@ -16,6 +16,8 @@ def membership_status(member: ClusterMember, now_ms: int) -> dict[str, Any]:
         # Connected quorum lost this long (0: held); past the self-fence grace an armed
         # watchdog is no longer petted.
         "quorum_lost_ms": member.self_fence.lost_for(now_ms),
+        # Started without its saved votes: grants none until the cluster's term is known.
+        "votes_abstaining": member.lost_votes.abstaining(),
         "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
                 for vm, rec in sorted(state.vms.items())},
         "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced,

@@ -163,6 +163,33 @@ def test_a_host_that_lost_its_votes_never_votes_twice_in_a_term() -> None:
     assert asks(fresh, 1, 150) == [VoteGranted(sender="h3", term=1, to="h2")]
 
 
+def test_a_host_with_another_cluster_definition_gets_no_vote_and_is_named_in_an_alert() -> None:
+    # h1's file gives it weight 2 (a rolling change half done): under h1's definition h1 and
+    # one other make a majority, under h2's they do not.  Nobody may elect across the two.
+    heavy = {**HOSTS, "h1": replace(HOSTS["h1"], weight=2)}
+    h1 = ClusterMember(CoreConfig(me="h1", hosts=heavy, vms=VMS), incarnation=1, now_ms=0,
+                       persisted=PersistedState())
+    h2 = ClusterMember(config("h2"), incarnation=1, now_ms=0, persisted=PersistedState())
+    connected(h1)
+    connected(h2)
+    assert h1.definition.mine != h2.definition.mine
+    h1_beat = h1.heartbeat(100, True)
+    out = h2.step(MessageReceived(message=h1_beat, now_ms=100))
+    [alert] = [o for o in out if isinstance(o, RaiseAlert)]
+    assert alert.kind == "config-mismatch" and not alert.resolved and "h1" in alert.reason
+    h2.step(MessageReceived(message=beat("h3"), now_ms=150))
+    ask = VoteRequest(sender="h1", term=1, accepted=(0, 0), definition=h1.definition.mine)
+    assert not [o for o in h2.step(MessageReceived(message=ask, now_ms=200)) if isinstance(o, Send)]
+    # The file fixed and the agent restarted: h1 agrees again, the alert resolves, votes flow.
+    fixed = ClusterMember(config("h1"), incarnation=2, now_ms=300, persisted=PersistedState())
+    out = h2.step(MessageReceived(message=fixed.heartbeat(300, True), now_ms=300))
+    [alert] = [o for o in out if isinstance(o, RaiseAlert)]
+    assert alert.kind == "config-mismatch" and alert.resolved
+    ask = VoteRequest(sender="h1", term=1, accepted=(0, 0), definition=fixed.definition.mine)
+    out = h2.step(MessageReceived(message=ask, now_ms=350))
+    assert [o.message for o in out if isinstance(o, Send)] == [VoteGranted(sender="h2", term=1, to="h1")]
+
+
 def test_a_vote_is_persisted_before_the_grant_is_sent() -> None:
     agent = ClusterMember(config("h2"), incarnation=1, now_ms=0)
     connected(agent)

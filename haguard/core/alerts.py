@@ -52,6 +52,7 @@ class AlertKind(StrEnum):
     MIGRATION_FAILED = "migration-failed"
     QUORUM_LOST = "quorum-lost"
     WATCHDOG_FAILED = "watchdog-failed"
+    CONFIG_MISMATCH = "config-mismatch"
 
 
 # The severity each kind fires with (a resolve keeps it).
@@ -68,6 +69,7 @@ SEVERITY: dict[AlertKind, Severity] = {
     AlertKind.MIGRATION_FAILED: Severity.WARNING,
     AlertKind.QUORUM_LOST: Severity.CRITICAL,
     AlertKind.WATCHDOG_FAILED: Severity.CRITICAL,
+    AlertKind.CONFIG_MISMATCH: Severity.WARNING,
 }
 
 # Kinds the cluster coordinator raises (`RaiseAlert.kind`), by their names there.

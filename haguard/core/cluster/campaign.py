@@ -40,7 +40,7 @@ class Campaign:
     def vote_requested(self, message: VoteRequest) -> list[ClusterOutput]:
         m, now = self.m, self.m.now_ms
         self.candidates[message.sender] = (now, message.accepted)
-        if m.lost_votes.abstaining():
+        if m.lost_votes.abstaining() or not m.definition.agrees(message.definition):
             return []
         # A candidate this agent does not watch: its request is the news that it lives.
         alive = (m.detector.state(message.sender) is PeerState.ALIVE
@@ -73,7 +73,8 @@ class Campaign:
             e.role = Role.FOLLOWER
             return []
         term = e.stand(now)
-        return [m.send(VoteRequest(sender=m.me, term=term, accepted=m.accepted.key))]
+        return [m.send(VoteRequest(sender=m.me, term=term, accepted=m.accepted.key,
+                                   definition=m.definition.mine))]
 
     def hand_over(self, now: int) -> list[ClusterOutput]:
         """This agent stops cleanly: a coordinator names its successor and steps down."""
@@ -106,7 +107,8 @@ class Campaign:
                 or self.leaving or m.lost_votes.abstaining()):
             return []
         term = e.stand(m.now_ms)
-        return [m.send(VoteRequest(sender=m.me, term=term, accepted=m.accepted.key, handover=True))]
+        return [m.send(VoteRequest(sender=m.me, term=term, accepted=m.accepted.key, handover=True,
+                                   definition=m.definition.mine))]
 
     def preferred(self, now: int, among: set[str] | None = None) -> str:
         """The alive, quorate host with the newest state, then highest priority, then first name

@@ -38,6 +38,7 @@ from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.acks import NO_KEY
 from haguard.core.cluster.campaign import Campaign
 from haguard.core.cluster.coordinator import Coordinator
+from haguard.core.cluster.definition import DefinitionCheck
 from haguard.core.cluster.duty import Duty
 from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.follower import Follower
@@ -110,6 +111,7 @@ class ClusterMember:
         self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
         self.election = Election(self.me, self.quorum, config.timing.lease_ms, term=saved.term,
                                  voted_for=saved.voted_for)
+        self.definition = DefinitionCheck(config)
         self.lost_votes = LostVotes(lost=persisted is None, now_ms=now_ms,
                                     window_ms=config.timing.lease_ms + 2 * config.timing.election_timeout_ms)
         self.committed: ClusterState = saved.committed or initial_state(sorted(config.vms), self.hosts)
@@ -240,6 +242,10 @@ class ClusterMember:
         self.relay.heard(message, previous[1] if previous is not None else None)
         self._observe_term(message.term)
         out: list[ClusterOutput] = []
+        self.definition.heard(message.sender, message.definition)
+        mismatch = self.definition.alert(self.new_id())
+        if mismatch is not None:
+            out.append(mismatch)
         if message.coordinator:
             out += self.follower.coordinator_beat(message)
         hears = message.hears
@@ -437,7 +443,7 @@ class ClusterMember:
                          moves=frozenset(self.moves), degraded=self.degraded,
                          coordinator=coordinating, unheard=unheard,
                          confirmed=dict(self.duty.acks.new) if self.duty is not None else {},
-                         watchdog_ms=self.watchdog_ms,
+                         watchdog_ms=self.watchdog_ms, definition=self.definition.mine,
                          seq=self._beat_seq)
 
     # ---- obeying the committed state (grants.py) -------------------------------------

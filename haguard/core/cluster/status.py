@@ -18,6 +18,9 @@ def membership_status(member: ClusterMember, now_ms: int) -> dict[str, Any]:
         "quorum_lost_ms": member.self_fence.lost_for(now_ms),
         # Started without its saved votes: grants none until the cluster's term is known.
         "votes_abstaining": member.lost_votes.abstaining(),
+        # This host's cluster definition, and the peers heard with another (config-mismatch).
+        "definition": member.definition.mine,
+        "definition_differs": sorted(member.definition.differing),
         "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
                 for vm, rec in sorted(state.vms.items())},
         "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced,

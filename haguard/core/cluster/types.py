@@ -120,6 +120,7 @@ class Heartbeat:
     confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     # The timeout its watchdog device confirmed, in ms (0: none, or not confirmed).
     watchdog_ms: int = 0
+    definition: str = ""                        # the sender's cluster definition (definition.py)
     # Numbers the sender's heartbeats within its incarnation: a heartbeat relayed by several
     # paths is one heartbeat.  Not part of its content (equal heartbeats say the same).
     seq: int = field(default=0, compare=False)
@@ -134,6 +135,7 @@ class VoteRequest:
     # The coordinator the sender followed handed over to it (a clean stop): voters grant
     # although that coordinator's lease still holds.
     handover: bool = False
+    definition: str = ""                        # the sender's cluster definition (definition.py)
 
 
 @dataclass(frozen=True, kw_only=True)

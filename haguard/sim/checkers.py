@@ -26,7 +26,16 @@ from typing import Protocol
 
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.state import ClusterState, StateKey
-from haguard.core.cluster.types import Ack, FenceHost, Message, MigrateVm, Proposal, StartVm, VoteGranted
+from haguard.core.cluster.types import (
+    Ack,
+    FenceHost,
+    Message,
+    MigrateVm,
+    Proposal,
+    StartVm,
+    StatePart,
+    VoteGranted,
+)
 from haguard.errors import HaguardError
 
 # ---- what the checker reads of the world (read-only, so the world's own types fit) ----------
@@ -113,8 +122,9 @@ class Checker:
                 self.acks.setdefault(key, set()).add(sender)
             case VoteGranted(sender=sender, term=term, to=candidate):
                 self.grants.setdefault(term, {candidate}).add(sender)
-            case Proposal(sender=sender, term=term, state=state):
-                self.acks.setdefault(state.key, set()).add(sender)
+            case Proposal(sender=sender, term=term, state=ClusterState(key=key)) | StatePart(
+                    sender=sender, term=term, key=key):
+                self.acks.setdefault(key, set()).add(sender)
                 first = self.coordinators.setdefault(term, sender)
                 if first != sender:
                     raise Violation(3, f"two coordinators in term {term}: {first} and {sender}", now)

@@ -16,12 +16,15 @@ pings from that side.
 from __future__ import annotations
 
 import heapq
+import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from haguard.core import wire
 from haguard.core.alerts import RaiseAlert
+from haguard.core.cluster import codec
 from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import VmSpec
 from haguard.core.cluster.quorum import Quorum
@@ -58,6 +61,12 @@ from haguard.sim.faults import Fault, Schedule
 
 AgentFactory = Callable[..., ClusterMember]
 
+
+# An envelope's bytes around its body, at their largest: 63-character cluster and host
+# names, 19-digit numbers (core/wire.py).
+ENVELOPE_BYTES = len(wire.encode(wire.Envelope(cluster="c" * 63, host="h" * 63, incarnation=2**63 - 1,
+                                               seq=2**63 - 1, kind="direct", sent_ms=2**63 - 1,
+                                               body={"msg": {}}), b"k" * 32)) - len('{}')
 
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:
@@ -147,6 +156,7 @@ class World:
         self.migration_mode = "ok"
         self._fifo: dict[tuple[str, str], int] = {}
         self.alerts: list[tuple[int, str, RaiseAlert]] = []
+        self.oversize: list[tuple[int, str, str]] = []         # (at, host, message type) not sent
         self.fences: list[tuple[int, str, str]] = []           # (at, by, host)
         self.starts: list[tuple[int, str, str]] = []           # (at, host, vm)
         self.migrations_done: list[tuple[int, str, str, str]] = []
@@ -217,7 +227,23 @@ class World:
     def _connected(self, host: SimHost) -> bool:
         return self.broker_up and host.broker_link and host.powered
 
+    def _on_the_wire(self, src: SimHost, msg: Message) -> Message | None:
+        """`msg` as a peer gets it: through the real codec both ways (executor.py, core/host.py),
+        and None when its envelope would be over the wire's size limit (the transport drops it
+        and counts it).  The envelope's own bytes are taken at their largest, not signed and
+        parsed for every message: that would make the simulator five times slower."""
+        data = codec.to_data(msg)
+        size = len(json.dumps(data, sort_keys=True, separators=(",", ":"))) + ENVELOPE_BYTES
+        if size > wire.MAX_MESSAGE_BYTES:
+            self.oversize.append((self.now, src.name, type(msg).__name__))
+            return None
+        return codec.from_data(data)
+
     def _publish(self, src: SimHost, msg: Message) -> None:
+        sent = self._on_the_wire(src, msg)
+        if sent is None:
+            return
+        msg = sent
         self.checker.published(msg, self.now)
         if not self._connected(src):
             return

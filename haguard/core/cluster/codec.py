@@ -29,13 +29,14 @@ from haguard.core.cluster.types import (
     Heartbeat,
     Message,
     Proposal,
+    StatePart,
     VoteGranted,
     VoteRequest,
 )
 from haguard.core.errors import HaguardError
 
 MESSAGE_TYPES: dict[str, type[Any]] = {t.__name__: t for t in (Heartbeat, VoteRequest, VoteGranted,
-                                                                Proposal, Ack, Digest, Handover)}
+                                                                Proposal, StatePart, Ack, Digest, Handover)}
 MAX_DEPTH = 12
 MAX_UNKNOWN_FIELDS = 8
 _FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}\Z")
@@ -77,9 +78,23 @@ def load(tp: type[Any], data: object, what: str) -> Any:
 
 # ---- encoding ---------------------------------------------------------------------------
 
+_SCALARS = (type(None), bool, int, str)
+_FIELDS: dict[type[Any], tuple[str, ...]] = {}
+
+
+def _field_names(cls: type[Any]) -> tuple[str, ...]:
+    names = _FIELDS.get(cls)
+    if names is None:
+        names = _FIELDS[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def _encode(value: object) -> object:
+    # Scalars first: most values are (every message of the simulator goes through here).
+    if type(value) in _SCALARS:
+        return value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {name: _encode(getattr(value, name)) for name in _field_names(type(value))}
     if isinstance(value, frozenset | set):
         items = [_encode(v) for v in value]
         return sorted(items, key=repr)
@@ -103,11 +118,21 @@ def _hints(cls: type[Any]) -> dict[str, Any]:
     return hints
 
 
+_FIELD_MAPS: dict[type[Any], dict[str, dataclasses.Field[Any]]] = {}
+
+
+def _field_map(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    fields = _FIELD_MAPS.get(cls)
+    if fields is None:
+        fields = _FIELD_MAPS[cls] = {f.name: f for f in dataclasses.fields(cls)}
+    return fields
+
+
 def _decode_dataclass(cls: type[Any], data: object, path: str, depth: int) -> object:
     if not isinstance(data, dict):
         raise CodecError(f"{path}: not an object")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(data) - set(fields)
+    fields = _field_map(cls)
+    unknown = data.keys() - fields.keys()
     if unknown:
         # A field added by a newer release, during a rolling upgrade: ignored (this agent
         # decides as its own version does).  Anything that does not look like one is refused.
@@ -126,6 +151,8 @@ def _decode_dataclass(cls: type[Any], data: object, path: str, depth: int) -> ob
 
 
 def _decode(tp: Any, value: object, path: str, depth: int) -> object:
+    if tp is int or tp is str or tp is bool:        # the common case, before the general one
+        return _decode_scalar(tp, value, path)
     if depth > MAX_DEPTH:
         raise CodecError(f"{path}: nested too deep")
     origin = get_origin(tp)

@@ -5,8 +5,10 @@ that commits everything committed before).  Then, while no proposal is in flight
 the followers have had the time to report to it, it plans (coordinator.py) from the
 committed state and the hosts it hears; each new state is proposed, broadcast while in
 flight, and sent alone to any host whose heartbeat, sent well after the last change,
-shows it behind.  A dead host counts as dead only when a quorum agrees: this host and
-fresh reporters that neither hear nor reach it.
+shows it behind.  A state too large for one message goes in parts (parts.py), and a
+round of parts is sent again at most every `PARTS_EVERY_MS`.  A dead host counts as
+dead only when a quorum agrees: this host and fresh reporters that neither hear nor
+reach it.
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ from typing import TYPE_CHECKING
 
 from haguard.core.cluster.acks import AckBook
 from haguard.core.cluster.coordinator import Coordinator, HostView
+from haguard.core.cluster.parts import fits, split
 from haguard.core.cluster.state import Proposer
 from haguard.core.cluster.types import Ack, ClusterOutput, Proposal
 from haguard.core.detector import PeerState
 
 if TYPE_CHECKING:
     from haguard.core.cluster.member import ClusterMember
+
+PARTS_EVERY_MS = 1000
 
 
 class Duty:
@@ -37,6 +42,7 @@ class Duty:
         self.changed_ms = -10**9                        # last proposal or commit
         self.since_ms = m.now_ms
         self.last_proposal_ms = -10**9                  # announce at once
+        self._fit: tuple[tuple[object, ...], bool] = ((), True)     # the last size check
 
     def acked(self, message: Ack) -> None:
         if self.proposer.ack(message.sender, message.accepted):
@@ -63,15 +69,33 @@ class Duty:
             self.changed_ms = now
         return out + self._broadcast(now) + self._catch_up(now)
 
+    def _whole(self, to: str | None = None, confirmed: dict[str, tuple[int, int]] | None = None) -> Proposal:
+        m = self.m
+        return Proposal(sender=m.me, term=m.election.term, state=self.proposer.proposal,
+                        committed=self.proposer.committed, to=to, confirmed=confirmed or {})
+
+    def _fits(self, proposal: Proposal) -> bool:
+        """Whether the whole proposal fits one message (measured once per pair of states)."""
+        ident = (proposal.state.key, proposal.committed.key)
+        if self._fit[0] != ident:
+            self._fit = (ident, fits(proposal))
+        return self._fit[1]
+
     def _broadcast(self, now: int) -> list[ClusterOutput]:
         """While in flight (and once more when it was committed at once, alone)."""
         m = self.m
+        whole = self._whole()
+        small = self._fits(whole)
+        every = m.config.timing.heartbeat_ms if small else max(m.config.timing.heartbeat_ms, PARTS_EVERY_MS)
         if not ((self.proposer.in_flight or self.last_proposal_ms == -10**9)
-                and now - self.last_proposal_ms >= m.config.timing.heartbeat_ms):
+                and now - self.last_proposal_ms >= every):
             return []
         self.last_proposal_ms = self.changed_ms = now
-        return [m.send(Proposal(sender=m.me, term=m.election.term, state=self.proposer.proposal,
-                                committed=self.proposer.committed))]
+        if small:
+            return [m.send(whole)]
+        committed = self.proposer.committed
+        return [m.send(p) for p in split(sender=m.me, term=m.election.term, base=committed,
+                                         state=self.proposer.proposal, committed=committed.key)]
 
     def _catch_up(self, now: int) -> list[ClusterOutput]:
         """A host whose heartbeat, sent well after the last change, shows it behind: the state to
@@ -86,9 +110,14 @@ class Duty:
                     and now - self.caught_up.get(host, -10**9) >= grace):
                 self.caught_up[host] = now
                 seen = self.acks.seen.get(host)
-                out.append(m.send(Proposal(sender=m.me, term=m.election.term, state=proposal,
-                                           committed=committed, to=host,
-                                           confirmed={host: seen} if seen is not None else {})))
+                confirmed = {host: seen} if seen is not None else {}
+                whole = self._whole(to=host, confirmed=confirmed)
+                if self._fits(whole):
+                    out.append(m.send(whole))
+                else:
+                    parts = split(sender=m.me, term=m.election.term, base=None, state=proposal,
+                                  committed=committed.key, to=host, confirmed=confirmed)
+                    out += [m.send(p) for p in parts]
         return out
 
     def host_views(self, now: int) -> dict[str, HostView]:

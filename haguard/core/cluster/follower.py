@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING
 
 from haguard.core.cluster.acks import ReadIndex
 from haguard.core.cluster.election import Role
-from haguard.core.cluster.types import Ack, ClusterOutput, Heartbeat, Proposal, Send
+from haguard.core.cluster.parts import PartsInbox, apply
+from haguard.core.cluster.state import ClusterState, StateKey
+from haguard.core.cluster.types import WHOLE, Ack, ClusterOutput, Heartbeat, Proposal, Send, StatePart
 
 if TYPE_CHECKING:
     from haguard.core.cluster.member import ClusterMember
@@ -24,6 +26,7 @@ class Follower:
     def __init__(self, member: ClusterMember) -> None:
         self.m = member
         self.read_index = ReadIndex(member.incarnation)
+        self.inbox = PartsInbox()
 
     def follow(self, coordinator: str, term: int) -> bool:
         """Renew the lease of `coordinator`; False when it is not the one to follow."""
@@ -51,6 +54,37 @@ class Follower:
         if m.accepted.key != p.state.key:
             return []
         return [self._ack(p.sender, p.term)]
+
+    def state_part(self, p: StatePart) -> list[ClusterOutput]:
+        """One part of a large proposal or catch-up (parts.py): applied with the others once all
+        are here and its base is one this host holds; acked like a proposal."""
+        m = self.m
+        if p.to not in (None, m.me) or not self.follow(p.sender, p.term):
+            return []
+        self.read_index.confirm(p.confirmed.get(m.me), p.key, p.committed)
+        self._committed_is(p.committed)
+        if p.key > m.accepted.key:
+            done = self.inbox.add(p)
+            base = None if done is None else self._base(p.base)
+            if done is None or base is None:
+                return []
+            m.accepted = apply(base, done)
+            self._committed_is(p.committed)
+            return [self._ack(p.sender, p.term)]
+        if m.accepted.key == p.key and p.part == 0:
+            return [self._ack(p.sender, p.term)]      # once per round of parts, not per part
+        return []
+
+    def _base(self, key: StateKey) -> ClusterState | None:
+        m = self.m
+        if key == WHOLE:
+            return ClusterState()
+        return next((s for s in (m.accepted, m.committed) if s.key == key), None)
+
+    def _committed_is(self, key: StateKey) -> None:
+        """The coordinator's committed key: the state accepted here under it is committed."""
+        if key == self.m.accepted.key:
+            self.m.take_committed(self.m.accepted)
 
     def coordinator_beat(self, beat: Heartbeat) -> list[ClusterOutput]:
         """A coordinator's heartbeat: its lease, its confirmations, its committed key."""

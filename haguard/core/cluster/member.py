@@ -69,6 +69,7 @@ from haguard.core.cluster.types import (
     Proposal,
     RelayEntry,
     Send,
+    StatePart,
     StopPettingWatchdog,
     StopRequested,
     VoteGranted,
@@ -224,6 +225,8 @@ class ClusterMember:
                 return []
             case Proposal():
                 return self.follower.proposal(message)
+            case StatePart():
+                return self.follower.state_part(message)
             case Digest():
                 return self._digest(message) if message.to == self.me else []
             case Handover():

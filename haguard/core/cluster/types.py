@@ -13,7 +13,7 @@ from typing import Literal
 
 from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
-from haguard.core.cluster.state import ClusterState, StateKey
+from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, StateKey, VmRecord
 from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
 
 IsolationPolicy = Literal["keep", "shutdown", "self-fence"]
@@ -167,6 +167,31 @@ class Proposal:
     to: str | None = None                       # None: to all; a host: a catch-up for it alone
 
 
+# The base of a whole state sent in parts (a catch-up): applied to an empty state.
+WHOLE: StateKey = (-1, -1)
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatePart:
+    """One part of a state too large for one `Proposal` (parts.py): the records that change
+    from the state keyed `base` (WHOLE: from nothing) to the state keyed `key`.  A record
+    set to None is removed."""
+
+    sender: str
+    term: int
+    key: StateKey
+    base: StateKey
+    part: int                                   # 0 .. parts - 1
+    parts: int
+    committed: StateKey                         # the coordinator's committed key
+    vms: Mapping[str, VmRecord | None] = field(default_factory=dict)
+    hosts: Mapping[str, HostRecord] = field(default_factory=dict)
+    migrations: Mapping[str, MigrationRecord | None] = field(default_factory=dict)
+    kills: Mapping[str, str | None] = field(default_factory=dict)
+    confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    to: str | None = None
+
+
 @dataclass(frozen=True, kw_only=True)
 class Ack:
     sender: str
@@ -205,7 +230,7 @@ class Digest:
     to: str
 
 
-Message = Heartbeat | VoteRequest | VoteGranted | Proposal | Ack | Digest | Handover
+Message = Heartbeat | VoteRequest | VoteGranted | Proposal | StatePart | Ack | Digest | Handover
 
 
 # ---- inputs ----------------------------------------------------------------------

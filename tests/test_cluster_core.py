@@ -647,7 +647,7 @@ def test_a_relayed_heartbeat_travels_whole_only_when_its_content_changed_or_is_d
     assert h11(digest(200, near)).beat == near, "first time: whole"
     again = digest(400, replace(near, seq=2))
     assert h11(again).beat is None and h11(again).seq == 2 and h11(again).since == 1, "same content"
-    kept = next(e for e in aggregator.relay._digests["h10"][1] if e.host == "h11")
+    kept = next(e for e in aggregator.relay._digests[("h10", 0)][1] if e.host == "h11")
     assert kept.beat == near and kept.seq == 2, "the aggregator takes the content it had"
     moved = replace(near, seq=3, vms={})
     assert h11(digest(600, moved)).beat == moved, "changed: whole again"
@@ -657,7 +657,7 @@ def test_a_relayed_heartbeat_travels_whole_only_when_its_content_changed_or_is_d
     fresh = ClusterMember(_large(parent), incarnation=1, now_ms=0)
     d = digest(800 + RELAY_REFRESH_MS + 200, replace(moved, seq=6))
     fresh.step(MessageReceived(message=d, now_ms=800 + RELAY_REFRESH_MS + 205))
-    assert "h11" not in {e.host for e in fresh.relay._digests["h10"][1]}
+    assert "h11" not in {e.host for e in fresh.relay._digests[("h10", 0)][1]}
 
 
 def test_the_coordinator_takes_relayed_heartbeats_as_heard_when_they_were() -> None:

@@ -766,3 +766,20 @@ def test_a_hundred_cluster_starts_never_stop_petting() -> None:
         world.run(8000)
         assert world.checker.all_running(), seed
         assert not world.stopped_petting, (seed, world.stopped_petting)
+
+
+@pytest.mark.timeout(120)
+def test_an_inventory_over_the_wires_limit_is_placed_and_recovered_in_parts() -> None:
+    # 2,000 VMs: a whole proposal is about 300 KB, over the 64 KiB every message must fit (the
+    # world drops what the transport would).  Placed, then a host crashes: its VMs run elsewhere.
+    vms = tuple(VmSpec(name=f"vm{i}", memory_mib=16, vcpus=1) for i in range(1, 2001))
+    sim = SimConfig(hosts=5, vms=vms, host_memory_mib=16 * 1000, host_vcpus=1000, liveness_bound_ms=40_000)
+    world = World(2, Schedule(faults=faults("12000:crash:h5"), heal_ms=10**9), sim)
+    world.run(11_000)
+    assert world.checker.all_running() and not world.oversize
+    assert "Proposal" not in world.largest and max(world.largest.values()) < 64 * 1024, world.largest
+    lost = {vm for vm, q in world.hosts["h5"].vms.items() if q == "running"}
+    assert len(lost) > 300
+    world.run(40_000)
+    assert not world.oversize and world.checker.all_running()
+    assert {vm for at, h, vm in world.starts if at > 12000} >= lost

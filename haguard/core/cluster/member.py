@@ -44,6 +44,7 @@ from haguard.core.cluster.election import Election, Role
 from haguard.core.cluster.follower import Follower
 from haguard.core.cluster.grants import LocalVms
 from haguard.core.cluster.lostvotes import LostVotes
+from haguard.core.cluster.parts import split_entries
 from haguard.core.cluster.quorate import QuorumViews, heard_by
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.relay import RelayHops, RelayLayout, relay_layout, ring_neighbours
@@ -376,20 +377,22 @@ class ClusterMember:
             to = self.election.following(now)
             entries = self.relay.news(now, self.beats, to)
             if entries is not None and to is not None:
-                out.append(self._digest_to(entries, to))
+                out += self._digests_to(entries, to)
         out += self._watchdog(now)
         out += self._local_actions(now)
         return out
 
-    def _digest_to(self, entries: tuple[RelayEntry, ...], to: str) -> Send:
-        return self.send(Digest(sender=self.me, term=self.election.term, entries=entries, to=to))
+    def _digests_to(self, entries: tuple[RelayEntry, ...], to: str) -> list[ClusterOutput]:
+        """As many digests as the wire's limit needs (parts.py)."""
+        return [self.send(Digest(sender=self.me, term=self.election.term, entries=chunk, to=to, part=i))
+                for i, chunk in enumerate(split_entries(entries))]
 
     def _send_digests(self, now: int) -> list[ClusterOutput]:
         if self.election.role is Role.COORDINATOR:
             return []
         keep = self.lag_ms + self.config.detector.dead_timeout_ms
-        return [self._digest_to(entries, to)
-                for to, entries in self.relay.digests(now, self.beats, self.election.following(now), keep)]
+        return [d for to, entries in self.relay.digests(now, self.beats, self.election.following(now), keep)
+                for d in self._digests_to(entries, to)]
 
     def _watchdog(self, now: int) -> list[ClusterOutput]:
         """Pet an armed device unless quorum has been lost for longer than a blip (selffence.py)."""
@@ -486,7 +489,7 @@ class ClusterMember:
     def _digest(self, d: Digest) -> list[ClusterOutput]:
         now = self.now_ms
         sent = now - self.config.timing.relay_transit_ms    # the digest's age counts from then
-        entries = self.relay.take(d.sender, d.entries, sent)
+        entries = self.relay.take(d.sender, d.entries, sent, d.part)
         out: list[ClusterOutput] = []
         if self.election.role is Role.COORDINATOR:
             for entry in entries:

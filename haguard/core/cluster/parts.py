@@ -11,6 +11,9 @@ nothing else), and otherwise `StatePart`s:
   them);
 - to one host that is behind (a catch-up), the whole state from nothing (`WHOLE`).
 
+A relay digest (relay.py) is cut the same way (`split_entries`): a top aggregator of
+1,000 hosts relays about 500 hosts' entries, up to 225 KB at a refresh.
+
 Each part holds at most `PART_RECORDS` records: with names of up to 63 characters a
 record encodes to at most about 240 bytes, so a part stays under 50 KiB whatever the
 state's size.  A follower collects the parts of one (key, base) and applies them once
@@ -26,7 +29,7 @@ from typing import TypeVar
 
 from haguard.core.cluster import codec
 from haguard.core.cluster.state import ClusterState, StateKey
-from haguard.core.cluster.types import WHOLE, Message, StatePart
+from haguard.core.cluster.types import WHOLE, Message, RelayEntry, StatePart
 
 PART_RECORDS = 200
 MAX_PARTS = 1000                # 200,000 records: beyond any configured cluster
@@ -43,6 +46,21 @@ def encoded_size(message: Message) -> int:
 
 def fits(message: Message) -> bool:
     return encoded_size(message) <= MESSAGE_BUDGET
+
+
+def split_entries(entries: tuple[RelayEntry, ...]) -> list[tuple[RelayEntry, ...]]:
+    """A digest's entries in chunks that each fit one message (each entry measured)."""
+    chunks: list[tuple[RelayEntry, ...]] = []
+    chunk: list[RelayEntry] = []
+    size = 0
+    for e in entries:
+        n = len(json.dumps(codec.dump(e), separators=(",", ":"))) + 1
+        if chunk and size + n > MESSAGE_BUDGET:
+            chunks.append(tuple(chunk))
+            chunk, size = [], 0
+        chunk.append(e)
+        size += n
+    return [*chunks, tuple(chunk)] if chunk else chunks
 
 
 def _changed(old: Mapping[str, T], new: Mapping[str, T]) -> dict[str, T | None]:

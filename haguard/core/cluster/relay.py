@@ -171,7 +171,8 @@ class RelayHops:
         self._children = frozenset(h for h, roles in layout.roles.items()
                                    for r in roles if r.parent == me and h != me)
         # Digests taken, per sender: (when it was sent, by our clock: see relay_transit_ms; entries).
-        self._digests: dict[str, tuple[int, tuple[RelayEntry, ...]]] = {}
+        # (sender, part) -> (received at, entries): a large digest comes in several parts.
+        self._digests: dict[tuple[str, int], tuple[int, tuple[RelayEntry, ...]]] = {}
         self._silent_sent: frozenset[str] = frozenset()     # neighbours last reported silent
         self._urgent = False                                # news for the coordinator, not yet sent
         self._own_beat: Heard | None = None
@@ -245,7 +246,7 @@ class RelayHops:
                 entries = reports
             else:
                 entries = [replace(e, relay_age_ms=e.relay_age_ms + now - at)
-                           for sender, (at, got) in sorted(self._digests.items())
+                           for (sender, _part), (at, got) in sorted(self._digests.items())
                            if sender in self._children for e in got]
                 if self._self_fed:
                     entries += reports
@@ -254,7 +255,8 @@ class RelayHops:
                 out.append((to, self._compact(entries, to, now)))
         return out
 
-    def take(self, sender: str, entries: tuple[RelayEntry, ...], sent: int) -> tuple[RelayEntry, ...]:
+    def take(self, sender: str, entries: tuple[RelayEntry, ...], sent: int,
+             part: int = 0) -> tuple[RelayEntry, ...]:
         """A digest received (`sent`: when it left its last hop): its entries with their
         heartbeats, only those of a reporter's own neighbourhood as the layout has it."""
         if not self.layout.enabled:
@@ -263,7 +265,7 @@ class RelayHops:
                      if e.reporter in self._reported_by.get(e.host, ())
                      and e.heard_age_ms >= 0 and e.relay_age_ms >= 0
                      and (whole := self._expand(e)) is not None)
-        self._digests[sender] = (sent, full)
+        self._digests[(sender, part)] = (sent, full)
         return full
 
     def _expand(self, e: RelayEntry) -> RelayEntry | None:

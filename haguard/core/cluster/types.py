@@ -228,6 +228,7 @@ class Digest:
     term: int
     entries: tuple[RelayEntry, ...]
     to: str
+    part: int = 0               # a digest over the wire's limit goes as several, each kept apart
 
 
 Message = Heartbeat | VoteRequest | VoteGranted | Proposal | StatePart | Ack | Digest | Handover

@@ -403,19 +403,19 @@ def planning(hosts: int, runs: int) -> dict[str, Any]:
 
 def main() -> int:
     ap = base_parser(__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, help="random schedules (default 10,000; quick 500)")
+    ap.add_argument("--seeds", type=int, help="random schedules (default 10,000; quick 300)")
     ap.add_argument("--relayed-seeds", type=int,
-                    help=f"random schedules on {RELAYED.hosts} hosts that relay (default 2,000; quick 100)")
+                    help=f"random schedules on {RELAYED.hosts} hosts that relay (default 2,000; quick 60)")
     ap.add_argument("--first-seed", type=int, default=1)
     ap.add_argument("--sizes", help="host counts for the gossip run (default 3,10,30,100,1000; "
                                     "quick 3,30,1000)")
     ap.add_argument("--window-ms", type=int, default=1000, help="steady-state window (simulated time)")
     ap.add_argument("--skip-schedules", action="store_true", help="experiments only")
     args = ap.parse_args()
-    seeds = args.seeds or (500 if args.quick else 10_000)
-    relayed_seeds = args.relayed_seeds or (100 if args.quick else 2_000)
+    seeds = args.seeds or (300 if args.quick else 10_000)
+    relayed_seeds = args.relayed_seeds or (60 if args.quick else 2_000)
     sizes = [int(s) for s in (args.sizes or ("3,30,1000" if args.quick else "3,10,30,100,1000")).split(",")]
-    phases = 5 if args.quick else 10
+    phases = 2 if args.quick else 10      # quick: 1,000 simulated hosts cost ~10 s a simulated second
 
     plan = planning(1000, 10 if args.quick else 30)
     detector = [detector_cost(n, 3000) for n in (3, 30, 100, 1000)]

@@ -538,6 +538,17 @@ def test_seven_hosts_relay_their_heartbeats_and_a_relayed_host_is_fenced_and_rec
         coordinator = c.cluster_view("h1").get("coordinator")
         assert coordinator in hosts, c.cluster_view("h1")
         near = ring_neighbours(list(hosts), coordinator, 4)
+        # The node layer follows the layout: a follower pings its ring neighbours and its
+        # coordinator, only the coordinator pings everyone, and no host sends node heartbeats
+        # to all (each of those grew with the square of the cluster).
+        def pinged_as_laid_out() -> bool:
+            for h in hosts:
+                want = set(hosts) if h == coordinator else ring_neighbours(list(hosts), h, 4) | {coordinator}
+                st = c.status(h) or {}
+                if set(st.get("pinged", ())) != want - {h} or st.get("node_heartbeats") is not False:
+                    return False
+            return True
+        c.wait_for("pings and node heartbeats as the layout says", pinged_as_laid_out, 10)
         victim = next(h for h in hosts if h != coordinator and h not in near and _owned_by(c, h))
         lost = _owned_by(c, victim)
         assert c.cluster_view(coordinator).get("rejected") == 0, c.cluster_view(coordinator)

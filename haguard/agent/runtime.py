@@ -89,6 +89,9 @@ log = structlog.get_logger("haguard.agent")
 QUEUE_SIZE = 4096
 TICK_S = 0.1
 STATE_EVERY_S = 5.0           # the retained "state" is information: refresh it now and then
+# Beyond a full mesh every host's state reaches every host: at 1,000 hosts a refresh every
+# 60 s is 17 messages a second each, every 5 s would be 200.
+STATE_EVERY_BOUNDED_S = 60.0
 STATUS_EVERY_S = 1.0          # the status file, when nothing changed
 SYSTEMD_STATUS_EVERY_S = 3.0
 VM_RESCAN_S = 3.0
@@ -236,6 +239,7 @@ class Agent:
                                          on_envelope=self._on_envelope, on_reject=self._on_reject,
                                          on_connection=self._on_connection)
         self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
+        self._ping_targets: frozenset[str] | None = None        # None: every peer
         self.metrics = AgentMetrics()
         for peer in self._peer_addresses(cfg):
             self.metrics.set_peer_state(peer, str(PeerState.UNKNOWN))
@@ -341,6 +345,7 @@ class Agent:
         match item:
             case _Tick():
                 outputs = self.core.tick(item.now_ms)
+                self._retarget_pings()
                 for alert in self.broker_watch.tick(item.now_ms):
                     self.alerts.raise_alert(alert)
                 if self.cluster is not None:
@@ -453,14 +458,27 @@ class Agent:
         self.side_tasks.add(task)
         task.add_done_callback(self.side_tasks.discard)
 
+    def _retarget_pings(self, *, force: bool = False) -> None:
+        """Ping only the peers the core watches (O(N) pings in a large cluster, not O(N^2))."""
+        targets = self.core.ping_targets()
+        if targets == self._ping_targets and not force:
+            return
+        self._ping_targets = targets
+        peers = self._peer_addresses(self.cfg)
+        self.pinger.set_peers(peers if targets is None else {h: a for h, a in peers.items() if h in targets})
+
     def _heartbeat(self) -> None:
         now = monotonic_ms()
         body = self.core.report(now)
-        sent = self.transport.publish("heartbeat", body)
-        if sent:
+        bounded = self.core.bounded()
+        # Beyond a full mesh the node heartbeat (a report for the status view) would reach
+        # every host: it goes only in the retained state, and more rarely.
+        sent = self.transport.connected if bounded else self.transport.publish("heartbeat", body)
+        if sent and not bounded:
             self.metrics.gossip_message("sent")
         wall = time.monotonic()
-        if sent and wall - self._last_state_s >= STATE_EVERY_S:
+        every = STATE_EVERY_BOUNDED_S if bounded else STATE_EVERY_S
+        if sent and wall - self._last_state_s >= every:
             self._last_state_s = wall
             if self.transport.publish("state", body):
                 self.metrics.gossip_message("sent")
@@ -472,6 +490,8 @@ class Agent:
             if self.cluster is not None:
                 self.cluster.status(data["cluster"])
                 data["cluster"]["rejected"] = self.cluster_rejected
+            data["pinged"] = sorted(self.pinger.peers)
+            data["node_heartbeats"] = not bounded
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected,
                         config_needs_restart=self.needs_restart)
@@ -598,6 +618,7 @@ class Agent:
             if (name in vms) != (name in self.vms):
                 self._offer(VmExpected(vm=name, should_run=self._restart_locally(name, vms)))
         self.cfg, self.vms = cfg, vms
+        self._retarget_pings(force=True)
         if probes_changed:
             self._start_prober()
         log.info("config-reloaded", peers=sorted(self._peer_addresses(cfg)),

@@ -391,15 +391,12 @@ class HostCore:
         return sorted(owned | {vm for vm, st in self.qemu.items() if counted(st) == "running"})
 
     def ping_targets(self) -> frozenset[str] | None:
-        """The peers worth pinging: in cluster mode those the membership watches (its
-        neighbours and coordinator; everyone while coordinating); None: every peer."""
+        """The peers the membership watches, the ones worth pinging; None: every peer."""
         return None if self.member is None else self.member.ping_targets()
 
     def bounded(self) -> bool:
-        """Cluster mode beyond a full mesh: node-level gossip to everyone would grow with the
-        square of the cluster, so the runtime sends none (cluster heartbeats say it all)."""
-        m = self.member
-        return m is not None and len(m.neighbours) < len(m.hosts) - 1
+        """Beyond a full mesh: no node-level gossip to everyone (it grows with N squared)."""
+        return self.member is not None and len(self.member.neighbours) < len(self.member.hosts) - 1
 
     def may_receive(self, vm: str, sender: str, generation: int) -> str | None:
         """Whether `sender` may move `vm` here now; None: yes, else why not."""

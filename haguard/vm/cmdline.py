@@ -16,6 +16,10 @@ from pathlib import Path
 from haguard.vm.definition import VmDefinition
 
 QBOOT = Path("/usr/share/qemu/qboot.rom")
+# QEMU's seccomp filter (as libvirt sets it), less what `-daemonize` needs: `spawn=deny`
+# forbids its fork and `elevateprivileges=deny` its setsid.  What stays denied: obsolete
+# system calls and changes to scheduling, priorities and CPU affinity.
+SANDBOX = "on,obsolete=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class LaunchOptions:
     # For a migration with local disks: the destination's own copies, by disk index.
     disk_paths: dict[int, Path] = field(default_factory=dict)
     qemu_binary: str | None = None
+    sandbox: bool = False                   # the binary has seccomp (launcher.sandbox_supported)
 
 
 def qemu_binary() -> str:
@@ -89,6 +94,8 @@ def qemu_argv(vm: VmDefinition, opts: LaunchOptions) -> list[str]:
         "-pidfile", str(p.pidfile),
         "-daemonize",
     ]
+    if opts.sandbox:
+        argv += ["-sandbox", SANDBOX]
     if vm.firmware == "qboot":
         argv += ["-bios", str(QBOOT)]
     elif isinstance(vm.firmware, Path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import os
 import signal
 import subprocess
@@ -20,11 +22,30 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from haguard.errors import HaguardError, VmError
-from haguard.vm.cmdline import InstancePaths, LaunchOptions, qemu_argv
+from haguard.vm.cmdline import SANDBOX, InstancePaths, LaunchOptions, qemu_argv, qemu_binary
 from haguard.vm.definition import VmDefinition
 from haguard.vm.monitor import monitor_command
 
 DEFAULT_RUN_DIR = Path("/run/haguard/vms")
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def sandbox_supported(binary: str) -> bool:
+    """Whether `binary` takes haguard's `-sandbox` (QEMU built with seccomp): asked of QEMU
+    itself once, with no machine, not inferred from its version."""
+    probe = [binary, "-sandbox", SANDBOX, "-machine", "none", "-nodefaults", "-display", "none",
+             "-no-user-config", "-S", "-qmp", "stdio"]
+    quit_ = b'{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n'
+    try:
+        done = subprocess.run(probe, input=quit_, capture_output=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("%s: cannot ask QEMU about -sandbox (%s): VMs start without it", binary, exc)
+        return False
+    if done.returncode != 0:
+        log.warning("%s refuses -sandbox %s (%s): VMs start without it", binary, SANDBOX,
+                    done.stderr.decode(errors="replace").strip()[-200:])
+    return done.returncode == 0
 
 
 def run_dir(explicit: str | Path | None = None) -> Path:
@@ -109,7 +130,8 @@ def start(vm: VmDefinition, base: Path, *, incoming: bool = False,
             raise VmError(f"VM {vm.name}: disk {path} does not exist")
     prefix = ["ip", "netns", "exec", netns] if netns else []
     argv = prefix + _systemd_scope_prefix(paths) + qemu_argv(
-        vm, LaunchOptions(paths=paths, incoming=incoming, disk_paths=disk_paths or {}))
+        vm, LaunchOptions(paths=paths, incoming=incoming, disk_paths=disk_paths or {},
+                          sandbox=sandbox_supported(qemu_binary())))
     with open(paths.log, "ab") as log:
         try:
             proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,

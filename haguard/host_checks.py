@@ -23,6 +23,15 @@ def check_fence_devices(cfg: ClusterConfig, path: Path) -> list[ConfigError]:
     for i, host in enumerate(cfg.hosts):
         if host.fence is None:
             continue
+        insecure = str(host.fence.options.get("ssl_insecure", "")).lower() in ("1", "on", "true", "yes")
+        if insecure:
+            # A fence that does not check the BMC's certificate believes whoever answers:
+            # a faked "off" lets the coordinator start the host's VMs while they still run.
+            warnings.append(ConfigError(
+                "ssl_insecure skips the BMC's certificate check, so a forged 'off' could make a VM "
+                "run twice: use ssl_secure with the BMC's CA trusted on every host",
+                file=str(path), line=line_of(path, ("hosts", i, "fence", "options", "ssl_insecure")),
+                field=f"hosts[{i}].fence.options.ssl_insecure"))
         problem = _fence_problem(host.fence)
         if problem is None:
             continue

@@ -300,6 +300,19 @@ def test_a_missing_fence_program_outside_cluster_mode_is_a_warning(tmp_path: Pat
 
 
 @pytest.mark.timeout(60)
+def test_a_fence_device_that_skips_the_certificate_check_is_warned_about(tmp_path: Path) -> None:
+    text = _ha(tmp_path, fb="{kind: command, agent: /bin/true, options: {ip: 10.0.1.2, ssl_insecure: '1'}}")
+    cfg, out = _check(tmp_path, text)
+    assert out.returncode == 0, out.stderr
+    line = _line(text, "ssl_insecure")
+    assert f"warning: {cfg}:{line}: hosts[1].fence.options.ssl_insecure: ssl_insecure skips" in out.stderr, \
+        out.stderr
+    secure = "{kind: command, agent: /bin/true, options: {ssl_secure: '1'}}"
+    _, quiet = _check(tmp_path, _ha(tmp_path, fb=secure))
+    assert quiet.returncode == 0 and "ssl_" not in quiet.stderr, quiet.stderr
+
+
+@pytest.mark.timeout(60)
 def test_fence_password_files_are_checked(tmp_path: Path) -> None:
     good = tmp_path / "fence.password"
     good.write_text("secret\n")

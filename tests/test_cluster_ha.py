@@ -19,7 +19,7 @@ import pytest
 from haguard.agent.control import control_path, request
 from haguard.lab.softdog import Faults
 from haguard.vm.definition import VmDefinition
-from tests.helpers.cluster import Cluster
+from tests.helpers.cluster import HUB_ADDR, Cluster
 from tests.helpers.ha import (
     TwiceWatch,
     WatchdogHardware,
@@ -245,6 +245,40 @@ def test_partitioned_owner_applies_its_isolation_response_and_never_runs_twice()
         assert starts and min(_wall(e) for e in starts) > max(_wall(e) for e in stops), (starts, stops)
         assert min(_wall(e) for e in starts) - cut_at >= 8
         watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_an_owner_whose_pings_go_one_way_never_runs_its_vms_twice() -> None:
+    # The owner's firewall drops incoming echo requests (a common setting) and it loses the
+    # broker.  It still pinged its peers, which could not ping it: counting ICMP towards
+    # quorum, it kept petting its watchdog while the coordinator, seeing it dead, waited out
+    # its watchdog deadline and restarted its VMs, each of which then ran twice.  Forged
+    # echo replies do the same.  Quorum evidence is now signed heartbeats straight between
+    # hosts, which show a path only when it works both ways.
+    vms = ha_vms(3)
+    with _watchdog_cluster(vms) as (hw, c, watch):
+        victim, lost = _partition_victim(c)
+        before = qemu_pids(c, victim)
+        ns = c.ns[victim]
+        c.faults += 1
+        c._in(ns, "iptables", "-A", "INPUT", "-p", "icmp", "--icmp-type", "echo-request", "-j", "DROP")
+        for chain, where in (("OUTPUT", "-d"), ("INPUT", "-s")):
+            c._in(ns, "iptables", "-A", chain, where, HUB_ADDR, "-j", "DROP")
+        c._in(ns, "ss", "-K", "dst", HUB_ADDR, check=False)
+        try:
+            deadline = time.monotonic() + 25     # well past the watchdog wait (4 s + margin + grace)
+            while time.monotonic() < deadline:
+                watch.check()
+                time.sleep(0.5)
+            watch.check()
+        finally:
+            c.clear_loss(victim)                 # its agent can then disarm its watchdog at the end
+        assert not fence_calls(c)
+        others = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        if victim in hw.reset_at:
+            assert others, "reset, and its VMs not recovered"
+        else:
+            assert not others and qemu_pids(c, victim) == before, "its VMs were started elsewhere"
 
 
 @pytest.mark.timeout(150)

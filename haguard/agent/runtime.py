@@ -35,6 +35,7 @@ import structlog
 
 from haguard.adapters import metrics as metrics_mod
 from haguard.adapters.alerts import AlertNotifier
+from haguard.adapters.directbeat import DirectBeats
 from haguard.adapters.hostprobe import HostProber
 from haguard.adapters.icmp import PeerPinger
 from haguard.adapters.metrics import AgentMetrics
@@ -240,6 +241,15 @@ class Agent:
                                          on_connection=self._on_connection)
         self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
         self._ping_targets: frozenset[str] | None = None        # None: every peer
+        # Cluster mode: signed beats straight between hosts are the evidence of reachability.
+        self.beats: DirectBeats | None = None
+        if cfg.ha.enabled:
+            t = cfg.timing
+            self.beats = DirectBeats(me=self.me, cluster=cfg.cluster, incarnation=incarnation, key=key,
+                                     address=cfg.this_host().address, port=cfg.ha.direct_port,
+                                     peers=self._peer_addresses(cfg), on_result=self._offer,
+                                     interval_ms=t.ping_interval_ms,
+                                     window_ms=2 * t.ping_interval_ms + t.ping_timeout_ms)
         self.metrics = AgentMetrics()
         for peer in self._peer_addresses(cfg):
             self.metrics.set_peer_state(peer, str(PeerState.UNKNOWN))
@@ -465,7 +475,10 @@ class Agent:
             return
         self._ping_targets = targets
         peers = self._peer_addresses(self.cfg)
-        self.pinger.set_peers(peers if targets is None else {h: a for h, a in peers.items() if h in targets})
+        wanted = peers if targets is None else {h: a for h, a in peers.items() if h in targets}
+        self.pinger.set_peers(wanted)
+        if self.beats is not None:
+            self.beats.set_targets(set(wanted))
 
     def _heartbeat(self) -> None:
         now = monotonic_ms()
@@ -491,6 +504,8 @@ class Agent:
                 self.cluster.status(data["cluster"])
                 data["cluster"]["rejected"] = self.cluster_rejected
             data["pinged"] = sorted(self.pinger.peers)
+            if self.beats is not None:
+                data["cluster"]["beats_rejected"] = self.beats.rejected
             data["node_heartbeats"] = not bounded
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected,
@@ -638,10 +653,12 @@ class Agent:
                  peers=sorted(self._peer_addresses(self.cfg)), status_file=str(self.status_file))
         self._offer(BrokerConnectionChanged(connected=False, now_ms=monotonic_ms()))
         self.tasks["core"] = asyncio.create_task(self._core(), name="core")
-        for name, factory in (("tick", self._tick_loop),
-                              ("heartbeat", self._heartbeat_loop), ("gossip", self.transport.run),
-                              ("ping", self.pinger.run), ("vm-scan", self._vm_scan_loop),
-                              ("watchdog", self.watchdog.run), ("alerts", self.alerts.run)):
+        loops = [("tick", self._tick_loop), ("heartbeat", self._heartbeat_loop),
+                 ("gossip", self.transport.run), ("ping", self.pinger.run), ("vm-scan", self._vm_scan_loop),
+                 ("watchdog", self.watchdog.run), ("alerts", self.alerts.run)]
+        if self.beats is not None:
+            loops.append(("beats", self.beats.run))
+        for name, factory in loops:
             self.tasks[name] = supervise.start(name, factory)
         self._serve_metrics()
         self._start_prober()

@@ -202,6 +202,9 @@ class HaConfig(_Strict):
     shutdown_timeout_s: StrictFloat = Field(default=600.0, gt=0)   # then the agent stops anyway
     # The broker's typical one-way delay: relayed heartbeats (more than 5 hosts) are dated with it.
     relay_transit_ms: StrictInt = Field(default=0, ge=0, le=1000)
+    # UDP port of the signed beats between hosts (adapters/directbeat.py), on each host's
+    # address; read at start.
+    direct_port: StrictInt = Field(default=7405, ge=1, le=65535)
 
 
 class ClusterConfig(_Strict):

@@ -102,6 +102,9 @@ class PingObserved:
     rtt_ms: float | None = None  # None when lost
     address: str = ""
     error: str = ""              # why it was lost, when known beyond "no reply"
+    # A signed beat straight from the peer that hears this host (adapters/directbeat.py), not
+    # an ICMP echo: only that is evidence in cluster mode.
+    signed: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +145,9 @@ class _Peer:
     graceful: bool = False
     last_ping_ok_ms: int | None = None
     failed_pings: int = 0                # since the last reply
+    # Its signed beat said it hears this host (adapters/directbeat.py): its agent runs and the
+    # path works both ways.  An echo reply proves only that some host answered.
+    last_beat_ok_ms: int | None = None
     rtt_ms: float | None = None
     reached_by: dict[str, int] = field(default_factory=dict)   # reporter -> when
     known_ms: int = 0                    # when this agent started watching it
@@ -195,6 +201,11 @@ class FailureDetector:
                 peer = self._peers.get(event.host)
                 if peer is not None and event.incarnation >= peer.incarnation:
                     peer.offline_ms, peer.graceful = event.now_ms, event.graceful
+                touched = [event.host]
+            case PingObserved(signed=True):
+                peer = self._peers.get(event.host)
+                if peer is not None and event.ok:
+                    peer.last_beat_ok_ms = self._last_any_ping_ok_ms = event.now_ms
                 touched = [event.host]
             case PingObserved():
                 peer = self._peers.get(event.host)
@@ -305,7 +316,9 @@ class FailureDetector:
                 and silent <= t.suspect_timeout_ms + self._lag(host, p, now)):
             return PeerState.ALIVE, "gossip fresh"
         pinged_at = p.last_ping_ok_ms
-        answers = pinged_at is not None and now - pinged_at <= t.dead_timeout_ms
+        beat_at = p.last_beat_ok_ms
+        answers = ((pinged_at is not None and now - pinged_at <= t.dead_timeout_ms)
+                   or (beat_at is not None and now - beat_at <= t.dead_timeout_ms))
         if not self._broker:
             if answers:
                 return (PeerState.UNREACHABLE,
@@ -379,6 +392,13 @@ class FailureDetector:
         """How late this agent's news of `host` may be (relayed gossip), 0 for direct."""
         peer = self._peers.get(host)
         return self._lag(host, peer, now_ms) if peer is not None else 0
+
+    def beat_reaches(self, now_ms: int) -> frozenset[str]:
+        """Peers whose signed beat lately said they hear this host: quorum evidence without
+        the broker (an echo reply is none: see PingObserved.signed)."""
+        t = self.timing.suspect_timeout_ms
+        return frozenset(h for h, p in self._peers.items()
+                         if p.last_beat_ok_ms is not None and now_ms - p.last_beat_ok_ms <= t)
 
     def reaches(self, now_ms: int) -> frozenset[str]:
         t = self.timing.suspect_timeout_ms

@@ -11,9 +11,10 @@ the cluster membership the same way.  Rules that belong to the host as a whole:
   status view; a cluster message is decoded here and taken only when its signer is its
   sender, it is addressed to this host or to all, and it came on the matching topic kind:
   anything else is `MessageRejected`, counted and never acted on.
-- one detector: without a cluster, it watches every peer from their reports; in cluster
-  mode it is the membership's (ring neighbours and the coordinator, everyone when
-  coordinating), fed by cluster messages only, as in the simulator.
+- one detector: without a cluster, it watches every peer from their reports and pings; in
+  cluster mode it is the membership's (ring neighbours and the coordinator, everyone when
+  coordinating), fed by cluster messages, pings and signed direct beats; only the beats
+  count towards quorum without the broker (detector.py, quorate.py).
 - the local QEMUs as the cluster counts them: `inmigrate` and `postmigrate` (and
   `finish-migrate`) are copies that do not run the guest; any other state holds it
   (the safe side).  A QEMU gone while not being stopped or moved is a crash.  They are
@@ -157,9 +158,9 @@ class HostCore:
             case BrokerConnectionChanged():
                 return self._evidence(event)
             case PingObserved():
-                if self.peers.known(event.host):
-                    self.pings.record(event)
-                elif self.member is None:
+                if self.peers.known(event.host) and not event.signed:
+                    self.pings.record(event)            # round trips, for the status view
+                if self.member is None and not self.peers.known(event.host):
                     return []
                 return self._evidence(event)
             case QemuStateObserved(vm=vm, status=status):
@@ -401,10 +402,9 @@ class HostCore:
     def may_receive(self, vm: str, sender: str, generation: int) -> str | None:
         """Whether `sender` may move `vm` here now; None: yes, else why not."""
         if self.member is not None:
+            move = (sender, self.me, generation)
             for state in (self.member.committed, self.member.accepted):
-                mig = state.migrations.get(vm)
-                if mig is not None and (mig.source, mig.target, mig.generation) == (sender, self.me,
-                                                                                      generation):
+                if (m := state.migrations.get(vm)) is not None and (m.source, m.target, m.generation) == move:
                     return None
         return f"no move of {vm} from {sender} to {self.me} (generation {generation}) in the cluster state"
 

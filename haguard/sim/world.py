@@ -219,6 +219,11 @@ class World:
                 ok = dst.powered and not {(src.name, dst.name), (dst.name, src.name)} & self.cuts
                 self._feed(src, PingObserved(host=dst.name, ok=ok, now_ms=self.now,
                                              rtt_ms=1.0 if ok else None))
+                # The signed beat (adapters/directbeat.py): the peer's agent runs, sends to this
+                # host (it watches it too) and says it hears it.  An echo reply needs no agent.
+                beat = ok and dst.agent is not None and src.name in dst.agent.ping_targets()
+                if src.agent is not None:
+                    self._feed(src, PingObserved(host=dst.name, ok=beat, now_ms=self.now, signed=True))
                 if src.agent is None:
                     break
         self._at(self.now + self.sim.ping_interval_ms, "ping", None)

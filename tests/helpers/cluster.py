@@ -249,10 +249,11 @@ class Cluster:
     # ---- tear-down -----------------------------------------------------------------------
 
     def close(self) -> None:
-        for proc in self.procs.values():
+        # Copies: a watchdog stand-in that fires meanwhile may reset a host (another thread).
+        for proc in list(self.procs.values()):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
+        for proc in list(self.procs.values()):
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

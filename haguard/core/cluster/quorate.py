@@ -5,7 +5,9 @@
   their vote (they are not sending to it yet); a follower also holds quorum while it is
   mutual with a coordinator of its term whose heartbeat says the coordinator holds one.
   Decisions need this kind (votes and acks travel through the broker).
-- connected quorum: the above, or peers that answer ping.  Keeps the watchdog petted.
+- connected quorum: the above, or peers whose signed direct beat says they hear this host
+  (never a bare echo reply: one that goes one way, or is forged, would keep an isolated host
+  petting while the others recover its VMs).  Keeps the watchdog petted.
 - standing: may stand for election: broker quorum, or (a large cluster, where nobody hears
   a majority before a coordinator exists) mutual with a majority of its own neighbourhood.
 
@@ -86,7 +88,7 @@ class QuorumViews:
         cached = self._cached("connected", now_ms)
         if cached is None:
             cached = self._cache["connected"] = self.m.quorum.reached(
-                self.mutual_peers(now_ms) | self.m.detector.reaches(now_ms) | {self.m.me})
+                self.mutual_peers(now_ms) | self.m.detector.beat_reaches(now_ms) | {self.m.me})
         return bool(cached)
 
     def standing_quorate(self, now_ms: int) -> bool:

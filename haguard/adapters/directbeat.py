@@ -23,7 +23,9 @@ and replay guard, which the broker path already uses.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -78,8 +80,21 @@ class DirectBeats:
         coordinates).  Beats of any configured peer are still taken."""
         self.targets = set(targets) & set(self.peers)
 
-    async def run(self) -> None:
+    async def _resolved(self) -> None:
+        """Peers given by name get their address once (the source check compares addresses)."""
         loop = asyncio.get_running_loop()
+        for peer, address in list(self.peers.items()):
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                infos = await loop.getaddrinfo(address, self.port, type=socket.SOCK_DGRAM)
+                self.peers[peer] = str(infos[0][4][0])
+
+    async def run(self) -> None:
+        """Beat every interval until cancelled.  Each host binds its own address: hosts that
+        share one (a lab of several agents on loopback) cannot all bind the port."""
+        loop = asyncio.get_running_loop()
+        await self._resolved()
         transport, _ = await loop.create_datagram_endpoint(lambda: _Endpoint(self._take),
                                                            local_addr=(self.address, self.port))
         try:

@@ -31,7 +31,6 @@ class LostVotes:
     def __init__(self, *, lost: bool, now_ms: int, window_ms: int) -> None:
         self.until_ms: int | None = now_ms + window_ms if lost else None
         self.floor_key: StateKey = (0, 0)     # candidates older than this are refused
-        self.abstained = lost                 # for the status and the log
 
     def abstaining(self) -> bool:
         return self.until_ms is not None

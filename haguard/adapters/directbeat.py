@@ -6,8 +6,8 @@ path works both ways.  A host whose firewall drops incoming echo requests still 
 replies to its own, so it counted peers that could not reach it: cut from the broker, it
 kept petting its watchdog while the coordinator, seeing it dead, waited out its deadline
 and restarted its VMs, which then ran twice (tests/test_cluster_ha.py).  Forged replies do
-the same.  ICMP still measures round-trip times for the status view, and is the evidence
-outside cluster mode.
+the same.  Echo replies still keep a peer from being declared dead (the host answers them
+when only its agent crashed) and measure round trips for the status view.
 
 Every ping interval this host sends each peer it watches one datagram: a signed envelope
 (core/wire.py, the cluster key, kind `beat`) whose body names the addressee and says

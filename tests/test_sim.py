@@ -536,10 +536,26 @@ def test_a_broker_outage_in_a_large_cluster_with_fence_devices_resets_nobody() -
 
 
 @pytest.mark.timeout(60)
-def test_a_broker_outage_in_a_large_cluster_without_fence_devices_resets_the_hosts_never_twice() -> None:
-    # Without fence devices the watchdog is the fence: past the grace, every host with VMs
-    # stops petting and is reset (docs/failure-modes.md); once the broker is back, all run again.
+def test_a_broker_outage_without_fence_devices_resets_nobody_within_the_direct_mesh() -> None:
+    # Without fence devices the watchdog is the fence.  12 hosts beat each other directly
+    # (signed UDP, `direct_mesh`): each still shows a majority, so none stops petting, and
+    # with no broker nothing is decided.  Before, every host with VMs was reset.
     sim = replace(_large(12, fanout=2), fence_devices=False)
+    world = World(5, Schedule(faults=faults("7000:broker-down", "127000:broker-up"), heal_ms=127000), sim)
+    world.run(6900)
+    assert world.checker.all_running()
+    running = owners(world)
+    world.run(127000 + sim.liveness_bound_ms)
+    assert not world.stopped_petting and not world.power_offs and not world.fences
+    assert not [s for s in world.starts if s[0] > 6900] and owners(world) == running
+
+
+@pytest.mark.timeout(60)
+def test_a_broker_outage_beyond_the_direct_mesh_resets_the_hosts_never_twice() -> None:
+    # Beyond `direct_mesh` beats go to the watched hosts only, fewer than a majority: past
+    # the grace, every host with VMs stops petting and is reset (docs/failure-modes.md); once
+    # the broker is back, all run again, none twice.
+    sim = replace(_large(12, fanout=2), fence_devices=False, direct_mesh=6)
     world = World(5, Schedule(faults=faults("7000:broker-down", "17000:broker-up"), heal_ms=17000), sim)
     world.run(6900)
     assert world.checker.all_running()

@@ -66,7 +66,8 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
         limits=PlacementLimits(memory_overcommit=ha.memory_overcommit, vcpu_overcommit=ha.vcpu_overcommit,
                                max_migrations_per_host=ha.max_migrations_per_host,
                                max_migrations_cluster=ha.max_migrations),
-        isolation=ha.isolation, watchdog_arm=ha.watchdog.arm if ha.watchdog is not None else "never")
+        isolation=ha.isolation, watchdog_arm=ha.watchdog.arm if ha.watchdog is not None else "never",
+        direct_mesh=ha.direct_mesh)
 
 
 def watchdog_armed_here(cfg: ClusterConfig) -> bool:

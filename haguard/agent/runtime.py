@@ -240,7 +240,7 @@ class Agent:
                                          on_envelope=self._on_envelope, on_reject=self._on_reject,
                                          on_connection=self._on_connection)
         self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
-        self._ping_targets: frozenset[str] | None = None        # None: every peer
+        self._targets: tuple[frozenset[str] | None, frozenset[str] | None] = (None, None)
         # Cluster mode: signed beats straight between hosts are the evidence of reachability.
         self.beats: DirectBeats | None = None
         if cfg.ha.enabled:
@@ -469,16 +469,17 @@ class Agent:
         task.add_done_callback(self.side_tasks.discard)
 
     def _retarget_pings(self, *, force: bool = False) -> None:
-        """Ping only the peers the core watches (O(N) pings in a large cluster, not O(N^2))."""
-        targets = self.core.ping_targets()
-        if targets == self._ping_targets and not force:
+        """Ping the peers the core watches (O(N) pings in a large cluster, not O(N^2)) and
+        send signed beats to the ones it asks for (every host up to `direct_mesh`)."""
+        targets = self.core.targets()
+        if targets == self._targets and not force:
             return
-        self._ping_targets = targets
+        self._targets = targets
         peers = self._peer_addresses(self.cfg)
-        wanted = peers if targets is None else {h: a for h, a in peers.items() if h in targets}
-        self.pinger.set_peers(wanted)
+        pinged, beaten = targets
+        self.pinger.set_peers(peers if pinged is None else {h: a for h, a in peers.items() if h in pinged})
         if self.beats is not None:
-            self.beats.set_targets(set(wanted))
+            self.beats.set_targets(set(peers) if beaten is None else set(beaten))
 
     def _heartbeat(self) -> None:
         now = monotonic_ms()

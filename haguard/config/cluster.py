@@ -205,6 +205,10 @@ class HaConfig(_Strict):
     # UDP port of the signed beats between hosts (adapters/directbeat.py), on each host's
     # address; read at start.
     direct_port: StrictInt = Field(default=7405, ge=1, le=65535)
+    # Up to this many hosts every host beats every other directly, so a host reaching a
+    # majority shows it without any broker (a broker outage resets nobody); beyond, beats go
+    # to the ring neighbours and the coordinator only.  Each beat is one small datagram.
+    direct_mesh: StrictInt = Field(default=64, ge=0, le=1024)
 
 
 class ClusterConfig(_Strict):

@@ -12,9 +12,8 @@ the cluster membership the same way.  Rules that belong to the host as a whole:
   sender, it is addressed to this host or to all, and it came on the matching topic kind:
   anything else is `MessageRejected`, counted and never acted on.
 - one detector: without a cluster, it watches every peer from their reports and pings; in
-  cluster mode it is the membership's (ring neighbours and the coordinator, everyone when
-  coordinating), fed by cluster messages, pings and signed direct beats; only the beats
-  count towards quorum without the broker (detector.py, quorate.py).
+  cluster mode it is the membership's, fed by cluster messages, pings and signed direct
+  beats; only the beats count towards quorum without the broker (detector.py, quorate.py).
 - the local QEMUs as the cluster counts them: `inmigrate` and `postmigrate` (and
   `finish-migrate`) are copies that do not run the guest; any other state holds it
   (the safe side).  A QEMU gone while not being stopped or moved is a crash.  They are
@@ -391,9 +390,10 @@ class HostCore:
         owned = set(self.member.committed.owned_by(self.me)) if self.member is not None else set()
         return sorted(owned | {vm for vm, st in self.qemu.items() if counted(st) == "running"})
 
-    def ping_targets(self) -> frozenset[str] | None:
-        """The peers the membership watches, the ones worth pinging; None: every peer."""
-        return None if self.member is None else self.member.ping_targets()
+    def targets(self) -> tuple[frozenset[str] | None, frozenset[str] | None]:
+        """Whom to ping (the peers the membership watches) and to send signed beats; None: all."""
+        m = self.member
+        return (None, None) if m is None else (m.ping_targets(), m.beat_targets())
 
     def bounded(self) -> bool:
         """Beyond a full mesh: no node-level gossip to everyone (it grows with N squared)."""

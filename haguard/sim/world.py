@@ -107,6 +107,7 @@ class SimConfig:
     # that ignores or clamps WDIOC_SETTIMEOUT); 0: the device cannot be opened.
     watchdog_devices: Mapping[str, int] = field(default_factory=dict)
     gossip_fanout: int = CoreConfig.gossip_fanout   # below hosts - 1: partial views (a large cluster)
+    direct_mesh: int = CoreConfig.direct_mesh       # signed beats to every host up to this size
 
 
 @dataclass
@@ -214,15 +215,19 @@ class World:
         for src in self.hosts.values():
             if src.agent is None:
                 continue
-            for name in sorted(src.agent.ping_targets()):     # the peers its core asks for
+            pinged, beaten = src.agent.ping_targets(), src.agent.beat_targets()
+            for name in sorted(pinged | beaten):                # the peers its core asks for
                 dst = self.hosts[name]
                 ok = dst.powered and not {(src.name, dst.name), (dst.name, src.name)} & self.cuts
-                self._feed(src, PingObserved(host=dst.name, ok=ok, now_ms=self.now,
-                                             rtt_ms=1.0 if ok else None))
+                if name in pinged:
+                    self._feed(src, PingObserved(host=dst.name, ok=ok, now_ms=self.now,
+                                                 rtt_ms=1.0 if ok else None))
                 # The signed beat (adapters/directbeat.py): the peer's agent runs, sends to this
-                # host (it watches it too) and says it hears it.  An echo reply needs no agent.
-                beat = ok and dst.agent is not None and src.name in dst.agent.ping_targets()
-                if src.agent is not None:
+                # host (it beats it too) and says it hears it.  An echo reply needs no agent.
+                if src.agent is None:
+                    break
+                if name in beaten:
+                    beat = ok and dst.agent is not None and src.name in dst.agent.beat_targets()
                     self._feed(src, PingObserved(host=dst.name, ok=beat, now_ms=self.now, signed=True))
                 if src.agent is None:
                     break
@@ -433,7 +438,7 @@ class World:
         return CoreConfig(me=name, hosts=self.specs, vms=self.vm_specs, timing=self.timing,
                           detector=self.sim.detector, isolation=self.sim.isolation,
                           watchdog_arm=self.sim.watchdog_arm,
-                          gossip_fanout=self.sim.gossip_fanout)
+                          gossip_fanout=self.sim.gossip_fanout, direct_mesh=self.sim.direct_mesh)
 
     def _on_watchdog_confirmed(self, payload: tuple[str, int]) -> None:
         name, incarnation = payload

@@ -172,6 +172,8 @@ class ClusterMember:
                     self.degraded = degraded
                     self._last_beat_ms = -10**9
             case PingObserved() | BrokerConnectionChanged():
+                if isinstance(event, PingObserved):
+                    self.views.observe(event)
                 out += self._detected(self.detector.step(event))
             case StopRequested():
                 out += self.campaign.hand_over(self.now_ms)
@@ -340,6 +342,9 @@ class ClusterMember:
         """The hosts this agent wants pinged: its neighbours and coordinator; everyone when coordinating."""
         return self.detector.peers
 
+    def beat_targets(self) -> frozenset[str]:
+        return self.views.beat_targets()
+
     def window(self, peer: str) -> int:
         """How long a peer's latest heartbeat counts: relayed ones may be `lag_ms` late."""
         t = self.config.timing.quorum_timeout_ms
@@ -431,7 +436,8 @@ class ClusterMember:
         self.moves = {(vm, target): at for (vm, target), at in self.moves.items()
                       if now - at <= MOVE_REQUEST_MS and self.committed.vms.get(vm) is not None
                       and self.committed.vms[vm].owner != target}
-        hears, reaches = self.detector.hears(now), self.detector.reaches(now)
+        hears = self.detector.hears(now)
+        reaches = self.detector.reaches(now) | self.views.direct_reaches(now)
         coordinating = self.election.role is Role.COORDINATOR
         unheard = None
         if coordinating:                        # a summary instead of a list of every host

@@ -7,7 +7,10 @@
   Decisions need this kind (votes and acks travel through the broker).
 - connected quorum: the above, or peers whose signed direct beat says they hear this host
   (never a bare echo reply: one that goes one way, or is forged, would keep an isolated host
-  petting while the others recover its VMs).  Keeps the watchdog petted.
+  petting while the others recover its VMs).  Keeps the watchdog petted.  Beats go to every
+  host up to `direct_mesh` hosts, so a host reaching a majority shows it with no broker;
+  its heartbeat lists them (`reaches`), so a coordinator holding a majority hears of it
+  from a host both majorities share and never declares it dead.
 - standing: may stand for election: broker quorum, or (a large cluster, where nobody hears
   a majority before a coordinator exists) mutual with a majority of its own neighbourhood.
 
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING
 from haguard.core.cluster.election import Role
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.types import Heartbeat
+from haguard.core.detector import PingObserved
 
 if TYPE_CHECKING:
     from haguard.core.cluster.member import ClusterMember
@@ -41,6 +45,22 @@ class QuorumViews:
         self._local_quorum = Quorum({h: c.hosts[h].weight for h in member.neighbours | {member.me}})
         self._cache_key: tuple[object, ...] = ()
         self._cache: dict[str, object] = {}
+        self._direct: dict[str, int] = {}           # host -> its latest signed beat that hears us
+        everyone = frozenset(h for h in c.hosts if h != member.me)
+        self._mesh = everyone if len(c.hosts) <= c.direct_mesh else None
+
+    def beat_targets(self) -> frozenset[str]:
+        """Whom this host sends signed beats: everyone in a mesh, else the hosts it watches."""
+        return self._mesh if self._mesh is not None else self.m.detector.peers
+
+    def observe(self, event: PingObserved) -> None:
+        if event.signed and event.ok and event.host in self.m.config.hosts and event.host != self.m.me:
+            self._direct[event.host] = event.now_ms
+
+    def direct_reaches(self, now_ms: int) -> frozenset[str]:
+        """Hosts whose signed beat lately said they hear this one (watched or not)."""
+        t = self.m.config.detector.suspect_timeout_ms
+        return frozenset(h for h, at in self._direct.items() if now_ms - at <= t)
 
     def _cached(self, name: str, now_ms: int) -> object | None:
         """A view computed since the last fact at this instant."""
@@ -88,7 +108,7 @@ class QuorumViews:
         cached = self._cached("connected", now_ms)
         if cached is None:
             cached = self._cache["connected"] = self.m.quorum.reached(
-                self.mutual_peers(now_ms) | self.m.detector.beat_reaches(now_ms) | {self.m.me})
+                self.mutual_peers(now_ms) | self.direct_reaches(now_ms) | {self.m.me})
         return bool(cached)
 
     def standing_quorate(self, now_ms: int) -> bool:

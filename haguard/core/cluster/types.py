@@ -79,6 +79,9 @@ class CoreConfig:
     # A larger cluster relays the heartbeats to the coordinator in digests: each aggregator
     # takes the digests of at most this many hosts (relay.py).
     relay_fanin: int = 4
+    # Signed direct beats go to every host in a cluster of at most this many hosts (else to
+    # the watched ones only): a host then shows a majority without the broker (quorate.py).
+    direct_mesh: int = 64
 
 
 # ---- messages --------------------------------------------------------------------

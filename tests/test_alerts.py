@@ -23,6 +23,7 @@ from haguard.core.alerts import (
     PRIORITY,
     AlertKind,
     AlertTracker,
+    BrokerLinksWatch,
     BrokerWatch,
     Severity,
     alert_key,
@@ -155,6 +156,27 @@ def test_broker_watch_fires_after_the_grace_and_resolves() -> None:
     [up] = w.observe(True, 6000)
     assert up.resolved
     assert w.observe(False, 7000) == [] and w.observe(True, 7500) == []   # a short blip: nothing
+
+
+def test_broker_down_names_the_brokers_down_and_resolves_when_all_are_back() -> None:
+    a, b = "mqtt://198.18.1.1:1883", "mqtt://198.18.1.2:1883"
+    w = BrokerLinksWatch("h3", after_ms=1000)
+    assert w.tick({a: True, b: True}, 0) == []
+    assert w.tick({a: False, b: True}, 100) == [] and w.tick({a: False, b: True}, 1099) == []
+    [down] = w.tick({a: False, b: True}, 1100)
+    assert down.kind is AlertKind.BROKER_DOWN and not down.resolved and a in down.description
+    assert w.tick({a: False, b: True}, 5000) == []
+    assert w.tick({a: False, b: False}, 6000) == []             # b not down for long yet
+    [both] = w.tick({a: False, b: False}, 7000)
+    assert a in both.description and b in both.description and not both.resolved
+    [only_b] = w.tick({a: True, b: False}, 8000)
+    assert a not in only_b.description and b in only_b.description and not only_b.resolved
+    [up] = w.tick({a: True, b: True}, 9000)
+    assert up.kind is AlertKind.BROKER_DOWN and up.resolved
+    assert w.tick({a: False, b: True}, 9100) == [] and w.tick({a: True, b: True}, 9500) == []  # a blip
+    # One broker configured: broker-unreachable says it all.
+    single = BrokerLinksWatch("h3", after_ms=1000)
+    assert single.tick({a: False}, 0) == [] and single.tick({a: False}, 5000) == []
 
 
 def test_alertmanager_payload() -> None:

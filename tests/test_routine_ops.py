@@ -19,14 +19,16 @@ import time
 import pytest
 
 from tests.helpers.beats import BeatWatch, percentile
-from tests.helpers.cluster import HUB_ADDR, Cluster
+from tests.helpers.cluster import HUB_ADDR
 from tests.helpers.ha import (
     TwiceWatch,
     WatchdogHardware,
     all_qemu_pids,
-    fence_calls,
+    coordinator_of,
     ha_cluster,
     ha_vms,
+    no_harm,
+    rejoined,
     running_on,
     stop_agent,
     wait_placed,
@@ -42,33 +44,6 @@ def _hosts(n: int) -> tuple[str, ...]:
     return tuple(f"h{i}" for i in range(1, n + 1))
 
 
-def _coordinator(c: Cluster) -> str:
-    views = {c.cluster_view(h).get("coordinator") for h in c.procs}
-    views.discard(None)
-    assert len(views) == 1, views
-    return str(views.pop())
-
-
-def _rejoined(c: Cluster, host: str, armed: bool) -> bool:
-    view = c.cluster_view(host)
-    return (view.get("coordinator") is not None and view.get("quorum_lost_ms") == 0
-            and (not armed or view.get("watchdog") == "petting"))
-
-
-def _no_harm(c: Cluster, hw: WatchdogHardware, before: dict[str, tuple[str, int]], *,
-             quorum_kept: bool = True, steps: list[tuple[float, str]] | None = None) -> None:
-    stops = [(e["timestamp"], h, e.get("reason"))
-             for h in c.hosts for e in c.events(h, "watchdog-stop-petting")]
-    assert not stops, (sorted(stops), steps)
-    if quorum_kept:
-        lost = [(e["timestamp"], h)
-                for h in c.hosts for e in c.events(h, "alert") if e.get("alert") == "quorum-lost"]
-        assert not lost, (sorted(lost), steps)
-    assert not hw.reset_at, hw.reset_at
-    assert not fence_calls(c)
-    assert all_qemu_pids(c) == before, "a VM was restarted, moved or stopped"
-
-
 @pytest.mark.timeout(900)
 def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
     hosts = _hosts(12)
@@ -79,31 +54,31 @@ def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
         hw.attach(c)
         wait_placed(c, [v.name for v in vms], timeout_s=120)
         c.wait_for("every agent following with its watchdog petted",
-                   lambda: all(_rejoined(c, h, armed=True) for h in hosts), 60)
+                   lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
         before = all_qemu_pids(c)
         assert len(before) == len(vms)
         handovers = 0
         steps: list[tuple[float, str]] = []
         for order in ("coordinator first", "coordinator last"):
-            coordinator = _coordinator(c)
+            coordinator = coordinator_of(c)
             others = [h for h in hosts if h != coordinator]
             for host in [coordinator, *others] if order == "coordinator first" else [*others, coordinator]:
                 steps.append((time.time(), f"stop {host}{' (coordinator)' * (host == coordinator)}"))
                 assert stop_agent(c, host) == 0, c.log_tail()
                 handovers += host == coordinator
                 c.start_agent(host)
-                c.wait_for(f"{host} back ({order})", lambda h=host: _rejoined(c, h, armed=True), 60)
+                c.wait_for(f"{host} back ({order})", lambda h=host: rejoined(c, h, armed=True), 60)
         ended = [e for h in hosts for e in c.events(h, "handover-ended") if e.get("successor")]
         assert len(ended) >= handovers == 2, ended
         # A coordinator that dies (kill -9) costs the followers nothing either.
-        coordinator = _coordinator(c)
+        coordinator = coordinator_of(c)
         steps.append((time.time(), f"kill -9 {coordinator} (coordinator)"))
         c.kill9(coordinator)
         c.wait_for("a new coordinator", lambda: {c.cluster_view(h).get("coordinator") for h in c.procs}
                    - {None, coordinator}, 30)
         c.start_agent(coordinator)
-        c.wait_for(f"{coordinator} back", lambda: all(_rejoined(c, h, armed=True) for h in hosts), 60)
-        _no_harm(c, hw, before, steps=steps)
+        c.wait_for(f"{coordinator} back", lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
+        no_harm(c, hw, before, steps=steps)
         assert sorted(running_on(c)) == sorted(v.name for v in vms)
         watch.check()
 
@@ -117,16 +92,16 @@ def test_a_switch_reboot_resets_no_host_that_has_a_fence_device() -> None:
             TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         hw.attach(c)
         wait_placed(c, [v.name for v in vms], timeout_s=120)
-        c.wait_for("a coordinator", lambda: all(_rejoined(c, h, armed=False) for h in hosts), 60)
+        c.wait_for("a coordinator", lambda: all(rejoined(c, h, armed=False) for h in hosts), 60)
         before = all_qemu_pids(c)
         for h in hosts:                 # every link down at once: no broker, no peer
             c.cut(h)
         time.sleep(120)
         for h in hosts:
             c.mend(h)
-        c.wait_for("the cluster formed again", lambda: all(_rejoined(c, h, armed=False) for h in hosts), 60)
+        c.wait_for("the cluster formed again", lambda: all(rejoined(c, h, armed=False) for h in hosts), 60)
         time.sleep(10)                  # long enough for any fence or recovery to start
-        _no_harm(c, hw, before, quorum_kept=False)      # quorum-lost is the truth here
+        no_harm(c, hw, before, quorum_kept=False)      # quorum-lost is the truth here
         assert not [e for h in hosts for e in hw.farm.events(h, "open")], "a watchdog was armed"
         watch.check()
 
@@ -148,7 +123,7 @@ def test_busy_hosts_keep_quorum_and_their_timing() -> None:
             TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         hw.attach(c)
         wait_placed(c, [v.name for v in vms], timeout_s=120)
-        c.wait_for("every agent following", lambda: all(_rejoined(c, h, armed=True) for h in hosts), 60)
+        c.wait_for("every agent following", lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
         before = all_qemu_pids(c)
         seen = {h: len(c.events(h, "peer-state")) for h in hosts}
         with BeatWatch(c.hub, HUB_ADDR, 1883, f"haguard/{c.cluster}/#") as beats:
@@ -157,7 +132,7 @@ def test_busy_hosts_keep_quorum_and_their_timing() -> None:
         suspicions = [e for h in hosts for e in c.events(h, "peer-state")[seen[h]:]
                       if e.get("new") in ("suspect", "dead", "unreachable")]
         assert not suspicions, suspicions
-        _no_harm(c, hw, before)
+        no_harm(c, hw, before)
         p99 = percentile(gaps, 99)
         print(f"heartbeat gaps over {soak_s:.0f} s: {len(gaps)}, p50 {percentile(gaps, 50):.0f} ms, "
               f"p99 {p99:.0f} ms, max {max(gaps):.0f} ms")

@@ -8,6 +8,7 @@ collide) with the process collector (CPU, RSS, open fds) added.
     haguard_host_state{host,state}             1 for the peer's current state, 0 for the others
     haguard_vm_state{vm,state}                 the same for this host's VMs
     haguard_broker_connected, haguard_isolated 0/1
+    haguard_broker_link_up{url}                0/1 per configured broker (all used at once)
     haguard_gossip_messages_total{direction}   received | rejected | sent
     haguard_detection_latency_seconds          last heard -> declared dead (histogram)
     haguard_migrations_total{result}           record_migration(); with the histograms
@@ -60,6 +61,8 @@ class AgentMetrics:
                               ["vm", "state"], registry=r)
         self.broker_connected = Gauge("haguard_broker_connected", "1 while connected to an MQTT broker",
                                       registry=r)
+        self.broker_link_up = Gauge("haguard_broker_link_up", "1 while this host is connected to this broker",
+                                    ["url"], registry=r)
         self.isolated = Gauge("haguard_isolated", "1 while this host considers itself isolated", registry=r)
         self.gossip = Counter("haguard_gossip_messages", "Gossip messages by direction",
                               ["direction"], registry=r)

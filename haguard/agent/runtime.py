@@ -51,7 +51,7 @@ from haguard.agent.executor import STATE_FILE, ClusterExecutor, load_persisted
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
-from haguard.core.alerts import Alert, BrokerWatch, alerts_for
+from haguard.core.alerts import Alert, BrokerLinksWatch, BrokerWatch, alerts_for
 from haguard.core.cluster.campaign import HANDOVER_WAIT_MS
 from haguard.core.cluster.selffence import DISARM_WAIT_MS
 from haguard.core.cluster.types import AdminRequested, PersistState, StopRequested
@@ -257,6 +257,7 @@ class Agent:
                                     publish=self.transport.publish, metrics=self.metrics)
         self.broker_watch = BrokerWatch(self.me, int(cfg.alerts.broker_unreachable_after_s * 1000),
                                         self.started_ms)
+        self.broker_links = BrokerLinksWatch(self.me, int(cfg.alerts.broker_unreachable_after_s * 1000))
         # Cluster mode: the coordinator decides where the inventory's VMs run.
         self.cluster: ClusterExecutor | None = None
         if cfg.ha.enabled:
@@ -356,8 +357,11 @@ class Agent:
             case _Tick():
                 outputs = self.core.tick(item.now_ms)
                 self._retarget_pings()
-                for alert in self.broker_watch.tick(item.now_ms):
+                links = self.transport.links_up()
+                for alert in self.broker_watch.tick(item.now_ms) + self.broker_links.tick(links, item.now_ms):
                     self.alerts.raise_alert(alert)
+                for url, up in links.items():
+                    self.metrics.broker_link_up.labels(url=url).set(1 if up else 0)
                 if self.cluster is not None:
                     self.cluster.tick()
             case _Heartbeat():
@@ -508,6 +512,8 @@ class Agent:
             if self.beats is not None:
                 data["cluster"]["beats_rejected"] = self.beats.rejected
             data["node_heartbeats"] = not bounded
+            data["brokers"] = self.transport.links_up()
+            data["gossip_duplicates"] = self.transport.duplicates
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected,
                         config_needs_restart=self.needs_restart)

@@ -59,7 +59,7 @@ class TlsConfig(_Strict):
 
 
 class MqttConfig(_Strict):
-    # Several URLs: a clustered broker's nodes, or a pair; the agent fails over between them.
+    # Several URLs: brokers of their own, all used at once (adapters/mqtt.py); not bridged.
     urls: tuple[str, ...] = Field(min_length=1)
     topic_prefix: str = "haguard"
     username: str | None = None

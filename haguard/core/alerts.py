@@ -18,7 +18,7 @@ broker connection into a "broker-unreachable" alert after a grace period.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -53,6 +53,7 @@ class AlertKind(StrEnum):
     QUORUM_LOST = "quorum-lost"
     WATCHDOG_FAILED = "watchdog-failed"
     CONFIG_MISMATCH = "config-mismatch"
+    BROKER_DOWN = "broker-down"
 
 
 # The severity each kind fires with (a resolve keeps it).
@@ -70,6 +71,7 @@ SEVERITY: dict[AlertKind, Severity] = {
     AlertKind.QUORUM_LOST: Severity.CRITICAL,
     AlertKind.WATCHDOG_FAILED: Severity.CRITICAL,
     AlertKind.CONFIG_MISMATCH: Severity.WARNING,
+    AlertKind.BROKER_DOWN: Severity.WARNING,
 }
 
 # Kinds the cluster coordinator raises (`RaiseAlert.kind`), by their names there.
@@ -263,6 +265,36 @@ class BrokerWatch:
     def _alert(self, *, resolved: bool, description: str) -> Alert:
         return make_alert(AlertKind.BROKER_UNREACHABLE, host=self.host, resolved=resolved,
                           summary=f"host {self.host} cannot reach the MQTT broker", description=description)
+
+
+class BrokerLinksWatch:
+    """"broker-down" while some of several brokers has been unreachable from this host for
+    `after_ms`: the others carry the gossip, so nothing else changes; raised again when the
+    set of brokers down changes, resolved once every one is connected again."""
+
+    def __init__(self, host: str, after_ms: int) -> None:
+        self.host = host
+        self.after_ms = after_ms
+        self.down_since_ms: dict[str, int] = {}
+        self.raised: tuple[str, ...] = ()
+
+    def tick(self, links: Mapping[str, bool], now_ms: int) -> list[Alert]:
+        for url, up in links.items():
+            if up:
+                self.down_since_ms.pop(url, None)
+            else:
+                self.down_since_ms.setdefault(url, now_ms)
+        down = tuple(sorted(u for u, at in self.down_since_ms.items() if now_ms - at >= self.after_ms))
+        if len(links) < 2 or down == self.raised or (not down and self.down_since_ms):
+            return []
+        self.raised = down
+        if not down:
+            return [make_alert(AlertKind.BROKER_DOWN, host=self.host, resolved=True,
+                               summary=f"host {self.host} reaches every MQTT broker again",
+                               description="every broker connected")]
+        why = f"unreachable for {self.after_ms / 1000:.0f} s or more: {', '.join(down)}"
+        return [make_alert(AlertKind.BROKER_DOWN, host=self.host, description=why,
+                           summary=f"host {self.host} cannot reach {len(down)} of {len(links)} MQTT brokers")]
 
 
 # ---- Alertmanager --------------------------------------------------------------------------

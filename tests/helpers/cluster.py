@@ -41,8 +41,11 @@ class Cluster:
     def __init__(self, hosts: tuple[str, ...] = ("h1", "h2", "h3"),
                  timing: dict[str, int] | None = None, *, keepalive_s: int = 2,
                  default_timing: bool = False, extra: str = "",
-                 host_fields: dict[str, str] | None = None, vms: tuple[Any, ...] = ()) -> None:
+                 host_fields: dict[str, str] | None = None, vms: tuple[Any, ...] = (),
+                 brokers_on: tuple[str, ...] = ()) -> None:
         """`default_timing`: leave `timing:` out of the configs (the shipped defaults).
+        `brokers_on`: run one mosquitto on each of these hosts (in its namespace, on its
+        address) and list them all in `mqtt.urls` instead of the hub's broker.
         `extra`: more YAML for every config (an `ha:` section, say); `host_fields`: more
         fields of a host's entry in `hosts:` (`fence: {...}`); `vms`: VmDefinitions
         written to every host's vm_dir."""
@@ -56,6 +59,8 @@ class Cluster:
         self.addr = {h: f"198.18.1.{i + 1}" for i, h in enumerate(hosts)}
         self.dir = Path(tempfile.mkdtemp(prefix="hg-cluster-"))
         self.broker: Mosquitto | None = None
+        self.brokers: dict[str, Mosquitto] = {}          # host -> the broker running on it
+        self.brokers_on = brokers_on
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.faults = 0         # faults injected so far (cut, loss, kill -9, QEMUs killed)
         self.cluster = "c" + tag
@@ -81,8 +86,13 @@ class Cluster:
             self._in(ns, "ip", "link", "set", "lo", "up")
             self._in(self.hub, "ip", "link", "set", self.hub_dev[h], "master", "br0")
             self._in(self.hub, "ip", "link", "set", self.hub_dev[h], "up")
-        self.broker = Mosquitto(netns=self.hub, bind=HUB_ADDR)
-        self.broker.start()
+        if self.brokers_on:
+            for h in self.brokers_on:
+                self.brokers[h] = Mosquitto(netns=self.ns[h], bind=self.addr[h])
+                self.brokers[h].start()
+        else:
+            self.broker = Mosquitto(netns=self.hub, bind=HUB_ADDR)
+            self.broker.start()
         key = self.dir / "key"
         key.write_bytes(os.urandom(32).hex().encode())
         key.chmod(0o600)
@@ -103,10 +113,15 @@ class Cluster:
         d = self.dir / host
         return (f"cluster: {self.cluster}\nhost: {host}\nhosts:\n{hosts}\n"
                 f"key_file: {self.dir / 'key'}\n"
-                f"mqtt:\n  urls: ['mqtt://{HUB_ADDR}:1883']\n  keepalive_s: {self.keepalive_s}\n"
+                f"mqtt:\n  urls: [{self.urls()}]\n  keepalive_s: {self.keepalive_s}\n"
                 + ("timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) if t else "") +
                 f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n"
                 + self.extra.replace("{host}", host).replace("{dir}", str(self.dir)))
+
+    def urls(self) -> str:
+        if not self.brokers_on:
+            return f"'mqtt://{HUB_ADDR}:1883'"
+        return ", ".join(f"'{self.brokers[h].url}'" for h in self.brokers_on)
 
     def config_path(self, host: str) -> Path:
         return self.dir / f"{host}.yaml"
@@ -262,8 +277,9 @@ class Cluster:
         self.procs.clear()
         for h in self.hosts:                 # agents never stop VMs: the test does
             self.kill_vms(h)
-        if self.broker is not None:
-            self.broker.stop()
+        for broker in [self.broker, *self.brokers.values()]:
+            if broker is not None:
+                broker.stop()
         for ns in [*self.ns.values(), self.hub]:
             sh("ip", "netns", "del", ns, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -61,14 +61,14 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
                timing: dict[str, int] | None = None, host_extra: str = "", extra: str = "",
                prepare: Callable[[Cluster], None] | None = None,
                hosts: tuple[str, ...] = ("h1", "h2", "h3"),
-               shipped_timing: bool = False) -> Iterator[Cluster]:
+               shipped_timing: bool = False, brokers_on: tuple[str, ...] = ()) -> Iterator[Cluster]:
     """Agents (three by default) with `ha.enabled`; every host gets the fence stand-in when
     `fence`, and `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200").
     `shipped_timing`: the defaults an operator gets (no `timing:` section)."""
     cluster_dir_hint: dict[str, str] = {}
     c = Cluster(hosts=hosts, timing=dict(HA_TIMING, **(timing or {})), vms=vms,
                 extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint,
-                default_timing=shipped_timing)
+                default_timing=shipped_timing, brokers_on=brokers_on)
     for h in c.hosts:
         fields = [host_extra] if host_extra else []
         if fence:
@@ -191,3 +191,30 @@ def fence_calls(c: Cluster) -> list[str]:
 
 def now() -> float:
     return time.monotonic()
+
+
+def coordinator_of(c: Cluster) -> str:
+    views = {c.cluster_view(h).get("coordinator") for h in c.procs}
+    views.discard(None)
+    assert len(views) == 1, views
+    return str(views.pop())
+
+
+def rejoined(c: Cluster, host: str, armed: bool) -> bool:
+    view = c.cluster_view(host)
+    return (view.get("coordinator") is not None and view.get("quorum_lost_ms") == 0
+            and (not armed or view.get("watchdog") == "petting"))
+
+
+def no_harm(c: Cluster, hw: WatchdogHardware, before: dict[str, tuple[str, int]], *,
+            quorum_kept: bool = True, steps: list[tuple[float, str]] | None = None) -> None:
+    stops = [(e["timestamp"], h, e.get("reason"))
+             for h in c.hosts for e in c.events(h, "watchdog-stop-petting")]
+    assert not stops, (sorted(stops), steps)
+    if quorum_kept:
+        lost = [(e["timestamp"], h)
+                for h in c.hosts for e in c.events(h, "alert") if e.get("alert") == "quorum-lost"]
+        assert not lost, (sorted(lost), steps)
+    assert not hw.reset_at, hw.reset_at
+    assert not fence_calls(c)
+    assert all_qemu_pids(c) == before, "a VM was restarted, moved or stopped"

@@ -535,6 +535,52 @@ def test_a_host_whose_state_dir_was_lost_is_heard_again_and_keeps_its_vms() -> N
         watch.check()
 
 
+def _mismatch_alerts(c: Cluster, host: str, status: str) -> list[dict[str, object]]:
+    return [e for e in c.events(host, "alert")
+            if e.get("alert") == "config-mismatch" and e.get("status") == status]
+
+
+@pytest.mark.timeout(150)
+def test_a_host_with_another_cluster_definition_is_named_votes_for_no_one_and_keeps_its_vms() -> None:
+    # A rolling change of the cluster file caught half-way: h3 runs another isolation policy.
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        coordinator = c.cluster_view("h1").get("coordinator")
+        odd = next(h for h in ("h3", "h2", "h1") if h != coordinator)
+        before = {h: qemu_pids(c, h) for h in c.hosts}
+        good = c.config_path(odd).read_text()
+        c.kill9(odd)
+        c.config_path(odd).write_text(good.replace("ha:\n  enabled: true\n",
+                                                   "ha:\n  enabled: true\n  isolation: shutdown\n"))
+        c.start_agent(odd)
+        c.wait_for(f"{odd} names the others", lambda: _mismatch_alerts(c, odd, "firing"), 20)
+        c.wait_for("the others name it", lambda: all(
+            odd in (c.cluster_view(h).get("definition_differs") or []) for h in c.hosts if h != odd), 20)
+        mine, theirs = c.cluster_view(odd)["definition"], c.cluster_view(coordinator)["definition"]
+        assert mine != theirs and coordinator in c.cluster_view(odd)["definition_differs"]
+        # It grants no vote to a candidate of the other definition: with the coordinator gone,
+        # the third host cannot be elected (two of three needed), and nothing is recovered.
+        third = next(h for h in c.hosts if h not in (odd, coordinator))
+        c.kill9(coordinator)
+        time.sleep(8)
+        assert c.cluster_view(third).get("coordinator") in (None, coordinator), c.cluster_view(third)
+        assert not fence_calls(c)
+        assert {h: qemu_pids(c, h) for h in (odd, third)} == {h: before[h] for h in (odd, third)}
+        # The cluster file made whole again: the alert resolves, a coordinator is elected.
+        c.kill9(odd)
+        c.config_path(odd).write_text(good)
+        c.start_agent(odd)
+        c.start_agent(coordinator)
+        c.wait_for("one definition everywhere", lambda: not any(
+            c.cluster_view(h).get("definition_differs") for h in c.hosts), 30)
+        assert _mismatch_alerts(c, third, "resolved"), "the third host's alert was not resolved"
+        c.wait_for("a coordinator again", lambda: all(
+            c.cluster_view(h).get("coordinator") for h in c.hosts), 30)
+        assert {h: qemu_pids(c, h) for h in c.hosts} == before, "a VM was restarted or stopped"
+        watch.check()
+
+
 @pytest.mark.timeout(150)
 def test_an_exception_in_the_core_exits_the_agent_and_a_restart_leaves_its_vms_alone() -> None:
     # Crash-only: the core task is never restarted on half-updated objects.  The agent logs the

@@ -1,4 +1,5 @@
-"""The agent's subcommands: `haguard run`, `haguard status`, `haguard check-config`."""
+"""The agent's subcommands: `haguard run`, `haguard status`, `haguard check-config`,
+`haguard drain|undrain`, `haguard keygen`."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the status file's JSON")
     p = sub.add_parser("check-config", help="validate the cluster configuration and VM inventory")
     _config_arg(p)
+    p = sub.add_parser("keygen", help="write this host's Ed25519 key (host_key_file); print its public key")
+    p.add_argument("path", type=Path, metavar="PATH", help="the private key file to create (mode 0600)")
     for action, text in (("drain", "put HOST in maintenance: its VMs move away live"),
                          ("undrain", "take HOST out of maintenance")):
         p = sub.add_parser(action, help=text)
@@ -101,6 +104,25 @@ def cmd_admin(args: argparse.Namespace) -> int:
         else EXIT_FAILED
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """A new private key in PATH (never over an existing file), its public key on stdout."""
+    import os
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from haguard.core.hostkeys import private_text, public_text
+    key = Ed25519PrivateKey.generate()
+    try:
+        fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        print(f"haguard: error: {args.path}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    with os.fdopen(fd, "w") as f:
+        f.write(private_text(key) + "\n")
+    print(f"public_keys: [\"{public_text(key)}\"]")
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config,
-    "drain": cmd_admin, "undrain": cmd_admin}
+    "drain": cmd_admin, "undrain": cmd_admin, "keygen": cmd_keygen}

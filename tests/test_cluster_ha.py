@@ -98,7 +98,8 @@ def _power_off_and_recover(c: Cluster, victim: str, names: list[str], lost: list
 @pytest.mark.timeout(150)
 def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
     vms = ha_vms(4)
-    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+    # Every host signs with its own key (host_key_file, public_keys): the cluster works the same.
+    with ha_cluster(vms, host_keys=True) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
         coordinator = c.cluster_view("h1").get("coordinator")
         victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
@@ -110,6 +111,7 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         done = re.search(r'haguard_fence_actions_total\{result="done"\} ([0-9.]+)', c.scrape(fencer))
         assert done and float(done.group(1)) >= 1, "fence actions not in the metrics"
         assert all(("recovery-done", vm) in alerts for vm in lost), alerts
+        assert not any((c.status(h) or {}).get("rejected") for h in c.hosts if h != victim)
         watch.check()
 
 

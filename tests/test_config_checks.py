@@ -416,3 +416,26 @@ def test_a_vm_defined_twice_is_refused_at_the_second(tmp_path: Path) -> None:
     (tmp_path / "vms" / "b.yaml").write_text("memory_mib: 256\nname: web\n")
     _, out = _check(tmp_path, base)
     _refused(out, tmp_path / "vms" / "b.yaml", 2, "name", "a.yaml")
+
+
+# ---- host keys -------------------------------------------------------------------------------
+
+@pytest.mark.timeout(60)
+def test_host_keys_are_made_by_keygen_and_checked(tmp_path: Path) -> None:
+    key = tmp_path / "a.hostkey"
+    made = _haguard("keygen", key)
+    assert made.returncode == 0 and made.stdout.startswith("public_keys: ["), made
+    assert key.stat().st_mode & 0o777 == 0o600
+    assert _haguard("keygen", key).returncode == 2, "an existing key is never overwritten"
+    public = made.stdout.split('"')[1]
+    other = _haguard("keygen", tmp_path / "b.hostkey").stdout.split('"')[1]
+    with_keys = _base(tmp_path).replace("    weight: 2\n", f"    weight: 2\n    public_keys: ['{public}']\n")
+    cfg, ok = _check(tmp_path, with_keys + f"host_key_file: {key}\n")
+    assert ok.returncode == 0, ok.stderr
+    # This host's key is not the one the others know: every message of it would be refused.
+    text = with_keys.replace(public, other) + f"host_key_file: {key}\n"
+    cfg, out = _check(tmp_path, text)
+    _refused(out, cfg, _line(text, "- name: a"), "hosts[0].public_keys", "is not among")
+    text = with_keys.replace(public, "bm90IGEga2V5")
+    cfg, out = _check(tmp_path, text)
+    _refused(out, cfg, _line(text, "public_keys"), "hosts[0].public_keys", "9 bytes")

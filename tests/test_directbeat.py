@@ -9,9 +9,11 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.adapters.directbeat import DirectBeats
 from haguard.core.detector import PingObserved
+from haguard.core.hostkeys import HostKeys, signer_of
 from haguard.core.wire import Envelope, encode
 from tests.helpers.mosquitto import free_port
 
@@ -20,11 +22,13 @@ ADDR = {"h1": "127.0.0.2", "h2": "127.0.0.3"}
 
 
 class Host:
-    def __init__(self, me: str, port: int) -> None:
+    def __init__(self, me: str, port: int, *, own: Ed25519PrivateKey | None = None,
+                 keys: HostKeys | None = None) -> None:
         self.seen: list[PingObserved] = []
         peers = {h: a for h, a in ADDR.items() if h != me}
         self.beats = DirectBeats(me=me, cluster="c1", incarnation=1, key=KEY, address=ADDR[me], port=port,
-                                 peers=peers, on_result=self.seen.append, interval_ms=50, window_ms=150)
+                                 peers=peers, on_result=self.seen.append, interval_ms=50, window_ms=150,
+                                 signer=signer_of(own) if own is not None else None, host_keys=keys)
 
     def reached(self, peer: str) -> bool:
         return any(r.host == peer and r.ok and r.signed for r in self.seen[-2:])
@@ -89,3 +93,31 @@ async def test_forged_misaddressed_and_spoofed_beats_are_rejected_and_counted() 
         await asyncio.sleep(0.3)
     assert a.beats.rejected == 3
     assert not any(r.ok for r in a.seen), "nothing forged or spoofed counts"
+
+
+@pytest.mark.timeout(20)
+async def test_with_host_keys_a_member_cannot_beat_for_another_host() -> None:
+    # A beat "h2 hears you" from h2's address, signed with the cluster key alone (what any
+    # member can make, spoofing the source on a shared segment), kept an isolated h1 petting.
+    port = free_port()
+    k1, k2 = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keys: HostKeys = {"h1": (k1.public_key(),), "h2": (k2.public_key(),)}
+    a, trusting = Host("h1", port, own=k1, keys=keys), Host("h1", free_port())
+    forged = encode(Envelope(cluster="c1", host="h2", incarnation=1, seq=10**6, kind="beat",
+                             body={"to": "h1", "hears": True}), KEY)
+    async with running(a, trusting):
+        for _ in range(6):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.3", 0))                  # h2's address
+                s.sendto(forged, ("127.0.0.2", port))
+                s.sendto(forged, ("127.0.0.2", trusting.beats.port))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.1)
+    assert a.beats.rejected >= 1 and not any(r.ok for r in a.seen), "a forged beat counted"
+    assert any(r.ok for r in trusting.seen), "without host keys the forgery counts (the hole this closes)"
+    # The real h2 with its key is counted.
+    b = Host("h2", port, own=k2, keys=keys)
+    a2 = Host("h1", port, own=k1, keys=keys)
+    async with running(a2, b):
+        await asyncio.sleep(0.5)
+        assert a2.reached("h2") and b.reached("h1")

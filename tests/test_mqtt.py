@@ -16,9 +16,11 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.adapters.mqtt import GossipTransport, Topics
 from haguard.config.cluster import MqttConfig
+from haguard.core.hostkeys import HostKeys, signer_of
 from haguard.core.wire import MAX_MESSAGE_BYTES, Envelope, encode
 from haguard.errors import ConfigError
 from tests.helpers.mosquitto import HOSTS_ACL, Mosquitto, free_port
@@ -31,7 +33,8 @@ TOPICS = Topics(prefix="haguard", cluster="c1")
 class Peer:
     """One transport and everything its callbacks saw."""
 
-    def __init__(self, cfg: MqttConfig, host: str, *, incarnation: int = 1, cluster: str = "c1") -> None:
+    def __init__(self, cfg: MqttConfig, host: str, *, incarnation: int = 1, cluster: str = "c1",
+                 own: Ed25519PrivateKey | None = None, keys: HostKeys | None = None) -> None:
         self.host = host
         self.envelopes: list[Envelope] = []
         self.rejects: list[tuple[str, str]] = []
@@ -39,7 +42,8 @@ class Peer:
         self.transport = GossipTransport(
             cfg, cluster=cluster, host=host, incarnation=incarnation, key=KEY,
             on_envelope=self.envelopes.append, on_reject=lambda t, r: self.rejects.append((t, r)),
-            on_connection=lambda up, detail: self.connections.append((up, detail)), backoff_max_s=1.0)
+            on_connection=lambda up, detail: self.connections.append((up, detail)), backoff_max_s=1.0,
+            signer=signer_of(own) if own is not None else None, host_keys=keys)
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> Peer:
@@ -195,6 +199,32 @@ async def test_a_forged_alert_cannot_silence_a_host(broker: Mosquitto) -> None:
         reasons = " | ".join(r for _, r in b.rejects)
         assert "sent as host 'h1' on another host's topic" in reasons, reasons
         assert "incarnation" in reasons and "ahead of this host's clock" in reasons, reasons
+
+
+@pytest.mark.timeout(20)
+async def test_a_member_with_the_cluster_key_cannot_speak_as_another_host_that_has_a_host_key(
+        broker: Mosquitto) -> None:
+    """Anyone holding the cluster key could sign as any host: a message as h1 with the largest
+    seq was taken, and every later real message of h1 dropped as a replay (h1 silenced, and
+    any forged content believed).  With h1's public key configured, only h1 can speak as h1."""
+    cfg = broker.mqtt_config(keepalive_s=KEEPALIVE_S)
+    k1, k2 = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    keys: HostKeys = {"h1": (k1.public_key(),), "h2": (k2.public_key(),)}
+    async with peers(Peer(cfg, "h1", own=k1, keys=keys), Peer(cfg, "h2", own=k2, keys=keys),
+                     Peer(cfg, "h3")) as (a, b, old), raw_client(broker) as raw:
+        await exchange(a, b, "before")
+        await exchange(a, old, "before")
+        forged = encode(Envelope(cluster="c1", host="h1", incarnation=1, seq=2**62, kind="heartbeat",
+                                 body={"tag": "forged"}), KEY)
+        await raw.publish(TOPICS.host("h1", "heartbeat"), forged, qos=1)
+        await eventually(lambda: b.rejects and old.heard("h1", tag="forged"), 3, "the forgery seen")
+        assert b.rejects[-1][1] == "not signed with the host key of 'h1'", b.rejects
+        await exchange(a, b, "after")                       # h1 is still heard where its key is known
+        assert not b.heard("h1", tag="forged")
+        # Where h1's key is not configured (the previous way), the forgery silenced h1.
+        a.transport.publish("heartbeat", {"tag": "after"})
+        await asyncio.sleep(0.5)
+        assert not old.heard("h1", tag="after") and any("replay" in r for _, r in old.rejects), old.rejects
 
 
 @pytest.mark.timeout(15)

@@ -145,7 +145,8 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.timeout(900)
 def test_deb_installs_into_clean_debian_root(deb: Path, tmp_path: Path) -> None:
     fields = ok(run(["dpkg-deb", "-f", deb, "Depends", "Recommends"], timeout=10)).stdout
-    for needed in ("python3 (>= 3.11)", "python3-yaml", "qemu-system-x86", "qemu-utils", "iproute2",
+    for needed in ("python3 (>= 3.11)", "python3-yaml", "python3-cryptography", "qemu-system-x86",
+                   "qemu-utils", "iproute2",
                    "Recommends: mosquitto, fence-agents"):
         assert needed in fields, fields
 

@@ -8,10 +8,11 @@ import json
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from haguard.core import wire
+from haguard.core import hostkeys, wire
 from haguard.core.wire import Envelope, Rejected, ReplayGuard, decode, encode
 from haguard.names import NAME_RE
 
@@ -216,6 +217,36 @@ def test_signature_checks() -> None:
 
 
 @pytest.mark.timeout(10)
+def test_a_host_key_signature_is_required_where_the_host_has_a_key() -> None:
+    # A member holding the cluster key can sign as any host: with host keys it cannot.
+    h1, h2, forger = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    rotated = Ed25519PrivateKey.generate()
+    keys = {"h1": (h1.public_key(), rotated.public_key()), "h2": (h2.public_key(),)}
+    e = Envelope(cluster="c1", host="h1", incarnation=1, seq=5, kind="cluster", body={"x": [1, "y"]})
+    signed = encode(e, KEY, signer=hostkeys.signer_of(h1))
+    assert decode(signed, KEY, "c1", host_keys=keys) == e
+    assert decode(encode(e, KEY, signer=hostkeys.signer_of(rotated)), KEY, "c1", host_keys=keys) == e
+    assert decode(signed, KEY, "c1") == e                 # no keys given: the HMAC alone
+    for forged in (encode(e, KEY), encode(e, KEY, signer=hostkeys.signer_of(forger)),
+                   encode(e, KEY, signer=hostkeys.signer_of(h2))):
+        refused = Rejected(reason="not signed with the host key of 'h1'")
+        assert decode(forged, KEY, "c1", host_keys=keys) == refused
+    # The signature covers every field: another seq under a copied hsig fails.
+    obj = json.loads(signed)
+    later = Envelope(cluster="c1", host="h1", incarnation=1, seq=6, kind="cluster", body={"x": [1, "y"]})
+    other = encode(later, KEY, signer=lambda _: obj["hsig"])
+    assert isinstance(decode(other, KEY, "c1", host_keys=keys), Rejected)
+    # A host without a configured key (a cluster switching over) is taken on the HMAC.
+    e3 = Envelope(cluster="c1", host="h3", incarnation=1, seq=1, kind="cluster")
+    assert decode(encode(e3, KEY), KEY, "c1", host_keys=keys) == e3
+    public = hostkeys.parse_public(hostkeys.public_text(h1))
+    assert public.public_bytes_raw() == h1.public_key().public_bytes_raw()
+    with pytest.raises(ValueError, match="32"):
+        hostkeys.parse_public("AAAA")
+    with pytest.raises(ValueError, match="base64"):
+        hostkeys.parse_private("not base64!")
+
+
 def test_wire_names_follow_the_config_names_and_the_core_stays_pure() -> None:
     assert wire.NAME_PATTERN == NAME_RE
     tree = ast.parse(inspect.getsource(wire))

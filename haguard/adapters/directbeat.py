@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from haguard.core.detector import PingObserved
+from haguard.core.hostkeys import HostKeys, Signer
 from haguard.core.wire import Envelope, Rejected, ReplayGuard, decode, encode, incarnation_too_far_ahead
 
 log = logging.getLogger(__name__)
@@ -62,8 +63,10 @@ class DirectBeats:
     def __init__(self, *, me: str, cluster: str, incarnation: int, key: bytes, address: str, port: int,
                  peers: Mapping[str, str], on_result: Callable[[PingObserved], None],
                  interval_ms: int, window_ms: int, clock: Callable[[], int] = _monotonic_ms,
-                 wall: Callable[[], int] = _wall_ms) -> None:
+                 wall: Callable[[], int] = _wall_ms, signer: Signer | None = None,
+                 host_keys: HostKeys | None = None) -> None:
         self.me, self.cluster, self.incarnation, self.key = me, cluster, incarnation, key
+        self.signer, self.host_keys = signer, host_keys     # this host's own key, and the others'
         self.address, self.port = address, port
         self.peers = dict(peers)                        # every configured peer: whose beats count
         self.targets = set(self.peers)                  # those this host sends beats to and judges
@@ -120,7 +123,8 @@ class DirectBeats:
             self._seq += 1
             body = {"to": peer, "hears": self.hears(peer, now)}
             data = encode(Envelope(cluster=self.cluster, host=self.me, incarnation=self.incarnation,
-                                   seq=self._seq, kind=KIND, body=body, sent_ms=self.wall()), self.key)
+                                   seq=self._seq, kind=KIND, body=body, sent_ms=self.wall()), self.key,
+                          signer=self.signer)
             transport.sendto(data, (address, self.port))
 
     def _take(self, data: bytes, addr: tuple[Any, ...]) -> None:
@@ -130,7 +134,7 @@ class DirectBeats:
             log.debug("direct beat from %s rejected: %s", addr[0], why)
 
     def _check(self, data: bytes, addr: tuple[Any, ...]) -> str | None:
-        env = decode(data, self.key, self.cluster, max_size=MAX_BEAT_BYTES)
+        env = decode(data, self.key, self.cluster, max_size=MAX_BEAT_BYTES, host_keys=self.host_keys)
         if isinstance(env, Rejected):
             return env.reason
         if env.kind != KIND or self.peers.get(env.host) != addr[0]:

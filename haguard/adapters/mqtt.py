@@ -36,6 +36,7 @@ from typing import Any
 from haguard.adapters.mqtt_link import BrokerLink, Outgoing
 from haguard.adapters.mqtt_topics import CHANNEL_KINDS, KINDS, Topics
 from haguard.config.cluster import MqttConfig
+from haguard.core.hostkeys import HostKeys, Signer
 from haguard.core.wire import (
     MAX_MESSAGE_BYTES,
     MIN_KEY_BYTES,
@@ -81,7 +82,8 @@ class GossipTransport:
                  on_envelope: Callable[[Envelope], None], on_reject: Callable[[str, str], None],
                  on_connection: Callable[[bool, str], None], backoff_max_s: float = 3.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, outbox_size: int = 256,
-                 clock_ms: Callable[[], int] | None = None) -> None:
+                 clock_ms: Callable[[], int] | None = None, signer: Signer | None = None,
+                 host_keys: HostKeys | None = None) -> None:
         for what, name in (("cluster", cluster), ("host", host)):
             if not re.fullmatch(NAME_PATTERN, name):
                 raise ConfigError(f"{name!r} is not a valid name", field=what)
@@ -92,6 +94,7 @@ class GossipTransport:
         self.cluster, self.host, self.incarnation = cluster, host, incarnation
         self.topics = Topics(prefix=cfg.topic_prefix, cluster=cluster)
         self._key = key
+        self._signer, self._host_keys = signer, host_keys      # this host's own key, and the others'
         self._on_envelope, self._on_reject, self._on_connection = on_envelope, on_reject, on_connection
         self._max_bytes = max_message_bytes
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -108,7 +111,8 @@ class GossipTransport:
         self._finished = asyncio.Event()
         # Signed once, in advance: a broker publishes it if this host's connection to it dies.
         will = encode(Envelope(cluster=cluster, host=host, incarnation=incarnation, seq=0, kind=OFFLINE,
-                               body={"reason": "connection lost"}, sent_ms=self._clock_ms()), key)
+                               body={"reason": "connection lost"}, sent_ms=self._clock_ms()),
+                      key, signer=signer)
         self.links = [BrokerLink(self, cfg, url, i, will=will, backoff_max_s=backoff_max_s,
                                  max_message_bytes=max_message_bytes, outbox_size=outbox_size)
                       for i, url in enumerate(dict.fromkeys(cfg.urls))]
@@ -251,7 +255,7 @@ class GossipTransport:
             self._reject(topic, "unexpected topic")
             return None
         channel, topic_host = where
-        env = decode(data, self._key, self.cluster, max_size=self._max_bytes)
+        env = decode(data, self._key, self.cluster, max_size=self._max_bytes, host_keys=self._host_keys)
         if isinstance(env, Rejected):
             self._reject(topic, env.reason)
             return None
@@ -287,7 +291,8 @@ class GossipTransport:
     def _sign(self, kind: str, body: dict[str, Any]) -> bytes:
         self._seq += 1
         return encode(Envelope(cluster=self.cluster, host=self.host, incarnation=self.incarnation,
-                               seq=self._seq, kind=kind, body=body, sent_ms=self._clock_ms()), self._key)
+                               seq=self._seq, kind=kind, body=body, sent_ms=self._clock_ms()), self._key,
+                      signer=self._signer)
 
     def _notify(self, callback: Callable[..., None], *args: Any) -> None:
         # A failing callback is a bug in the caller: log it loudly, keep the transport alive.

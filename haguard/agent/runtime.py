@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from haguard.adapters import metrics as metrics_mod
 from haguard.adapters.alerts import AlertNotifier
@@ -69,6 +70,7 @@ from haguard.core.host_types import (
     WatchdogDisarmAllowed,
     WatchdogDisarming,
 )
+from haguard.core.hostkeys import parse_private, parse_public, public_text, signer_of
 from haguard.core.probes import HostHealthChanged
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
@@ -101,8 +103,8 @@ EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped t
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
 # Configuration a reload cannot change (the running values are kept until a restart), and in
 # cluster mode also the membership and timings the cluster core was built with.
-RESTART_FIELDS = ("cluster", "mqtt", "key_file", "run_dir", "state_dir", "alerts", "metrics", "scheduling",
-                  "ha")
+RESTART_FIELDS = ("cluster", "mqtt", "key_file", "host_key_file", "run_dir", "state_dir", "alerts", "metrics",
+                  "scheduling", "ha")
 CLUSTER_RESTART_FIELDS = ("hosts", "timing")
 
 
@@ -162,7 +164,32 @@ def read_key(cfg: ClusterConfig, path: Path) -> bytes:
     key = check_secret(cfg.key_file, "key_file", path).strip()
     if cfg.mqtt.password_file is not None:
         check_secret(cfg.mqtt.password_file, "mqtt.password_file", path)
+    read_host_key(cfg, path)
     return key
+
+
+def read_host_key(cfg: ClusterConfig, path: Path) -> Ed25519PrivateKey | None:
+    """This host's own signing key (None without `host_key_file`), checked against its
+    `public_keys`: a key the others do not know would get every message refused."""
+    if cfg.host_key_file is None:
+        return None
+    try:
+        key = parse_private(check_secret(cfg.host_key_file, "host_key_file", path).decode("ascii", "replace"))
+    except ValueError as exc:
+        raise ConfigError(f"{cfg.host_key_file}: {exc} (write one with `haguard keygen`)", file=str(path),
+                          line=line_of(path, ("host_key_file",)), field="host_key_file") from None
+    me = cfg.this_host()
+    if public_text(key) not in me.public_keys:
+        i = cfg.hosts.index(me)
+        raise ConfigError(f"the public key of {cfg.host_key_file} ({public_text(key)}) is not among "
+                          f"this host's public_keys", file=str(path),
+                          line=line_of(path, ("hosts", i)), field=f"hosts[{i}].public_keys")
+    return key
+
+
+def host_keys(cfg: ClusterConfig) -> dict[str, tuple[Ed25519PublicKey, ...]]:
+    """Whose messages must carry their host's signature: every host with a public key."""
+    return {h.name: tuple(parse_public(k) for k in h.public_keys) for h in cfg.hosts if h.public_keys}
 
 
 def next_incarnation(state_dir: Path, wall_ms: int | None = None) -> int:
@@ -235,8 +262,11 @@ class Agent:
         self.core = HostCore(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
                              incarnation=incarnation, now_ms=self.started_ms, persisted=persisted)
         self.status_file = status_path(cfg.run_dir)
+        own = read_host_key(cfg, config_path)
+        signer = signer_of(own) if own is not None else None
+        verified = host_keys(cfg)
         self.transport = GossipTransport(cfg.mqtt, cluster=cfg.cluster, host=self.me,
-                                         incarnation=incarnation, key=key,
+                                         incarnation=incarnation, key=key, signer=signer, host_keys=verified,
                                          on_envelope=self._on_envelope, on_reject=self._on_reject,
                                          on_connection=self._on_connection)
         self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
@@ -246,6 +276,7 @@ class Agent:
         if cfg.ha.enabled:
             t = cfg.timing
             self.beats = DirectBeats(me=self.me, cluster=cfg.cluster, incarnation=incarnation, key=key,
+                                     signer=signer, host_keys=verified,
                                      address=cfg.this_host().address, port=cfg.ha.direct_port,
                                      peers=self._peer_addresses(cfg), on_result=self._offer,
                                      interval_ms=t.ping_interval_ms,

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
 
 from haguard.config.yamlsrc import error_at, load_model
+from haguard.core.hostkeys import parse_public
 from haguard.names import NAME_RE
 
 DEFAULT_CLUSTER_CONFIG = Path("/etc/haguard/cluster.yaml")
@@ -49,6 +50,19 @@ class HostConfig(_Strict):
     priority: StrictInt = 0                 # placement and coordinator preference
     weight: StrictInt = Field(default=1, ge=0, le=100)    # votes towards quorum
     witness: bool = False                   # votes, runs no VMs (a two-host cluster's tie-breaker)
+    # Its Ed25519 public keys (base64, `haguard keygen`): its messages must be signed with one
+    # (core/hostkeys.py).  Several while its key is rotated.
+    public_keys: tuple[str, ...] = ()
+
+    @field_validator("public_keys")
+    @classmethod
+    def _public_keys(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for i, text in enumerate(v):
+            try:
+                parse_public(text)
+            except ValueError as exc:
+                raise ValueError(f"public key {i + 1}: {exc}") from None
+        return v
 
 
 class TlsConfig(_Strict):
@@ -216,6 +230,9 @@ class ClusterConfig(_Strict):
     host: str | None = None                 # this host's name; default: the hostname
     hosts: tuple[HostConfig, ...] = Field(min_length=1)
     key_file: Path                          # per-cluster HMAC key for every message
+    # This host's own Ed25519 private key (`haguard keygen`, mode 0600): every message it sends
+    # is signed with it.  Its public key must be among its `public_keys`.
+    host_key_file: Path | None = None
     mqtt: MqttConfig
     timing: TimingConfig = TimingConfig()
     vm_dir: Path = Path("/etc/haguard/vms")

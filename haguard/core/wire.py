@@ -23,6 +23,13 @@ make the guard drop the host's every real message (`MAX_INCARNATION_LEAD_MS`).
 seq 0 is the MQTT last will: a signed "offline" envelope handed to the broker at
 connect time, published by the broker when the connection dies, so it cannot carry a
 fresh seq.
+
+Host keys (core/hostkeys.py): a sender with its own key adds `"hsig"`, its Ed25519
+signature over the canonical fields without `sig` and `hsig`; the HMAC then covers
+`hsig` too.  A receiver given the sender's public keys (`host_keys`) refuses a message
+without a valid `hsig`.  A host with no configured key is checked by the HMAC alone (a
+cluster changes over host by host), and receivers of the previous release refuse
+`hsig`: turn host keys on once every agent runs this release.
 """
 
 from __future__ import annotations
@@ -35,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from haguard.core.errors import HaguardError
+from haguard.core.hostkeys import HostKeys, Signer
+from haguard.core.hostkeys import verify as verify_host_signature
 
 WIRE_VERSION = 1
 MAX_MESSAGE_BYTES = 65536
@@ -52,6 +61,7 @@ _NAME = re.compile(NAME_PATTERN)
 _KIND = re.compile(KIND_PATTERN)
 _SIG = re.compile(r"^[0-9a-f]{64}$")
 _FIELDS = frozenset({"v", "cluster", "host", "incarnation", "seq", "kind", "body", "sent_ms", "sig"})
+_OPTIONAL = frozenset({"hsig"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,15 +85,17 @@ class MessageTooLarge(HaguardError, ValueError):
     wire does not carry (a sender drops it, counts it and goes on)."""
 
 
-def encode(env: Envelope, key: bytes) -> bytes:
-    """The signed canonical encoding of `env`.  Raises ValueError on an envelope that
-    `decode` would refuse (bad names, negative numbers, a body that is not JSON data), and
-    MessageTooLarge on one over MAX_MESSAGE_BYTES."""
+def encode(env: Envelope, key: bytes, *, signer: Signer | None = None) -> bytes:
+    """The signed canonical encoding of `env` (with `signer`, this host's key, also `hsig`).
+    Raises ValueError on an envelope that `decode` would refuse (bad names, negative
+    numbers, a body that is not JSON data), and MessageTooLarge on one over MAX_MESSAGE_BYTES."""
     _check_key(key)
     fields = _fields(env)
     problem = _field_problem(fields) or _data_problem(env.body, depth=0)
     if problem is not None:
         raise ValueError(f"cannot encode envelope: {problem}")
+    if signer is not None:
+        fields["hsig"] = signer(_canonical(fields).encode("ascii"))
     signed = dict(fields, sig=_sign(_canonical(fields), key))
     data = _canonical(signed).encode("ascii")
     if len(data) > MAX_MESSAGE_BYTES:
@@ -91,9 +103,10 @@ def encode(env: Envelope, key: bytes) -> bytes:
     return data
 
 
-def decode(data: bytes, key: bytes, cluster: str, *,
-           max_size: int = MAX_MESSAGE_BYTES) -> Envelope | Rejected:
-    """The envelope in `data` if it is well formed, signed with `key` and from `cluster`."""
+def decode(data: bytes, key: bytes, cluster: str, *, max_size: int = MAX_MESSAGE_BYTES,
+           host_keys: HostKeys | None = None) -> Envelope | Rejected:
+    """The envelope in `data` if it is well formed, signed with `key` and from `cluster`, and
+    signed by its host's own key where `host_keys` holds that host's."""
     _check_key(key)
     if not isinstance(data, bytes | bytearray | memoryview):
         return Rejected(reason=f"payload is {type(data).__name__}, not bytes")
@@ -117,7 +130,7 @@ def decode(data: bytes, key: bytes, cluster: str, *,
     missing = _FIELDS - obj.keys()
     if missing:
         return Rejected(reason=f"missing field {sorted(missing)[0]!r}")
-    extra = obj.keys() - _FIELDS
+    extra = obj.keys() - _FIELDS - _OPTIONAL
     if extra:
         return Rejected(reason=f"unknown field {_short(sorted(extra)[0])}")
     unsigned = {k: v for k, v in obj.items() if k != "sig"}
@@ -136,6 +149,11 @@ def decode(data: bytes, key: bytes, cluster: str, *,
         return Rejected(reason="body is not JSON data")
     if not hmac.compare_digest(expected, sig):
         return Rejected(reason="bad signature")
+    keys = host_keys.get(obj["host"]) if host_keys is not None else None
+    if keys:
+        plain = {k: v for k, v in unsigned.items() if k != "hsig"}
+        if not verify_host_signature(keys, _canonical(plain).encode("ascii"), obj.get("hsig")):
+            return Rejected(reason=f"not signed with the host key of {_short(obj['host'])}")
     # The same content spelled another way: refuse, so one message has exactly one encoding.
     if canonical != text:
         return Rejected(reason="not in canonical form")

@@ -63,10 +63,11 @@ AgentFactory = Callable[..., ClusterMember]
 
 
 # An envelope's bytes around its body, at their largest: 63-character cluster and host
-# names, 19-digit numbers (core/wire.py).
+# names, 19-digit numbers, a host key's signature (core/wire.py).
 ENVELOPE_BYTES = len(wire.encode(wire.Envelope(cluster="c" * 63, host="h" * 63, incarnation=2**63 - 1,
                                                seq=2**63 - 1, kind="direct", sent_ms=2**63 - 1,
-                                               body={"msg": {}}), b"k" * 32)) - len('{}')
+                                               body={"msg": {}}), b"k" * 32,
+                                 signer=lambda _: "A" * 86 + "==")) - len('{}')
 
 @dataclass(frozen=True, kw_only=True)
 class SimConfig:

@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from haguard.core.hostkeys import private_text, public_text
 from tests.helpers.mosquitto import Mosquitto
 from tests.helpers.netns import sh
 
@@ -42,10 +44,11 @@ class Cluster:
                  timing: dict[str, int] | None = None, *, keepalive_s: int = 2,
                  default_timing: bool = False, extra: str = "",
                  host_fields: dict[str, str] | None = None, vms: tuple[Any, ...] = (),
-                 brokers_on: tuple[str, ...] = ()) -> None:
+                 brokers_on: tuple[str, ...] = (), host_keys: bool = False) -> None:
         """`default_timing`: leave `timing:` out of the configs (the shipped defaults).
         `brokers_on`: run one mosquitto on each of these hosts (in its namespace, on its
-        address) and list them all in `mqtt.urls` instead of the hub's broker.
+        address) and list them all in `mqtt.urls` instead of the hub's broker.  `host_keys`:
+        every host gets its own Ed25519 key (`host_key_file`, `public_keys`).
         `extra`: more YAML for every config (an `ha:` section, say); `host_fields`: more
         fields of a host's entry in `hosts:` (`fence: {...}`); `vms`: VmDefinitions
         written to every host's vm_dir."""
@@ -61,6 +64,14 @@ class Cluster:
         self.broker: Mosquitto | None = None
         self.brokers: dict[str, Mosquitto] = {}          # host -> the broker running on it
         self.brokers_on = brokers_on
+        self.public_keys: dict[str, str] = {}           # host -> its public key (host_keys)
+        if host_keys:
+            for h in hosts:
+                key = Ed25519PrivateKey.generate()
+                path = self.dir / f"{h}.hostkey"
+                path.write_text(private_text(key) + "\n")
+                path.chmod(0o600)
+                self.public_keys[h] = public_text(key)
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.faults = 0         # faults injected so far (cut, loss, kill -9, QEMUs killed)
         self.cluster = "c" + tag
@@ -107,12 +118,15 @@ class Cluster:
 
     def config_text(self, host: str, **timing: int) -> str:
         t = dict(self.timing, **timing)
+        keys = {h: f", public_keys: ['{k}']" for h, k in self.public_keys.items()}
         hosts = "\n".join(f"  - {{name: {h}, address: {self.addr[h]}"
-                          + (f", {self.host_fields[h]}" if h in self.host_fields else "") + "}"
+                          + (f", {self.host_fields[h]}" if h in self.host_fields else "")
+                          + keys.get(h, "") + "}"
                           for h in self.hosts)
         d = self.dir / host
         return (f"cluster: {self.cluster}\nhost: {host}\nhosts:\n{hosts}\n"
                 f"key_file: {self.dir / 'key'}\n"
+                + (f"host_key_file: {self.dir / f'{host}.hostkey'}\n" if self.public_keys else "") +
                 f"mqtt:\n  urls: [{self.urls()}]\n  keepalive_s: {self.keepalive_s}\n"
                 + ("timing:\n" + "".join(f"  {k}: {v}\n" for k, v in t.items()) if t else "") +
                 f"vm_dir: {d / 'vms'}\nrun_dir: {d / 'run' / 'vms'}\nstate_dir: {d / 'state'}\n"

@@ -61,14 +61,15 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
                timing: dict[str, int] | None = None, host_extra: str = "", extra: str = "",
                prepare: Callable[[Cluster], None] | None = None,
                hosts: tuple[str, ...] = ("h1", "h2", "h3"),
-               shipped_timing: bool = False, brokers_on: tuple[str, ...] = ()) -> Iterator[Cluster]:
+               shipped_timing: bool = False, brokers_on: tuple[str, ...] = (),
+               host_keys: bool = False) -> Iterator[Cluster]:
     """Agents (three by default) with `ha.enabled`; every host gets the fence stand-in when
     `fence`, and `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200").
     `shipped_timing`: the defaults an operator gets (no `timing:` section)."""
     cluster_dir_hint: dict[str, str] = {}
     c = Cluster(hosts=hosts, timing=dict(HA_TIMING, **(timing or {})), vms=vms,
                 extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint,
-                default_timing=shipped_timing, brokers_on=brokers_on)
+                default_timing=shipped_timing, brokers_on=brokers_on, host_keys=host_keys)
     for h in c.hosts:
         fields = [host_extra] if host_extra else []
         if fence:

@@ -15,7 +15,9 @@ import pytest
 from haguard.core.cluster.coordinator import Coordinator
 from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import HostCandidate, VmSpec
-from haguard.core.cluster.types import ClusterOutput, HostSpec, MessageReceived, RelayEntry
+from haguard.core.cluster.relay import reported_by
+from haguard.core.cluster.types import ClusterOutput, Digest, HostSpec, MessageReceived, RelayEntry
+from haguard.sim.checkers import Violation
 from haguard.sim.faults import Fault, Schedule
 from haguard.sim.runner import main, run, shrink
 from haguard.sim.world import SimConfig, World
@@ -799,3 +801,44 @@ def test_an_inventory_over_the_wires_limit_is_placed_and_recovered_in_parts() ->
     world.run(40_000)
     assert not world.oversize and world.checker.all_running()
     assert {vm for at, h, vm in world.starts if at > 12000} >= lost
+
+
+def _forge_a_relayed_heartbeat(host_keys: bool) -> World:
+    """A member (holding the cluster key) relays to the coordinator a heartbeat "of" a host
+    that owns a VM: a newer incarnation, no VM, the VM failed.  The coordinator then started
+    the VM elsewhere while its real copy still ran (a VM running twice)."""
+    sim = replace(_large(8, fanout=2), host_keys=host_keys)
+    world = World(3, Schedule(faults=(), heal_ms=10**9), sim)
+    world.run(8000)
+    assert world.checker.all_running()
+    (coordinator,) = world.coordinators()
+    agent = world.hosts[coordinator].agent
+    assert agent is not None and agent.layout.enabled
+    where = owners(world)
+    victim = next(h for h in sorted(world.hosts) if h != coordinator and h not in agent.neighbours
+                  and any(o == h for o in where.values()))
+    vm = next(v for v, o in sorted(where.items()) if o == victim)
+    liar = next(h for h in sorted(world.hosts) if h not in (coordinator, victim))
+    real = agent.beats[victim][1] if victim in agent.beats else None
+    reporter = sorted(reported_by(agent.layout, sim.gossip_fanout)[victim])[0]
+    base = real or next(b for _, b in agent.beats.values())
+    fake = replace(base, sender=victim, incarnation=base.incarnation + 1, vms={}, failed_vms=frozenset({vm}),
+                   seq=1, migrations=(), to=None, coordinator=False, proof="")
+    entry = RelayEntry(host=victim, reporter=reporter, incarnation=fake.incarnation, seq=1, since=1,
+                       heard_age_ms=0, relay_age_ms=0, beat=fake)
+    for _ in range(20):                         # as often as a real digest would come
+        world.run(world.now + 200)
+        digest = Digest(sender=liar, term=agent.election.term, entries=(entry,), to=coordinator, part=7)
+        world._feed(world.hosts[coordinator], MessageReceived(message=digest, now_ms=world.now))
+    world.run(world.now + 10_000)
+    return world
+
+
+@pytest.mark.timeout(120)
+def test_a_member_cannot_relay_a_forged_heartbeat_of_another_host_with_host_keys() -> None:
+    with pytest.raises(Violation, match="started on"):        # the hole, without host keys
+        _forge_a_relayed_heartbeat(host_keys=False)
+    world = _forge_a_relayed_heartbeat(host_keys=True)
+    assert world.checker.all_running()
+    agent = world.hosts[next(iter(world.coordinators()))].agent
+    assert agent is not None and agent.relay.proofs.refused > 0

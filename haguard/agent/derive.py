@@ -6,12 +6,15 @@ import contextlib
 import os
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from haguard.config.cluster import ClusterConfig, TimingConfig
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
 from haguard.core.cluster.selffence import arms_watchdog
 from haguard.core.cluster.types import ClusterTiming, CoreConfig, HostSpec
 from haguard.core.detector import DetectorTiming
 from haguard.core.host_types import HostConfig
+from haguard.core.hostkeys import Signer, parse_public
 from haguard.core.peers import VmSize
 from haguard.core.vmhealth import VmHealthPolicy
 from haguard.vm.definition import VmDefinition
@@ -31,8 +34,9 @@ def detector_timing(t: TimingConfig) -> DetectorTiming:
                           isolation_timeout_ms=t.isolation_timeout_ms)
 
 
-def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
-    """The core's view of the configuration; every agent computes the same one."""
+def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], signer: Signer | None = None) -> CoreConfig:
+    """The core's view of the configuration; every agent computes the same one (but for
+    `signer`, this host's own key)."""
     t, ha = cfg.timing, cfg.ha
     # A host without a configured size is taken to be like this one (a uniform cluster).
     default_memory, default_vcpus = host_memory_mib(), os.cpu_count() or 1
@@ -67,7 +71,8 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> CoreConfig:
                                max_migrations_per_host=ha.max_migrations_per_host,
                                max_migrations_cluster=ha.max_migrations),
         isolation=ha.isolation, watchdog_arm=ha.watchdog.arm if ha.watchdog is not None else "never",
-        direct_mesh=ha.direct_mesh)
+        direct_mesh=ha.direct_mesh, signer=signer,
+        host_keys=host_keys(cfg))
 
 
 def watchdog_armed_here(cfg: ClusterConfig) -> bool:
@@ -75,8 +80,13 @@ def watchdog_armed_here(cfg: ClusterConfig) -> bool:
     return cfg.ha.watchdog is not None and arms_watchdog(core_config(cfg, {}), cfg.this_host().name)
 
 
+def host_keys(cfg: ClusterConfig) -> dict[str, tuple[Ed25519PublicKey, ...]]:
+    """Whose messages must carry their host's signature: every host with a public key."""
+    return {h.name: tuple(parse_public(k) for k in h.public_keys) for h in cfg.hosts if h.public_keys}
+
+
 def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
-                health_policy: VmHealthPolicy) -> HostConfig:
+                health_policy: VmHealthPolicy, signer: Signer | None = None) -> HostConfig:
     """The host core's view of the configuration (the cluster's part in cluster mode)."""
     me = cfg.this_host()
     memory = me.memory_mib if me.memory_mib is not None else host_memory_mib()
@@ -84,4 +94,4 @@ def host_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], *,
         me=me.name, peers=tuple(h.name for h in cfg.hosts), timing=detector_timing(cfg.timing),
         vm_policy=health_policy, memory_mib=memory, vcpus=me.vcpus or os.cpu_count() or 1,
         vm_sizes={n: VmSize(memory_mib=v.memory_mib, vcpus=v.vcpus) for n, v in vms.items()},
-        cluster=core_config(cfg, vms) if cfg.ha.enabled else None)
+        cluster=core_config(cfg, vms, signer) if cfg.ha.enabled else None)

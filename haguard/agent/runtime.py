@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.adapters import metrics as metrics_mod
 from haguard.adapters.alerts import AlertNotifier
@@ -46,7 +46,7 @@ from haguard.adapters.systemd import Notifier, ProgressWatchdog, summary
 from haguard.adapters.vmwatch import VmWatcher, health_policy, live_pid, restart_in_place
 from haguard.agent import supervise
 from haguard.agent.control import ControlServer, control_path
-from haguard.agent.derive import host_config
+from haguard.agent.derive import host_config, host_keys
 from haguard.agent.durable import write_durably
 from haguard.agent.executor import STATE_FILE, ClusterExecutor, load_persisted
 from haguard.agent.status import status_path, write_status
@@ -70,7 +70,7 @@ from haguard.core.host_types import (
     WatchdogDisarmAllowed,
     WatchdogDisarming,
 )
-from haguard.core.hostkeys import parse_private, parse_public, public_text, signer_of
+from haguard.core.hostkeys import parse_private, public_text, signer_of
 from haguard.core.probes import HostHealthChanged
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
@@ -187,11 +187,6 @@ def read_host_key(cfg: ClusterConfig, path: Path) -> Ed25519PrivateKey | None:
     return key
 
 
-def host_keys(cfg: ClusterConfig) -> dict[str, tuple[Ed25519PublicKey, ...]]:
-    """Whose messages must carry their host's signature: every host with a public key."""
-    return {h.name: tuple(parse_public(k) for k in h.public_keys) for h in cfg.hosts if h.public_keys}
-
-
 def next_incarnation(state_dir: Path, wall_ms: int | None = None) -> int:
     """The previous incarnation + 1, persisted before use (a restart must never reuse one).
 
@@ -259,12 +254,13 @@ class Agent:
         if cfg.ha.enabled and persisted is None:
             # A new host, or a lost state_dir: the core abstains from voting for a while.
             log.warning("cluster-state-missing", path=str(cfg.state_dir / STATE_FILE))
-        self.core = HostCore(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
+        own = read_host_key(cfg, config_path)
+        self.signer = signer_of(own) if own is not None else None
+        self.core = HostCore(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart),
+                                         signer=self.signer),
                              incarnation=incarnation, now_ms=self.started_ms, persisted=persisted)
         self.status_file = status_path(cfg.run_dir)
-        own = read_host_key(cfg, config_path)
-        signer = signer_of(own) if own is not None else None
-        verified = host_keys(cfg)
+        signer, verified = self.signer, host_keys(cfg)
         self.transport = GossipTransport(cfg.mqtt, cluster=cfg.cluster, host=self.me,
                                          incarnation=incarnation, key=key, signer=signer, host_keys=verified,
                                          on_envelope=self._on_envelope, on_reject=self._on_reject,
@@ -656,7 +652,8 @@ class Agent:
             needs_restart.append("vm_dir (the cluster's VMs)")
             vms = self.vms
         self.needs_restart = needs_restart
-        self.core.reconfigure(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart)),
+        self.core.reconfigure(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart),
+                                          signer=self.signer),
                               monotonic_ms())
         self.pinger.set_peers(self._peer_addresses(cfg))
         for gone in set(self._peer_addresses(self.cfg)) - set(self._peer_addresses(cfg)):

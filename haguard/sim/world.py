@@ -15,12 +15,15 @@ pings from that side.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.core import wire
 from haguard.core.alerts import RaiseAlert
@@ -56,6 +59,7 @@ from haguard.core.cluster.types import (
     WatchdogConfirmed,
 )
 from haguard.core.detector import BrokerConnectionChanged, DetectorTiming, PingObserved
+from haguard.core.hostkeys import signer_of
 from haguard.sim.checkers import Checker, Violation
 from haguard.sim.faults import Fault, Schedule
 
@@ -109,6 +113,9 @@ class SimConfig:
     watchdog_devices: Mapping[str, int] = field(default_factory=dict)
     gossip_fanout: int = CoreConfig.gossip_fanout   # below hosts - 1: partial views (a large cluster)
     direct_mesh: int = CoreConfig.direct_mesh       # signed beats to every host up to this size
+    # Every host signs its heartbeats with its own Ed25519 key, and relayed ones are checked
+    # (core/cluster/proof.py); the keys come from the seed.
+    host_keys: bool = False
 
 
 @dataclass
@@ -147,6 +154,9 @@ class World:
         if self.sim.witness:
             specs["w"] = HostSpec(name="w", witness=True)
         self.specs = specs
+        self.keys = {n: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"{seed}/{n}".encode()).digest())
+                     for n in specs} if self.sim.host_keys else {}
+        self.public_keys = {n: (k.public_key(),) for n, k in self.keys.items()}
         self.vm_specs = {v.name: v for v in self.sim.vms}
         self.vm_names = sorted(self.vm_specs)
         self.hosts = {n: SimHost(name=n, spec=s, watchdog_ms=self.sim.watchdog_devices.get(
@@ -439,7 +449,9 @@ class World:
         return CoreConfig(me=name, hosts=self.specs, vms=self.vm_specs, timing=self.timing,
                           detector=self.sim.detector, isolation=self.sim.isolation,
                           watchdog_arm=self.sim.watchdog_arm,
-                          gossip_fanout=self.sim.gossip_fanout, direct_mesh=self.sim.direct_mesh)
+                          gossip_fanout=self.sim.gossip_fanout, direct_mesh=self.sim.direct_mesh,
+                          signer=signer_of(self.keys[name]) if name in self.keys else None,
+                          host_keys=self.public_keys)
 
     def _on_watchdog_confirmed(self, payload: tuple[str, int]) -> None:
         name, incarnation = payload

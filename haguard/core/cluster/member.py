@@ -45,6 +45,7 @@ from haguard.core.cluster.follower import Follower
 from haguard.core.cluster.grants import LocalVms
 from haguard.core.cluster.lostvotes import LostVotes
 from haguard.core.cluster.parts import split_entries
+from haguard.core.cluster.proof import ProofCheck, signed
 from haguard.core.cluster.quorate import QuorumViews, heard_by
 from haguard.core.cluster.quorum import Quorum
 from haguard.core.cluster.relay import RelayHops, RelayLayout, relay_layout, ring_neighbours
@@ -108,7 +109,7 @@ class ClusterMember:
         self.layout: RelayLayout = relay_layout(self.hosts, config.gossip_fanout, config.relay_fanin)
         self.lag_ms = self.layout.lag_ms(config.timing.heartbeat_ms)
         self.relay = RelayHops(self.layout, self.me, self.neighbours, config.gossip_fanout,
-                               config.detector.suspect_timeout_ms)
+                               config.detector.suspect_timeout_ms, ProofCheck(config.host_keys))
         # Watched (heard, pinged, judged): the neighbours and the coordinator; everyone when coordinating.
         self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
         self.election = Election(self.me, self.quorum, config.timing.lease_ms, term=saved.term,
@@ -446,7 +447,7 @@ class ClusterMember:
             hears, reaches = hears & self.neighbours, reaches & self.neighbours
         self._beat_seq += 1
         local = self.local
-        return Heartbeat(sender=self.me, incarnation=self.incarnation, term=self.election.term,
+        return signed(Heartbeat(sender=self.me, incarnation=self.incarnation, term=self.election.term,
                          hears=hears, reaches=reaches,
                          accepted=self.accepted.key, quorate=quorate, vms=dict(local.vms),
                          failed_vms=frozenset(local.failed),
@@ -456,7 +457,7 @@ class ClusterMember:
                          coordinator=coordinating, unheard=unheard,
                          confirmed=dict(self.duty.acks.new) if self.duty is not None else {},
                          watchdog_ms=self.watchdog_ms, definition=self.definition.mine,
-                         seq=self._beat_seq)
+                         seq=self._beat_seq), self.config.signer)
 
     # ---- obeying the committed state (grants.py) -------------------------------------
 

@@ -32,6 +32,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
+from haguard.core.cluster.proof import ProofCheck
 from haguard.core.cluster.types import Heartbeat, RelayEntry
 
 RELAY_REFRESH_MS = 5_000            # a relayed heartbeat's content is sent again at least this often
@@ -158,11 +159,12 @@ class RelayHops:
     """
 
     def __init__(self, layout: RelayLayout, me: str, neighbours: frozenset[str], fanout: int,
-                 suspect_timeout_ms: int) -> None:
+                 suspect_timeout_ms: int, proofs: ProofCheck | None = None) -> None:
         self.layout = layout
         self.me = me
         self.neighbours = neighbours
         self.suspect_timeout_ms = suspect_timeout_ms
+        self.proofs = proofs if proofs is not None else ProofCheck({})   # relayed heartbeats' signatures
         self.roles = layout.roles_of(me)
         self.reporter = any(r.tier == 1 for r in self.roles)
         # A reporter whose own aggregator slot takes its reports (they go up in that digest).
@@ -273,7 +275,8 @@ class RelayHops:
         same content (None: not received, or another content; it comes again within the refresh)."""
         key = (e.host, e.reporter)
         if e.beat is not None:
-            if e.beat.sender != e.host or e.beat.incarnation != e.incarnation:
+            beat = e.beat
+            if beat.sender != e.host or beat.incarnation != e.incarnation or not self.proofs.trusted(beat):
                 return None
             self._contents[key] = (e.since, e.beat)
             return e

@@ -15,6 +15,7 @@ from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
 from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, StateKey, VmRecord
 from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
+from haguard.core.hostkeys import HostKeys, Signer
 
 IsolationPolicy = Literal["keep", "shutdown", "self-fence"]
 # Where the watchdog is armed: auto (where it is the host's fence), always, never (none configured).
@@ -82,6 +83,10 @@ class CoreConfig:
     # Signed direct beats go to every host in a cluster of at most this many hosts (else to
     # the watched ones only): a host then shows a majority without the broker (quorate.py).
     direct_mesh: int = 64
+    # Host keys (core/hostkeys.py): this host signs its heartbeats with `signer`; a relayed
+    # heartbeat of a host in `host_keys` is taken only with its valid proof (proof.py).
+    signer: Signer | None = field(default=None, compare=False)
+    host_keys: HostKeys = field(default_factory=dict, compare=False)
 
 
 # ---- messages --------------------------------------------------------------------
@@ -127,6 +132,9 @@ class Heartbeat:
     # Numbers the sender's heartbeats within its incarnation: a heartbeat relayed by several
     # paths is one heartbeat.  Not part of its content (equal heartbeats say the same).
     seq: int = field(default=0, compare=False)
+    # The sender's host-key signature of this heartbeat (proof.py), so that a relayed copy
+    # can be checked by whoever gets it; "" without host keys.
+    proof: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, kw_only=True)

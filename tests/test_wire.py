@@ -236,6 +236,10 @@ def test_a_host_key_signature_is_required_where_the_host_has_a_key() -> None:
     later = Envelope(cluster="c1", host="h1", incarnation=1, seq=6, kind="cluster", body={"x": [1, "y"]})
     other = encode(later, KEY, signer=lambda _: obj["hsig"])
     assert isinstance(decode(other, KEY, "c1", host_keys=keys), Rejected)
+    # Switching over (require_host_keys off): a message without hsig is taken, a wrong one never.
+    assert decode(encode(e, KEY), KEY, "c1", host_keys=keys, require_host_keys=False) == e
+    wrong = encode(e, KEY, signer=hostkeys.signer_of(forger))
+    assert isinstance(decode(wrong, KEY, "c1", host_keys=keys, require_host_keys=False), Rejected)
     # A host without a configured key (a cluster switching over) is taken on the HMAC.
     e3 = Envelope(cluster="c1", host="h3", incarnation=1, seq=1, kind="cluster")
     assert decode(encode(e3, KEY), KEY, "c1", host_keys=keys) == e3

@@ -64,9 +64,10 @@ class DirectBeats:
                  peers: Mapping[str, str], on_result: Callable[[PingObserved], None],
                  interval_ms: int, window_ms: int, clock: Callable[[], int] = _monotonic_ms,
                  wall: Callable[[], int] = _wall_ms, signer: Signer | None = None,
-                 host_keys: HostKeys | None = None) -> None:
+                 host_keys: HostKeys | None = None, require_host_keys: bool = True) -> None:
         self.me, self.cluster, self.incarnation, self.key = me, cluster, incarnation, key
         self.signer, self.host_keys = signer, host_keys     # this host's own key, and the others'
+        self.require = require_host_keys
         self.address, self.port = address, port
         self.peers = dict(peers)                        # every configured peer: whose beats count
         self.targets = set(self.peers)                  # those this host sends beats to and judges
@@ -134,7 +135,8 @@ class DirectBeats:
             log.debug("direct beat from %s rejected: %s", addr[0], why)
 
     def _check(self, data: bytes, addr: tuple[Any, ...]) -> str | None:
-        env = decode(data, self.key, self.cluster, max_size=MAX_BEAT_BYTES, host_keys=self.host_keys)
+        env = decode(data, self.key, self.cluster, max_size=MAX_BEAT_BYTES, host_keys=self.host_keys,
+                     require_host_keys=self.require)
         if isinstance(env, Rejected):
             return env.reason
         if env.kind != KIND or self.peers.get(env.host) != addr[0]:

@@ -83,7 +83,7 @@ class GossipTransport:
                  on_connection: Callable[[bool, str], None], backoff_max_s: float = 3.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, outbox_size: int = 256,
                  clock_ms: Callable[[], int] | None = None, signer: Signer | None = None,
-                 host_keys: HostKeys | None = None) -> None:
+                 host_keys: HostKeys | None = None, require_host_keys: bool = True) -> None:
         for what, name in (("cluster", cluster), ("host", host)):
             if not re.fullmatch(NAME_PATTERN, name):
                 raise ConfigError(f"{name!r} is not a valid name", field=what)
@@ -95,6 +95,7 @@ class GossipTransport:
         self.topics = Topics(prefix=cfg.topic_prefix, cluster=cluster)
         self._key = key
         self._signer, self._host_keys = signer, host_keys      # this host's own key, and the others'
+        self._require = require_host_keys
         self._on_envelope, self._on_reject, self._on_connection = on_envelope, on_reject, on_connection
         self._max_bytes = max_message_bytes
         self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
@@ -255,7 +256,8 @@ class GossipTransport:
             self._reject(topic, "unexpected topic")
             return None
         channel, topic_host = where
-        env = decode(data, self._key, self.cluster, max_size=self._max_bytes, host_keys=self._host_keys)
+        env = decode(data, self._key, self.cluster, max_size=self._max_bytes, host_keys=self._host_keys,
+                     require_host_keys=self._require)
         if isinstance(env, Rejected):
             self._reject(topic, env.reason)
             return None

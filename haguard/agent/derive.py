@@ -72,7 +72,7 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], signer: Signer
                                max_migrations_cluster=ha.max_migrations),
         isolation=ha.isolation, watchdog_arm=ha.watchdog.arm if ha.watchdog is not None else "never",
         direct_mesh=ha.direct_mesh, signer=signer,
-        host_keys=host_keys(cfg))
+        host_keys=host_keys(cfg), require_host_keys=cfg.require_host_keys)
 
 
 def watchdog_armed_here(cfg: ClusterConfig) -> bool:

@@ -103,8 +103,8 @@ EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped t
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
 # Configuration a reload cannot change (the running values are kept until a restart), and in
 # cluster mode also the membership and timings the cluster core was built with.
-RESTART_FIELDS = ("cluster", "mqtt", "key_file", "host_key_file", "run_dir", "state_dir", "alerts", "metrics",
-                  "scheduling", "ha")
+RESTART_FIELDS = ("cluster", "mqtt", "key_file", "host_key_file", "require_host_keys", "run_dir", "state_dir",
+                  "alerts", "metrics", "scheduling", "ha")
 CLUSTER_RESTART_FIELDS = ("hosts", "timing")
 
 
@@ -263,6 +263,7 @@ class Agent:
         signer, verified = self.signer, host_keys(cfg)
         self.transport = GossipTransport(cfg.mqtt, cluster=cfg.cluster, host=self.me,
                                          incarnation=incarnation, key=key, signer=signer, host_keys=verified,
+                                         require_host_keys=cfg.require_host_keys,
                                          on_envelope=self._on_envelope, on_reject=self._on_reject,
                                          on_connection=self._on_connection)
         self.pinger = PeerPinger.from_timing(self._peer_addresses(cfg), self._offer, cfg.timing)
@@ -273,6 +274,7 @@ class Agent:
             t = cfg.timing
             self.beats = DirectBeats(me=self.me, cluster=cfg.cluster, incarnation=incarnation, key=key,
                                      signer=signer, host_keys=verified,
+                                     require_host_keys=cfg.require_host_keys,
                                      address=cfg.this_host().address, port=cfg.ha.direct_port,
                                      peers=self._peer_addresses(cfg), on_result=self._offer,
                                      interval_ms=t.ping_interval_ms,

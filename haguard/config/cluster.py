@@ -233,6 +233,9 @@ class ClusterConfig(_Strict):
     # This host's own Ed25519 private key (`haguard keygen`, mode 0600): every message it sends
     # is signed with it.  Its public key must be among its `public_keys`.
     host_key_file: Path | None = None
+    # Refuse a message without its host's signature from a host with `public_keys` (else only
+    # a wrong signature is refused): off while the hosts switch over, then on (docs/security.md).
+    require_host_keys: bool = True
     mqtt: MqttConfig
     timing: TimingConfig = TimingConfig()
     vm_dir: Path = Path("/etc/haguard/vms")

@@ -27,9 +27,10 @@ fresh seq.
 Host keys (core/hostkeys.py): a sender with its own key adds `"hsig"`, its Ed25519
 signature over the canonical fields without `sig` and `hsig`; the HMAC then covers
 `hsig` too.  A receiver given the sender's public keys (`host_keys`) refuses a message
-without a valid `hsig`.  A host with no configured key is checked by the HMAC alone (a
-cluster changes over host by host), and receivers of the previous release refuse
-`hsig`: turn host keys on once every agent runs this release.
+without a valid `hsig` (while a cluster switches over, `require_host_keys` off, one
+without any `hsig` is still taken; a wrong one never is).  A host with no configured key
+is checked by the HMAC alone, and receivers of the previous release refuse `hsig`: turn
+host keys on once every agent runs this release (docs/security.md).
 """
 
 from __future__ import annotations
@@ -104,9 +105,10 @@ def encode(env: Envelope, key: bytes, *, signer: Signer | None = None) -> bytes:
 
 
 def decode(data: bytes, key: bytes, cluster: str, *, max_size: int = MAX_MESSAGE_BYTES,
-           host_keys: HostKeys | None = None) -> Envelope | Rejected:
+           host_keys: HostKeys | None = None, require_host_keys: bool = True) -> Envelope | Rejected:
     """The envelope in `data` if it is well formed, signed with `key` and from `cluster`, and
-    signed by its host's own key where `host_keys` holds that host's."""
+    signed by its host's own key where `host_keys` holds that host's (`require_host_keys`
+    False, while a cluster switches over: a message without `hsig` is taken on the HMAC)."""
     _check_key(key)
     if not isinstance(data, bytes | bytearray | memoryview):
         return Rejected(reason=f"payload is {type(data).__name__}, not bytes")
@@ -150,7 +152,7 @@ def decode(data: bytes, key: bytes, cluster: str, *, max_size: int = MAX_MESSAGE
     if not hmac.compare_digest(expected, sig):
         return Rejected(reason="bad signature")
     keys = host_keys.get(obj["host"]) if host_keys is not None else None
-    if keys:
+    if keys and ("hsig" in obj or require_host_keys):
         plain = {k: v for k, v in unsigned.items() if k != "hsig"}
         if not verify_host_signature(keys, _canonical(plain).encode("ascii"), obj.get("hsig")):
             return Rejected(reason=f"not signed with the host key of {_short(obj['host'])}")

@@ -108,8 +108,9 @@ class ClusterMember:
         self.neighbours = ring_neighbours(self.hosts, self.me, config.gossip_fanout)
         self.layout: RelayLayout = relay_layout(self.hosts, config.gossip_fanout, config.relay_fanin)
         self.lag_ms = self.layout.lag_ms(config.timing.heartbeat_ms)
+        proofs = ProofCheck(config.host_keys, required=config.require_host_keys)
         self.relay = RelayHops(self.layout, self.me, self.neighbours, config.gossip_fanout,
-                               config.detector.suspect_timeout_ms, ProofCheck(config.host_keys))
+                               config.detector.suspect_timeout_ms, proofs)
         # Watched (heard, pinged, judged): the neighbours and the coordinator; everyone when coordinating.
         self.detector = FailureDetector(self.me, sorted(self.neighbours | {self.me}), config.detector, now_ms)
         self.election = Election(self.me, self.quorum, config.timing.lease_ms, term=saved.term,

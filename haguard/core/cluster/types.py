@@ -87,6 +87,7 @@ class CoreConfig:
     # heartbeat of a host in `host_keys` is taken only with its valid proof (proof.py).
     signer: Signer | None = field(default=None, compare=False)
     host_keys: HostKeys = field(default_factory=dict, compare=False)
+    require_host_keys: bool = True          # off while a cluster switches over to host keys
 
 
 # ---- messages --------------------------------------------------------------------

@@ -818,7 +818,10 @@ def _forge_a_relayed_heartbeat(host_keys: bool) -> World:
     victim = next(h for h in sorted(world.hosts) if h != coordinator and h not in agent.neighbours
                   and any(o == h for o in where.values()))
     vm = next(v for v, o in sorted(where.items()) if o == victim)
-    liar = next(h for h in sorted(world.hosts) if h not in (coordinator, victim))
+    reporters = set(agent.layout.tiers[0])              # they may send the coordinator news
+    liar = next(h for h in sorted(reporters) if h not in (coordinator, victim))
+    stranger = next(h for h in sorted(world.hosts) if h not in reporters | {coordinator, victim}
+                    and all(r.parent is not None for r in agent.layout.roles_of(h)))
     real = agent.beats[victim][1] if victim in agent.beats else None
     reporter = sorted(reported_by(agent.layout, sim.gossip_fanout)[victim])[0]
     base = real or next(b for _, b in agent.beats.values())
@@ -828,8 +831,10 @@ def _forge_a_relayed_heartbeat(host_keys: bool) -> World:
                        heard_age_ms=0, relay_age_ms=0, beat=fake)
     for _ in range(20):                         # as often as a real digest would come
         world.run(world.now + 200)
-        digest = Digest(sender=liar, term=agent.election.term, entries=(entry,), to=coordinator, part=7)
-        world._feed(world.hosts[coordinator], MessageReceived(message=digest, now_ms=world.now))
+        for sender in (liar, stranger):
+            digest = Digest(sender=sender, term=agent.election.term, entries=(entry,), to=coordinator, part=7)
+            world._feed(world.hosts[coordinator], MessageReceived(message=digest, now_ms=world.now))
+    assert agent.relay.refused_digests >= 20, "a digest from a host the layout does not send here"
     world.run(world.now + 10_000)
     return world
 

@@ -497,7 +497,8 @@ class ClusterMember:
     def _digest(self, d: Digest) -> list[ClusterOutput]:
         now = self.now_ms
         sent = now - self.config.timing.relay_transit_ms    # the digest's age counts from then
-        entries = self.relay.take(d.sender, d.entries, sent, d.part)
+        entries = self.relay.take(d.sender, d.entries, sent, d.part,
+                                  coordinating=self.election.role is Role.COORDINATOR)
         out: list[ClusterOutput] = []
         if self.election.role is Role.COORDINATOR:
             for entry in entries:

@@ -165,6 +165,7 @@ class RelayHops:
         self.neighbours = neighbours
         self.suspect_timeout_ms = suspect_timeout_ms
         self.proofs = proofs if proofs is not None else ProofCheck({})   # relayed heartbeats' signatures
+        self.refused_digests = 0                    # from a sender the layout does not send here
         self.roles = layout.roles_of(me)
         self.reporter = any(r.tier == 1 for r in self.roles)
         # A reporter whose own aggregator slot takes its reports (they go up in that digest).
@@ -172,6 +173,9 @@ class RelayHops:
         self._reported_by = reported_by(layout, fanout) if layout.enabled else {}
         self._children = frozenset(h for h, roles in layout.roles.items()
                                    for r in roles if r.parent == me and h != me)
+        # Who may send a digest to the coordinator: the top aggregators, and any reporter (news).
+        self._to_coordinator = frozenset(h for h, roles in layout.roles.items()
+                                         for r in roles if r.parent is None or r.tier == 1)
         # Digests taken, per sender: (when it was sent, by our clock: see relay_transit_ms; entries).
         # (sender, part) -> (received at, entries): a large digest comes in several parts.
         self._digests: dict[tuple[str, int], tuple[int, tuple[RelayEntry, ...]]] = {}
@@ -258,10 +262,15 @@ class RelayHops:
         return out
 
     def take(self, sender: str, entries: tuple[RelayEntry, ...], sent: int,
-             part: int = 0) -> tuple[RelayEntry, ...]:
+             part: int = 0, *, coordinating: bool = False) -> tuple[RelayEntry, ...]:
         """A digest received (`sent`: when it left its last hop): its entries with their
-        heartbeats, only those of a reporter's own neighbourhood as the layout has it."""
+        heartbeats, only those of a reporter's own neighbourhood as the layout has it, and
+        only from a sender the layout sends here (a child; for the coordinator, a top
+        aggregator or a reporter's news)."""
         if not self.layout.enabled:
+            return ()
+        if sender not in self._children and not (coordinating and sender in self._to_coordinator):
+            self.refused_digests += 1
             return ()
         full = tuple(whole for e in entries
                      if e.reporter in self._reported_by.get(e.host, ())

@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.agent.control import control_path, request
+from haguard.core.hostkeys import private_text, public_text
 from haguard.lab.softdog import Faults
 from haguard.vm.definition import VmDefinition
 from tests.helpers.cluster import HUB_ADDR, Cluster
@@ -29,6 +31,7 @@ from tests.helpers.ha import (
     now,
     qemu_pids,
     running_on,
+    stop_agent,
     wait_placed,
 )
 from tests.helpers.vms import guest_vm
@@ -580,6 +583,39 @@ def test_a_host_with_another_cluster_definition_is_named_votes_for_no_one_and_ke
         c.wait_for("a coordinator again", lambda: all(
             c.cluster_view(h).get("coordinator") for h in c.hosts), 30)
         assert {h: qemu_pids(c, h) for h in c.hosts} == before, "a VM was restarted or stopped"
+        watch.check()
+
+
+@pytest.mark.timeout(240)
+def test_a_host_key_is_rotated_while_vms_run_without_quorum_loss_or_fence() -> None:
+    # Rotation without downtime: the new public key added everywhere (both accepted), the host
+    # switched to it, the old one removed; agents restarted one by one at each step.
+    vms = ha_vms(3)
+    with ha_cluster(vms, host_keys=True) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        before = {h: qemu_pids(c, h) for h in c.hosts}
+        old = c.public_keys["h1"][0]
+        new = Ed25519PrivateKey.generate()
+
+        def roll(hosts: tuple[str, ...]) -> None:
+            for h in hosts:
+                c.config_path(h).write_text(c.config_text(h))
+                assert stop_agent(c, h) == 0, c.log_tail()
+                c.start_agent(h)
+                c.wait_for(f"{h} back", lambda h=h: c.cluster_view(h).get("coordinator") is not None
+                           and c.cluster_view(h).get("quorum_lost_ms") == 0, 30)
+
+        c.public_keys["h1"] = [old, public_text(new)]
+        roll(c.hosts)
+        c.host_key_path("h1").write_text(private_text(new) + "\n")
+        roll(("h1",))
+        c.public_keys["h1"] = [public_text(new)]
+        roll(c.hosts)
+        time.sleep(3)
+        lost = [e for h in c.hosts for e in c.events(h, "alert") if e.get("alert") == "quorum-lost"]
+        assert not lost and not fence_calls(c), lost
+        assert {h: qemu_pids(c, h) for h in c.hosts} == before, "a VM was restarted or stopped"
+        assert all(c.state_of(h, "h1") == "alive" for h in ("h2", "h3")), c.states()
         watch.check()
 
 

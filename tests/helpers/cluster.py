@@ -64,14 +64,14 @@ class Cluster:
         self.broker: Mosquitto | None = None
         self.brokers: dict[str, Mosquitto] = {}          # host -> the broker running on it
         self.brokers_on = brokers_on
-        self.public_keys: dict[str, str] = {}           # host -> its public key (host_keys)
+        self.public_keys: dict[str, list[str]] = {}     # host -> its public keys (host_keys)
         if host_keys:
             for h in hosts:
                 key = Ed25519PrivateKey.generate()
                 path = self.dir / f"{h}.hostkey"
                 path.write_text(private_text(key) + "\n")
                 path.chmod(0o600)
-                self.public_keys[h] = public_text(key)
+                self.public_keys[h] = [public_text(key)]
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.faults = 0         # faults injected so far (cut, loss, kill -9, QEMUs killed)
         self.cluster = "c" + tag
@@ -118,7 +118,8 @@ class Cluster:
 
     def config_text(self, host: str, **timing: int) -> str:
         t = dict(self.timing, **timing)
-        keys = {h: f", public_keys: ['{k}']" for h, k in self.public_keys.items()}
+        keys = {h: ", public_keys: [" + ", ".join(f"'{k}'" for k in ks) + "]"
+                for h, ks in self.public_keys.items()}
         hosts = "\n".join(f"  - {{name: {h}, address: {self.addr[h]}"
                           + (f", {self.host_fields[h]}" if h in self.host_fields else "")
                           + keys.get(h, "") + "}"
@@ -136,6 +137,9 @@ class Cluster:
         if not self.brokers_on:
             return f"'mqtt://{HUB_ADDR}:1883'"
         return ", ".join(f"'{self.brokers[h].url}'" for h in self.brokers_on)
+
+    def host_key_path(self, host: str) -> Path:
+        return self.dir / f"{host}.hostkey"
 
     def config_path(self, host: str) -> Path:
         return self.dir / f"{host}.yaml"

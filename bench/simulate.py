@@ -21,6 +21,9 @@
   detector    one agent's failure detector: cost of a fed event (it judges the peers the event
               is about) and of a tick (every watched peer), and the events per second a
               follower and the coordinator get at N hosts
+  signatures  the coordinator in steady state at 1,000 hosts (quick: 100), HMAC only and with
+              host keys side by side: its core's CPU, messages and bytes received, plus each
+              envelope's own check (measured per message) times the messages
   planning    1,000 hosts x 20 VMs, one host failed: `plan_recovery` (placement of its 20 VMs
               on the 999 others) and the coordinator's whole `plan` call that releases and
               places them, from a synthetic committed state; p50 and max over several runs
@@ -39,7 +42,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import json
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from bench.common import base_parser, emit_result, log
+from haguard.core import wire
+from haguard.core.cluster import codec
 from haguard.core.cluster.coordinator import Coordinator, HostView
 from haguard.core.cluster.placement import HostCandidate, PlacementLimits, VmSpec
 from haguard.core.cluster.recovery import plan_recovery
@@ -54,6 +63,7 @@ from haguard.core.cluster.types import (
     QemuState,
 )
 from haguard.core.detector import DetectorTiming, FailureDetector, PeerHeard, PeerState, PingObserved
+from haguard.core.hostkeys import signer_of
 from haguard.sim.faults import Schedule
 from haguard.sim.runner import run
 from haguard.sim.world import SimConfig, SimHost, World
@@ -121,6 +131,82 @@ def schedules(count: int, first_seed: int, workers: int, sim: SimConfig | None =
     }
 
 
+# ---- host keys: the coordinator's cost --------------------------------------------------
+
+def _envelope_costs(body_bytes: int) -> dict[str, float]:
+    """Microseconds to sign and to check one envelope of `body_bytes`, HMAC alone and with a
+    host key (the transport's work per message, which the simulator does not do)."""
+    key, own = b"k" * 32, Ed25519PrivateKey.generate()
+    keys = {"h1": (own.public_key(),)}
+    env = wire.Envelope(cluster="c1", host="h1", incarnation=1, seq=1, kind="cluster",
+                        body={"msg": "x" * body_bytes})
+    out: dict[str, float] = {}
+    for name, signer, host_keys in (("hmac", None, None), ("host_key", signer_of(own), keys)):
+        data = wire.encode(env, key, signer=signer)
+        t0 = time.perf_counter()
+        for _ in range(500):
+            wire.encode(env, key, signer=signer)
+        t1 = time.perf_counter()
+        for _ in range(500):
+            wire.decode(data, key, "c1", host_keys=host_keys)
+        t2 = time.perf_counter()
+        out[f"{name}_sign_us"] = round((t1 - t0) / 500 * 1e6, 1)
+        out[f"{name}_check_us"] = round((t2 - t1) / 500 * 1e6, 1)
+        out[f"{name}_bytes"] = len(data)
+    return out
+
+
+def _coordinator_cost(hosts: int, window_ms: int, keyed: bool) -> dict[str, Any]:
+    world, coordinator, _ = _steady(hosts, VMS_PER_HOST, host_keys=keyed)
+    assert coordinator is not None
+    agent = world.hosts[coordinator].agent
+    assert agent is not None
+    spent = [0]
+    received = [0, 0]
+
+    def timed(fn: Any) -> Any:
+        def call(*a: Any, **kw: Any) -> Any:
+            t0 = time.process_time_ns()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[0] += time.process_time_ns() - t0
+        return call
+    agent.step = timed(agent.step)              # type: ignore[method-assign]
+    agent.tick = timed(agent.tick)              # type: ignore[method-assign]
+    feed = world._feed
+
+    def counting(host: SimHost, event: Any) -> None:
+        if host.name == coordinator and isinstance(event, MessageReceived):
+            received[0] += 1
+            received[1] += len(json.dumps(codec.to_data(event.message), separators=(",", ":")))
+        feed(host, event)
+    world._feed = counting                      # type: ignore[method-assign]
+    t0 = world.now
+    world.run(t0 + window_ms)
+    seconds = (world.now - t0) / 1000
+    return {"core_cpu_ms_per_s": round(spent[0] / 1e6 / seconds, 1),
+            "messages_per_s": round(received[0] / seconds, 1),
+            "body_kib_per_s": round(received[1] / 1024 / seconds, 1),
+            "proofs_refused": agent.relay.proofs.refused}
+
+
+def signature_cost(hosts: int, window_ms: int) -> dict[str, Any]:
+    """The coordinator in steady state, HMAC only and with host keys, side by side: its core's
+    CPU (heartbeats signed, relayed ones checked), the bytes it receives, and the envelopes'
+    own cost per message received (measured here, times the messages)."""
+    rows = {"hmac": _coordinator_cost(hosts, window_ms, False),
+            "host_key": _coordinator_cost(hosts, window_ms, True)}
+    body = int(rows["hmac"]["body_kib_per_s"] * 1024 / max(1, rows["hmac"]["messages_per_s"]))
+    costs = _envelope_costs(min(body, 60_000))
+    for name, row in rows.items():
+        envelope_ms = row["messages_per_s"] * costs[f"{name}_check_us"] / 1000
+        row["envelope_cpu_ms_per_s"] = round(envelope_ms, 1)
+        row["total_cpu_pct_of_core"] = round((row["core_cpu_ms_per_s"] + envelope_ms) / 10, 1)
+    ratio = rows["host_key"]["total_cpu_pct_of_core"] / max(0.1, rows["hmac"]["total_cpu_pct_of_core"])
+    return {"hosts": hosts, **rows, "envelope": costs, "cpu_ratio": round(ratio, 2)}
+
+
 # ---- gossip and detection at N hosts ----------------------------------------------------
 
 class CountingWorld(World):
@@ -162,11 +248,11 @@ class CountingWorld(World):
                     self.dead_seen[victim] = self.now
 
 
-def _sim_config(hosts: int, vms_per_host: int) -> SimConfig:
+def _sim_config(hosts: int, vms_per_host: int, host_keys: bool = False) -> SimConfig:
     vms = tuple(VmSpec(name=f"vm{i}", memory_mib=VM_MEMORY_MIB, vcpus=1, priority=i % 3)
                 for i in range(1, hosts * vms_per_host + 1))
     return SimConfig(hosts=hosts, vms=vms, host_memory_mib=HOST_MEMORY_MIB, host_vcpus=HOST_VCPUS,
-                     liveness_bound_ms=10**9, decode_messages=False)
+                     liveness_bound_ms=10**9, decode_messages=False, host_keys=host_keys)
 
 
 def _placed(sim: SimConfig, vms_per_host: int) -> ClusterState:
@@ -176,9 +262,10 @@ def _placed(sim: SimConfig, vms_per_host: int) -> ClusterState:
                         hosts={h: HostRecord() for h in names})
 
 
-def _steady(hosts: int, vms_per_host: int) -> tuple[CountingWorld, str | None, int | None]:
+def _steady(hosts: int, vms_per_host: int,
+            host_keys: bool = False) -> tuple[CountingWorld, str | None, int | None]:
     """A world warmed up until a coordinator committed a state in which every VM has an owner."""
-    sim = _sim_config(hosts, vms_per_host)
+    sim = _sim_config(hosts, vms_per_host, host_keys)
     world = CountingWorld(0, Schedule(faults=(), heal_ms=10**9), sim, placed=_placed(sim, vms_per_host))
     t, settled_ms = 0, None
     while t < 20_000:
@@ -418,6 +505,8 @@ def main() -> int:
     phases = 2 if args.quick else 10      # quick: 1,000 simulated hosts cost ~10 s a simulated second
 
     plan = planning(1000, 10 if args.quick else 30)
+    signatures = signature_cost(100 if args.quick else 1000, args.window_ms)
+    log(f"signatures: {signatures}")
     detector = [detector_cost(n, 3000) for n in (3, 30, 100, 1000)]
     scale = []
     for n in sizes:
@@ -446,6 +535,8 @@ def main() -> int:
         # None: not measured at 1,000 hosts (only up to `detection_largest_hosts`).
         "detection_not_slower_at_1000": (detect_not_slower if at_1000 else None),
         "plan_one_host_at_1000": plan["coordinator_plan_cpu_max_ms"] <= TARGET_PLAN_MS,
+        "host_keys_cpu_within_2x": signatures["cpu_ratio"] <= 2.0,
+        "host_keys_coordinator_under_25pct": signatures["host_key"]["total_cpu_pct_of_core"] <= 25.0,
     }
 
     titles = (f"Random schedules ({SimConfig.hosts} hosts, full mesh, fence devices, 2 workers)",
@@ -492,6 +583,16 @@ def main() -> int:
     print(f"  Coordinator.plan (release + place): CPU p50 {plan['coordinator_plan_cpu_p50_ms']} ms, "
           f"max {plan['coordinator_plan_cpu_max_ms']} ms (target <= {TARGET_PLAN_MS} ms); wall p50 "
           f"{plan['coordinator_plan_p50_ms']} ms, max {plan['coordinator_plan_max_ms']} ms (shared machine)")
+    print(f"\nHost keys at {signatures['hosts']} hosts, the coordinator in steady state (side by side)")
+    for name in ("hmac", "host_key"):
+        r = signatures[name]
+        print(f"  {name:>8}: core {r['core_cpu_ms_per_s']} ms/s + envelopes "
+              f"{r['envelope_cpu_ms_per_s']} ms/s = {r['total_cpu_pct_of_core']}% of a core; "
+              f"{r['messages_per_s']} messages/s, {r['body_kib_per_s']} KiB/s of bodies")
+    e = signatures["envelope"]
+    print(f"  per envelope: HMAC sign {e['hmac_sign_us']} us, check {e['hmac_check_us']} us "
+          f"({e['hmac_bytes']} B); host key sign {e['host_key_sign_us']} us, check "
+          f"{e['host_key_check_us']} us ({e['host_key_bytes']} B); CPU ratio {signatures['cpu_ratio']}")
     verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}
     print("\nTargets: " + ", ".join(f"{k} {verdict[v]}" for k, v in targets.items()))
     emit_result({"quick": args.quick, "schedules": sched, "schedules_relayed": relayed, "gossip": scale,
@@ -499,7 +600,7 @@ def main() -> int:
                  "coordinator_messages_s_at_1000": coordinator_1000,
                  "detection_largest_hosts": largest["hosts"] if largest else None,
                  "detection_not_slower_up_to_largest": detect_not_slower,
-                 "detector_cost": detector, "planning": plan, "targets": targets})
+                 "detector_cost": detector, "planning": plan, "signatures": signatures, "targets": targets})
     return 0 if all(v is True for v in targets.values()) else 1
 
 

@@ -260,6 +260,10 @@ async def test_both_reconnect_after_a_broker_outage(broker: Mosquitto) -> None:
         assert not a.rejects and not b.rejects                           # retained copies are not "replays"
 
 
+async def all_links_up(*ps: Peer) -> None:
+    await eventually(lambda: all(all(p.transport.links_up().values()) for p in ps), 5, "every link up")
+
+
 def _once_each(p: Peer) -> bool:
     """Every message taken once: no (host, incarnation, seq) twice."""
     keys = [(e.host, e.incarnation, e.seq) for e in p.envelopes]
@@ -271,8 +275,7 @@ async def test_every_broker_carries_every_message_and_copies_are_dropped() -> No
     with Mosquitto() as first, Mosquitto() as second:
         cfg = first.mqtt_config(keepalive_s=KEEPALIVE_S, urls=(first.url, second.url))
         async with peers(Peer(cfg, "h1"), Peer(cfg, "h2")) as (a, b):
-            await eventually(lambda: all(a.transport.links_up().values())
-                             and all(b.transport.links_up().values()), 5, "both links up")
+            await all_links_up(a, b)
             await exchange(a, b, "both")
             await asyncio.sleep(0.3)
             assert {(True, first.url), (True, second.url)} <= set(a.connections)
@@ -308,8 +311,7 @@ async def test_a_hung_broker_costs_no_message() -> None:
     with Mosquitto() as first, Mosquitto() as second:
         cfg = first.mqtt_config(keepalive_s=KEEPALIVE_S, urls=(first.url, second.url))
         async with peers(Peer(cfg, "h1"), Peer(cfg, "h2")) as (a, b):
-            await eventually(lambda: all(a.transport.links_up().values())
-                             and all(b.transport.links_up().values()), 5, "both links up")
+            await all_links_up(a, b)
             first.freeze()                    # sockets stay open, nothing answers
             try:
                 t0 = time.monotonic()
@@ -328,8 +330,7 @@ async def test_a_will_from_one_broker_is_dropped_while_the_host_talks_through_an
     with Mosquitto() as first, Mosquitto() as second:
         cfg = first.mqtt_config(keepalive_s=KEEPALIVE_S, urls=(first.url, second.url))
         async with peers(Peer(cfg, "h1", incarnation=3), Peer(cfg, "h2")) as (a, b):
-            await eventually(lambda: all(a.transport.links_up().values())
-                             and all(b.transport.links_up().values()), 5, "both links up")
+            await all_links_up(a, b)
             await exchange(a, b, "up")
             # The first broker loses h1 (a client takes over its id): it publishes h1's will.
             async with raw_client(first, identifier="haguard-c1-h1-3-1"):

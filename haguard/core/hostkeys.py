@@ -32,26 +32,24 @@ _SIG = re.compile(SIG_PATTERN)
 _RAW = serialization.Encoding.Raw
 
 
-def parse_public(text: str) -> Ed25519PublicKey:
-    """A public key from base64 of its 32 raw bytes; ValueError says what is wrong."""
+def _raw(text: str, what: str) -> bytes:
     try:
         raw = base64.b64decode(text.strip(), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("not base64") from None
     if len(raw) != 32:
-        raise ValueError(f"{len(raw)} bytes, an Ed25519 public key has 32")
-    return Ed25519PublicKey.from_public_bytes(raw)
+        raise ValueError(f"{len(raw)} bytes, an Ed25519 {what} key has 32")
+    return raw
+
+
+def parse_public(text: str) -> Ed25519PublicKey:
+    """A public key from base64 of its 32 raw bytes; ValueError says what is wrong."""
+    return Ed25519PublicKey.from_public_bytes(_raw(text, "public"))
 
 
 def parse_private(text: str) -> Ed25519PrivateKey:
     """A private key from base64 of its 32 raw bytes (what `haguard keygen` writes)."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None
-    if len(raw) != 32:
-        raise ValueError(f"{len(raw)} bytes, an Ed25519 private key has 32")
-    return Ed25519PrivateKey.from_private_bytes(raw)
+    return Ed25519PrivateKey.from_private_bytes(_raw(text, "private"))
 
 
 def public_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:

@@ -78,6 +78,7 @@ async def _drill(base: Path, marker: Path) -> None:
             ("nbd-server-start", {"addr": {"type": "inet", "data": {"host": ADDRESS, "port": "10899"}}}),
             ("block-export-add", {"type": "nbd", "id": "e", "node-name": "disk0", "writable": True}),
             ("human-monitor-command", {"command-line": "info version"}),
+            ("migrate-set-parameters", {"tls-creds": "other", "multifd-channels": 2}),
         ]:
             reply = await qmp(command, args)
             assert reply["ok"] is False and "refused on h1" in reply["error"]["desc"], (command, args, reply)
@@ -88,7 +89,8 @@ async def _drill(base: Path, marker: Path) -> None:
         nodes = answer["return"]
         assert "shadow" not in {n.get("node-name") for n in nodes}
         assert not _listening(10899), "an NBD server was started"
-        assert server.refused == 12
+        assert server.refused == 13
+        assert (await qmp("migrate-set-parameters", {"multifd-channels": 2}))["ok"] is True
         # The move itself still works: the listener this host chose, then a recovery port.
         assert (await qmp("migrate-incoming", {"uri": f"tcp:{ADDRESS}:{port}"}))["ok"] is True
         assert _listening(port)

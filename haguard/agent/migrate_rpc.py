@@ -55,6 +55,9 @@ DEST_COMMANDS = frozenset({
     "qom-get", "migrate-set-capabilities", "migrate-set-parameters", "migrate-incoming",
     "migrate-recover", "migrate-pause", "quit", "yank",
 })
+# The parameters a source may set on the destination (the engine's multifd settings,
+# migration/plan.py): nothing else, e.g. no `tls-creds` pointing QEMU at other credentials.
+DEST_PARAMETERS = frozenset({"multifd-channels", "multifd-compression"})
 # The listeners a source may open on the destination: the port the destination chose at
 # `prepare`, and for postcopy recovery the ports after it (postcopy.py takes port + 1, + 2, ...).
 RECOVERY_PORTS = 64
@@ -346,6 +349,8 @@ class DestinationServer:
         `exec:` (a shell command), `fd:`, `file:`, `unix:` or another address."""
         if command not in DEST_COMMANDS and not command.startswith("query-"):
             return "not a command of a move's destination"
+        if command == "migrate-set-parameters" and not set(args) <= DEST_PARAMETERS:
+            return f"only {', '.join(sorted(DEST_PARAMETERS))} may be set here"
         if command not in ("migrate-incoming", "migrate-recover"):
             return None
         if set(args) != {"uri"} or not isinstance(args["uri"], str):

@@ -17,9 +17,12 @@ from collections.abc import Iterator
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from haguard.adapters.qmp import Qmp
 from haguard.agent.control import control_path, request
 from haguard.core.hostkeys import private_text, public_text
 from haguard.lab.softdog import Faults
+from haguard.migration import tls as migration_tls
+from haguard.vm import launcher
 from haguard.vm.definition import VmDefinition
 from tests.helpers.cluster import HUB_ADDR, Cluster
 from tests.helpers.ha import (
@@ -34,6 +37,7 @@ from tests.helpers.ha import (
     stop_agent,
     wait_placed,
 )
+from tests.helpers.tlscerts import host_credentials, make_ca
 from tests.helpers.vms import guest_vm
 
 # The slowest scenarios: real 3- and 7-host clusters with QEMU guests.
@@ -42,11 +46,30 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(180)
+def _migration_credentials(c: Cluster) -> None:
+    ca = make_ca(c.dir / "tls")
+    for h in c.hosts:
+        host_credentials(c.dir / "tls", h, c.addr[h], ca)
+
+
+def _moves_over_tls(c: Cluster, host: str, vm: str) -> bool:
+    async def ask() -> bool:
+        qmp = Qmp(launcher.current_paths(vm, c.run_dir(host)).qmp, timeout_s=5.0)
+        await qmp.connect()
+        try:
+            return await migration_tls.in_use(qmp)
+        finally:
+            await qmp.close()
+    return asyncio.run(ask())
+
+
 def test_drain_moves_every_vm_live_respecting_anti_affinity_and_capacity() -> None:
-    # Room for two 64 MiB guests per host; vm1 and vm2 never on one host.
+    # Room for two 64 MiB guests per host; vm1 and vm2 never on one host.  The moves go over
+    # TLS (ha.migration_tls_dir), each end checking the other's certificate.
     vms = ha_vms(2, anti_affinity="db") + tuple(v.model_copy(update={"name": f"vm{i + 3}"})
                                                  for i, v in enumerate(ha_vms(2)))
-    with ha_cluster(vms, host_extra="memory_mib: 140") as c, \
+    with ha_cluster(vms, host_extra="memory_mib: 140", prepare=_migration_credentials,
+                    ha="  migration_tls_dir: '{dir}/tls/{host}'\n") as c, \
             TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
         where = running_on(c)
@@ -64,6 +87,7 @@ def test_drain_moves_every_vm_live_respecting_anti_affinity_and_capacity() -> No
         for vm in moved:
             ends = [e for e in c.events(victim, "migration-end") if e.get("vm") == vm]
             assert ends and ends[-1]["status"] == "completed", ends
+            assert _moves_over_tls(c, after[vm], vm), f"{vm} did not come in over TLS"
         assert not fence_calls(c), "a drain never fences"
         scraped = c.scrape(victim)
         assert f'haguard_migrations_total{{result="completed"}} {len(moved)}.0' in scraped, scraped[-2000:]

@@ -439,3 +439,20 @@ def test_host_keys_are_made_by_keygen_and_checked(tmp_path: Path) -> None:
     text = with_keys.replace(public, "bm90IGEga2V5")
     cfg, out = _check(tmp_path, text)
     _refused(out, cfg, _line(text, "public_keys"), "hosts[0].public_keys", "9 bytes")
+
+
+@pytest.mark.timeout(60)
+def test_migration_tls_credentials_are_checked(tmp_path: Path) -> None:
+    creds = tmp_path / "tls"
+    text = _ha(tmp_path).replace("  enabled: true\n", f"  enabled: true\n  migration_tls_dir: {creds}\n")
+    cfg, out = _check(tmp_path, text)
+    _refused(out, cfg, _line(text, "migration_tls_dir"), "ha.migration_tls_dir", "ca-cert.pem: missing")
+    creds.mkdir()
+    for name in ("ca-cert.pem", "server-cert.pem", "server-key.pem", "client-cert.pem", "client-key.pem"):
+        (creds / name).write_text("x")
+        (creds / name).chmod(0o600 if name.endswith("key.pem") else 0o644)
+    _, ok = _check(tmp_path, text)
+    assert ok.returncode == 0, ok.stderr
+    (creds / "client-key.pem").chmod(0o644)
+    cfg, out = _check(tmp_path, text)
+    _refused(out, cfg, _line(text, "migration_tls_dir"), "ha.migration_tls_dir", "chmod o-r")

@@ -137,7 +137,8 @@ class ClusterExecutor:
         self.server = DestinationServer(
             me=self.me, address=cfg.this_host().address, base=cfg.run_dir, vms=lambda: self.vms,
             authorise=lambda vm, sender, generation: may_receive(vm, sender, generation),
-            reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started)
+            reply=lambda to, body: self.publish("direct", body, to=to), started=self._incoming_started,
+            tls_dir=cfg.ha.migration_tls_dir)
         self._watchdog_failing = False
         self._closed = False
 
@@ -337,7 +338,8 @@ class ClusterExecutor:
         if not isinstance(address, str) or not isinstance(port, int) or not isinstance(session, str):
             return False, f"{cmd.target} answered a malformed prepare"
         opts = MigrationOptions(uri=MigrationUri("tcp", host=address, port=port), vm_name=cmd.vm,
-                                quit_source=False)   # the core stops the source once the move is committed
+                                quit_source=False,   # the core stops the source once the move is committed
+                                tls_dir=self.cfg.ha.migration_tls_dir, tls_hostname=address)
         src = launcher.current_paths(cmd.vm, self.cfg.run_dir)
         entry = self.running.get(cmd.vm)
 

@@ -37,7 +37,7 @@ import structlog
 
 from haguard.adapters.qmp import Qmp
 from haguard.errors import HaguardError, QmpCommandError, QmpError, QmpTimeout
-from haguard.migration import features, preflight
+from haguard.migration import features, preflight, tls
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
@@ -233,8 +233,9 @@ class DestinationServer:
 
     def __init__(self, *, me: str, address: str, base: Path, vms: Callable[[], dict[str, VmDefinition]],
                  authorise: Authorise, reply: Publish,
-                 started: Callable[[str], None] | None = None) -> None:
+                 started: Callable[[str], None] | None = None, tls_dir: Path | None = None) -> None:
         self.me, self.address, self.base = me, address, base
+        self.tls_dir = tls_dir                # moves in over TLS, set up here (migration/tls.py)
         self.vms = vms
         self.authorise = authorise
         self.reply = reply
@@ -270,6 +271,9 @@ class DestinationServer:
             if session.qmp is None or not session.qmp.connected:
                 session.qmp = Qmp(session.paths.qmp, timeout_s=5.0, name="haguard-migrate-dst")
                 await session.qmp.connect()
+                if self.tls_dir is not None:
+                    # This host's own credentials, set here: never a parameter from the source.
+                    await tls.enable(session.qmp, self.tls_dir, "server")
             return {"ok": True, "connected": True, "oob": session.qmp.has_oob,
                     "prefetched": await prefetch(session.qmp)}
         if op == "close":

@@ -83,6 +83,7 @@ from haguard.core.vmhealth import (
 from haguard.core.wire import Envelope
 from haguard.errors import ConfigError
 from haguard.logs import configure_logging
+from haguard.migration import tls as migration_tls
 from haguard.vm import launcher
 from haguard.vm.definition import VmDefinition
 from haguard.vm.inventory import load_inventory
@@ -165,6 +166,10 @@ def read_key(cfg: ClusterConfig, path: Path) -> bytes:
     if cfg.mqtt.password_file is not None:
         check_secret(cfg.mqtt.password_file, "mqtt.password_file", path)
     read_host_key(cfg, path)
+    tls_dir = cfg.ha.migration_tls_dir
+    if tls_dir is not None and (problems := migration_tls.problems(tls_dir)):
+        raise ConfigError(f"{problems[0]} (ha.migration_tls_dir)", file=str(path),
+                          line=line_of(path, ("ha", "migration_tls_dir")), field="ha.migration_tls_dir")
     return key
 
 

@@ -223,6 +223,10 @@ class HaConfig(_Strict):
     # majority shows it without any broker (a broker outage resets nobody); beyond, beats go
     # to the ring neighbours and the coordinator only.  Each beat is one small datagram.
     direct_mesh: StrictInt = Field(default=64, ge=0, le=1024)
+    # Moves over TLS (haguard/migration/tls.py): this host's QEMU x509 credentials directory
+    # (ca-cert.pem, server-cert.pem/-key.pem, client-cert.pem/-key.pem; its certificate names
+    # its address).  Set it on every host: a move between a TLS host and a clear one fails.
+    migration_tls_dir: Path | None = None
 
 
 class ClusterConfig(_Strict):

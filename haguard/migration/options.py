@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from haguard.core.strategy import ConvergencePolicy
@@ -23,3 +24,7 @@ class MigrationOptions:
     quit_source: bool = True
     poll_interval_s: float = 0.1
     vm_name: str = ""
+    # TLS (migration/tls.py): the source's credentials directory, and the name the
+    # destination's certificate must carry (its address).  None: clear TCP.
+    tls_dir: Path | None = None
+    tls_hostname: str | None = None

@@ -11,7 +11,7 @@ from typing import Any
 from haguard.adapters.qmp import Qmp
 from haguard.core.strategy import ConvergencePolicy
 from haguard.errors import PreflightError, QmpCommandError
-from haguard.migration import preflight
+from haguard.migration import preflight, tls
 from haguard.migration.features import QemuFeatures
 from haguard.migration.options import MigrationOptions
 
@@ -87,6 +87,11 @@ async def _set_caps(qmp: Qmp, caps: dict[str, bool]) -> None:
 
 
 async def apply_plan(plan: Plan, o: MigrationOptions, source: Qmp, dest: Qmp | None) -> None:
+    if o.tls_dir is not None:
+        try:
+            await tls.enable(source, o.tls_dir, "client", o.tls_hostname)
+        except QmpCommandError as exc:      # never a silent fall-back to clear text
+            raise PreflightError(f"source refused the TLS credentials in {o.tls_dir}: {exc.desc}") from None
     if dest and plan.dest_caps:
         try:
             await _set_caps(dest, plan.dest_caps)

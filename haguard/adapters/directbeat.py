@@ -118,11 +118,12 @@ class DirectBeats:
         now = self.clock()
         for peer in sorted(self.targets):
             address = self.peers[peer]
-            got = self._heard.get(peer)
-            self.on_result(PingObserved(host=peer, ok=self.hears(peer, now) and got is not None and got[1],
+            hears = self.hears(peer, now)
+            # Reached: its beat came lately and said it hears us (a path both ways).
+            self.on_result(PingObserved(host=peer, ok=hears and self._heard[peer][1],
                                         now_ms=now, address=address, signed=True))
             self._seq += 1
-            body = {"to": peer, "hears": self.hears(peer, now)}
+            body = {"to": peer, "hears": hears}
             data = encode(Envelope(cluster=self.cluster, host=self.me, incarnation=self.incarnation,
                                    seq=self._seq, kind=KIND, body=body, sent_ms=self.wall()), self.key,
                           signer=self.signer)

@@ -393,13 +393,6 @@ class FailureDetector:
         peer = self._peers.get(host)
         return self._lag(host, peer, now_ms) if peer is not None else 0
 
-    def beat_reaches(self, now_ms: int) -> frozenset[str]:
-        """Peers whose signed beat lately said they hear this host: quorum evidence without
-        the broker (an echo reply is none: see PingObserved.signed)."""
-        t = self.timing.suspect_timeout_ms
-        return frozenset(h for h, p in self._peers.items()
-                         if p.last_beat_ok_ms is not None and now_ms - p.last_beat_ok_ms <= t)
-
     def reaches(self, now_ms: int) -> frozenset[str]:
         t = self.timing.suspect_timeout_ms
         return frozenset(h for h, p in self._peers.items()

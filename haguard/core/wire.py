@@ -96,9 +96,9 @@ def encode(env: Envelope, key: bytes, *, signer: Signer | None = None) -> bytes:
     if problem is not None:
         raise ValueError(f"cannot encode envelope: {problem}")
     if signer is not None:
-        fields["hsig"] = signer(_canonical(fields).encode("ascii"))
-    signed = dict(fields, sig=_sign(_canonical(fields), key))
-    data = _canonical(signed).encode("ascii")
+        fields["hsig"] = signer(canonical(fields).encode("ascii"))
+    signed = dict(fields, sig=_sign(canonical(fields), key))
+    data = canonical(signed).encode("ascii")
     if len(data) > MAX_MESSAGE_BYTES:
         raise MessageTooLarge(f"cannot encode envelope: {len(data)} bytes, over {MAX_MESSAGE_BYTES}")
     return data
@@ -145,8 +145,8 @@ def decode(data: bytes, key: bytes, cluster: str, *, max_size: int = MAX_MESSAGE
     if not isinstance(sig, str) or not _SIG.fullmatch(sig):
         return Rejected(reason="bad signature")
     try:
-        expected = _sign(_canonical(unsigned), key)
-        canonical = _canonical(obj)
+        expected = _sign(canonical(unsigned), key)
+        spelled = canonical(obj)
     except (ValueError, RecursionError):
         return Rejected(reason="body is not JSON data")
     if not hmac.compare_digest(expected, sig):
@@ -154,10 +154,10 @@ def decode(data: bytes, key: bytes, cluster: str, *, max_size: int = MAX_MESSAGE
     keys = host_keys.get(obj["host"]) if host_keys is not None else None
     if keys and ("hsig" in obj or require_host_keys):
         plain = {k: v for k, v in unsigned.items() if k != "hsig"}
-        if not verify_host_signature(keys, _canonical(plain).encode("ascii"), obj.get("hsig")):
+        if not verify_host_signature(keys, canonical(plain).encode("ascii"), obj.get("hsig")):
             return Rejected(reason=f"not signed with the host key of {_short(obj['host'])}")
     # The same content spelled another way: refuse, so one message has exactly one encoding.
-    if canonical != text:
+    if spelled != text:
         return Rejected(reason="not in canonical form")
     return Envelope(cluster=obj["cluster"], host=obj["host"], incarnation=obj["incarnation"],
                     seq=obj["seq"], kind=obj["kind"], body=obj["body"], sent_ms=obj["sent_ms"])
@@ -201,7 +201,8 @@ def _data_problem(value: object, *, depth: int) -> str | None:
     return f"body holds a {type(value).__name__}"
 
 
-def _canonical(obj: dict[str, Any]) -> str:
+def canonical(obj: dict[str, Any]) -> str:
+    """The one JSON spelling of `obj` that is signed (sorted keys, no spaces, ASCII)."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 

@@ -16,17 +16,16 @@ through both relay halves is checked once.
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
 from haguard.core.cluster import codec
 from haguard.core.cluster.types import Heartbeat
 from haguard.core.hostkeys import HostKeys, Signer, verify
+from haguard.core.wire import canonical
 
 
 def content(beat: Heartbeat) -> bytes:
-    data = codec.to_data(replace(beat, to=None, proof=""))
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return canonical(codec.to_data(replace(beat, to=None, proof=""))).encode("ascii")
 
 
 def signed(beat: Heartbeat, signer: Signer | None) -> Heartbeat:

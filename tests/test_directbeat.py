@@ -16,6 +16,7 @@ from haguard.core.detector import PingObserved
 from haguard.core.hostkeys import HostKeys, signer_of
 from haguard.core.wire import Envelope, encode
 from tests.helpers.mosquitto import free_port
+from tests.helpers.tasks import cancel_all
 
 KEY = b"direct-beat-test-key-0123456789ab"
 ADDR = {"h1": "127.0.0.2", "h2": "127.0.0.3"}
@@ -40,11 +41,7 @@ async def running(*hosts: Host) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(tasks)
 
 
 @pytest.mark.timeout(20)

@@ -46,6 +46,7 @@ from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
 from haguard.vm.monitor import LeanQmp
+from tests.helpers.tasks import cancel_all
 
 INTERVAL_S = 0.2
 HUNG_MS = 1000
@@ -134,11 +135,7 @@ async def agent_for(vm: VmDefinition, base: Path, *, owned: bool = True, max_res
     try:
         yield agent
     finally:
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
+        await cancel_all(tasks)
 
 
 async def guest_alive(paths: InstancePaths, timeout_s: float = 5.0) -> bool:

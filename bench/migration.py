@@ -6,9 +6,11 @@ on loopback (see bench/README.md for every definition):
   idle   an idle 1 GiB VM (its memory untouched since boot)
   dirty  the dirtying test guest rewriting a 2.5 GiB region at 100 MiB/s
 
-  classic  a script speaking QMP: `migrate-incoming`, `migrate` with QEMU's defaults,
-           `query-migrate` every 0.5 s until completed, `migrate_cancel` after 60 s
-  haguard  the migration engine with its defaults (postcopy auto)
+  classic      a script speaking QMP: `migrate-incoming`, `migrate` with QEMU's defaults,
+               `query-migrate` every 0.5 s until completed, `migrate_cancel` after 60 s
+  haguard      the migration engine with its defaults (postcopy auto)
+  haguard-tls  the same over TLS (tls-creds-x509, both ends verifying the other; a lab CA
+               made with openssl as docs/migration.md shows): its cost beside plain TCP
 
 Usage: .venv/bin/python bench/migration.py [--quick]
 """
@@ -38,6 +40,7 @@ from haguard.adapters.qmp import Qmp
 from haguard.core.strategy import ConvergencePolicy
 from haguard.errors import HaguardError
 from haguard.guest.build import XP_COMMAND, GuestStatus, build_guest, parse_status
+from haguard.migration import tls
 from haguard.migration.engine import run_migration
 from haguard.migration.managed import free_tcp_port
 from haguard.migration.options import MigrationOptions
@@ -46,6 +49,7 @@ from haguard.migration.uri import MigrationUri
 from haguard.vm import launcher
 from haguard.vm.cmdline import InstancePaths
 from haguard.vm.definition import VmDefinition
+from tests.helpers.tlscerts import host_credentials, make_ca
 
 MIB = 1 << 20
 # Moves start while the writer is this close to the top of its region (align_to_sweep).
@@ -58,6 +62,7 @@ CLASSIC_LIMIT_S = 60.0
 TARGET_IDLE_DOWNTIME_MS = 300
 TARGET_DIRTY_DOWNTIME_MS = 50
 TARGET_DIRTY_FACTOR, TARGET_DIRTY_SLACK_MS = 1.5, 2000
+APPROACHES = ("classic", "haguard", "haguard-tls")
 
 
 @dataclass(frozen=True)
@@ -296,13 +301,17 @@ def pass1_throughput(samples: list[Progress]) -> float | None:
 
 
 async def haguard_move(base: Path, vm: VmDefinition, sc: Scenario, run: Run,
-                       policy: ConvergencePolicy, multifd: str = "auto") -> None:
-    """The engine with its defaults, to a destination started as `haguard migrate` starts it."""
+                       policy: ConvergencePolicy, multifd: str = "auto", tls_dir: Path | None = None) -> None:
+    """The engine with its defaults, to a destination started as `haguard migrate` starts it
+    (`tls_dir`: over TLS, the destination's side set as its agent sets it)."""
     src = launcher.current_paths(vm.name, base)
     dst = launcher.start(vm, base, incoming=True)
     opts = MigrationOptions(uri=MigrationUri("tcp", host="127.0.0.1", port=free_tcp_port()),
-                            policy=policy, vm_name=vm.name,
+                            policy=policy, vm_name=vm.name, tls_dir=tls_dir, tls_hostname="127.0.0.1",
                             multifd=multifd)  # type: ignore[arg-type]  # argparse's choices
+    if tls_dir is not None:
+        async with Qmp.session(dst.paths.qmp) as q:
+            await tls.enable(q, tls_dir, "server")
     samples: list[Progress] = []
     ok = False
     qemu_figure: asyncio.Task[int | None] | None = None
@@ -354,8 +363,9 @@ class Settings:
     policy: ConvergencePolicy
     scenarios: tuple[str, ...]
     dirty: Scenario = DIRTY
-    approaches: tuple[str, ...] = ("classic", "haguard")
+    approaches: tuple[str, ...] = APPROACHES
     multifd: str = "auto"
+    tls_dir: Path | None = None
 
 
 async def one_vm(base: Path, sc: Scenario, rep: int, approaches: list[str],
@@ -377,7 +387,8 @@ async def one_vm(base: Path, sc: Scenario, rep: int, approaches: list[str],
                 if approach == "classic":
                     await classic_move(base, vm, sc, run, st.classic_limit_s)
                 else:
-                    await haguard_move(base, vm, sc, run, st.policy, st.multifd)
+                    await haguard_move(base, vm, sc, run, st.policy, st.multifd,
+                                       st.tls_dir if approach == "haguard-tls" else None)
             except (HaguardError, TimeoutError, OSError) as exc:
                 run.error = run.error or f"{type(exc).__name__}: {exc}"
             reported = ("" if run.reported_downtime_ms is None
@@ -398,16 +409,17 @@ async def run_all(base: Path, st: Settings) -> list[Run]:
     runs: list[Run] = []
     if "idle" in st.scenarios:
         for rep in range(st.idle_reps):
-            # A fresh VM per move, the order alternating so drift favours neither.
-            order = ["classic", "haguard"] if rep % 2 == 0 else ["haguard", "classic"]
-            for i, approach in enumerate(a for a in order if a in st.approaches):
-                runs += await one_vm(base, IDLE, rep * 2 + i, [approach], st)
+            # A fresh VM per move, the order rotating so drift favours none.
+            order = [a for a in APPROACHES if a in st.approaches]
+            order = order[rep % len(order):] + order[:rep % len(order)]
+            for i, approach in enumerate(order):
+                runs += await one_vm(base, IDLE, rep * len(APPROACHES) + i, [approach], st)
     if "dirty" in st.scenarios:
         for rep in range(st.dirty_reps):
-            # One warmed-up guest for both: the classic script changes no setting, so the
-            # VM it leaves behind (cancelled, on the source) is as haguard would find it.
-            runs += await one_vm(base, st.dirty, rep, [a for a in ("classic", "haguard")
-                                                         if a in st.approaches], st)
+            # One warmed-up guest for all: the classic script changes no setting, so the
+            # VM it leaves behind (cancelled, on the source) is as haguard would find it;
+            # the TLS move then takes the guest where the plain one left it, still dirtying.
+            runs += await one_vm(base, st.dirty, rep, [a for a in APPROACHES if a in st.approaches], st)
     return runs
 
 
@@ -500,7 +512,11 @@ def figures(runs: list[Run], st: Settings, raw_bps: float) -> dict[str, Any]:
             "lower_bound_ms": round(must_move / bw * 1000, 1) if bw else None,
             "classic": summarize([r for r in mine if r.approach == "classic"]),
             "haguard": summarize([r for r in mine if r.approach == "haguard"]),
+            "haguard-tls": summarize([r for r in mine if r.approach == "haguard-tls"]),
         }
+        plain, secure = entry["haguard"], entry["haguard-tls"]
+        entry["tls_vs_plain"] = {k: (round(secure[k] / plain[k], 2) if secure[k] and plain[k] else None)
+                                 for k in ("total_time_ms", "downtime_ms")}
         out[sc.name] = entry
     out["targets"] = targets(out)
     out["all_targets_met"] = all(t["ok"] for t in out["targets"].values())
@@ -550,8 +566,10 @@ def print_tables(f: dict[str, Any]) -> None:
     for sc in ("idle", "dirty"):
         if sc not in f:
             continue
-        for ap in ("classic", "haguard"):
+        for ap in APPROACHES:
             s = f[sc][ap]
+            if not s["runs"]:
+                continue
             tab.add_row(sc, ap, f"{s['completed_runs']}/{s['runs']}", _ms(s["total_time_ms"]),
                         f"{_ms(s['downtime_ms'])} ({_ms(s['downtime_max_ms'])})",
                         f"{(s['transferred_bytes'] or 0) / MIB:,.0f} MiB",
@@ -561,6 +579,9 @@ def print_tables(f: dict[str, Any]) -> None:
     con.print(f"bandwidth (unthrottled first pass, median): {bw / MIB:,.0f} MiB/s" if bw
               else "bandwidth: not measured", f"   raw TCP loopback copy: {raw / MIB:,.0f} MiB/s")
     con.print(f"classic script's QEMU parameters: {f['classic_qemu_defaults']}")
+    for sc in ("idle", "dirty"):
+        if sc in f:
+            con.print(f"{sc}: TLS against plain (haguard-tls / haguard, medians): {f[sc]['tls_vs_plain']}")
     tt = Table(title="Targets")
     for col in ("target", "result", "figures"):
         tt.add_column(col)
@@ -580,7 +601,7 @@ def parse_args() -> tuple[Settings, bool]:
     ap.add_argument("--scenario", choices=["idle", "dirty", "both"], default="both")
     ap.add_argument("--classic-limit", type=float, metavar="S",
                     help="the classic script gives up after this long (default 60; --quick: 30)")
-    ap.add_argument("--approach", choices=["classic", "haguard", "both"], default="both",
+    ap.add_argument("--approach", choices=[*APPROACHES, "all"], default="all",
                     help="experiment: run only one approach")
     ap.add_argument("--downtime-steps", metavar="MS,MS,...",
                     help="experiment: haguard's downtime-limit ladder instead of its default")
@@ -602,13 +623,15 @@ def parse_args() -> tuple[Settings, bool]:
         idle_reps, dirty_reps, limit, policy,
         scenarios=("idle", "dirty") if args.scenario == "both" else (args.scenario,),
         dirty=DIRTY_QUICK if args.quick else DIRTY,
-        approaches=("classic", "haguard") if args.approach == "both" else (args.approach,),
+        approaches=APPROACHES if args.approach == "all" else (args.approach,),
         multifd=args.multifd,
     ), args.quick
 
 
 async def bench(root: Path, st: Settings, quick: bool) -> dict[str, Any]:
     build_guest()
+    if "haguard-tls" in st.approaches:
+        st.tls_dir = host_credentials(root / "tls", "bench", "127.0.0.1", make_ca(root / "tls" / "ca"))
     raw = await asyncio.to_thread(raw_socket_bps)
     log(f"raw TCP loopback copy: {raw / MIB:.0f} MiB/s")
     runs = await run_all(root / "run", st)

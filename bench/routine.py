@@ -62,7 +62,8 @@ def _sim(hosts: int, devices: bool) -> SimConfig:
     return SimConfig(hosts=hosts, vms=vms, fence_devices=devices, liveness_bound_ms=60_000)
 
 
-def _faults(kind: str, victim: str, hosts: list[str], at: int) -> tuple[list[Fault], int]:
+def _faults(kind: str, victim: str, hosts: list[str], at: int,
+            outage_ms: int = OUTAGE_MS) -> tuple[list[Fault], int]:
     """The scenario's faults and how long to watch after them."""
     match kind:
         case "stop" | "kill" | "power":
@@ -72,20 +73,20 @@ def _faults(kind: str, victim: str, hosts: list[str], at: int) -> tuple[list[Fau
             return [Fault(at_ms=at, kind="broker-down"), Fault(at_ms=at + 700, kind="broker-up")], 15_000
         case "outage" | "outage+dev":
             return [Fault(at_ms=at, kind="broker-down"),
-                    Fault(at_ms=at + OUTAGE_MS, kind="broker-up")], OUTAGE_MS + 20_000
+                    Fault(at_ms=at + outage_ms, kind="broker-up")], outage_ms + 20_000
         case _:
             down = [Fault(at_ms=at, kind="isolate", args=(h,)) for h in hosts]
-            up = [Fault(at_ms=at + OUTAGE_MS, kind="rejoin", args=(h,)) for h in hosts]
-            return down + up, OUTAGE_MS + 20_000
+            up = [Fault(at_ms=at + outage_ms, kind="rejoin", args=(h,)) for h in hosts]
+            return down + up, outage_ms + 20_000
 
 
-def scenario(kind: str, hosts: int) -> dict[str, Any]:
+def scenario(kind: str, hosts: int, outage_ms: int = OUTAGE_MS) -> dict[str, Any]:
     sim = _sim(hosts, devices=kind.endswith("+dev"))
     world = Watched(1, Schedule(faults=(), heal_ms=10**12), sim)
     world.run(8000 if hosts <= 30 else 12_000)
     (coordinator,) = world.coordinators()
     at = world.now
-    faults, watch_ms = _faults(kind, coordinator, sorted(world.hosts), at)
+    faults, watch_ms = _faults(kind, coordinator, sorted(world.hosts), at, outage_ms)
     for f in faults:
         world._at(f.at_ms, "fault", f)
     world.since = at

@@ -24,6 +24,11 @@
   signatures  the coordinator in steady state at 1,000 hosts (quick: 100), HMAC only and with
               host keys side by side: its core's CPU, messages and bytes received, plus each
               envelope's own check (measured per message) times the messages
+  brokers     every broker gone for 120 s (quick: 30 s), and a 700 ms blip of every broker, at
+              10, 30, 100 and 1,000 hosts (quick: 10 and 30), from a formed cluster with VMs on
+              half of the hosts (bench/routine.py's scenarios): stop-petting decisions,
+              watchdog resets, fences and VM restarts, without fence devices (every watchdog
+              armed, the worst case) and with them
   planning    1,000 hosts x 20 VMs, one host failed: `plan_recovery` (placement of its 20 VMs
               on the 999 others) and the coordinator's whole `plan` call that releases and
               places them, from a synthetic committed state; p50 and max over several runs
@@ -47,6 +52,7 @@ import json
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bench.common import base_parser, emit_result, log
+from bench.routine import scenario as routine_scenario
 from haguard.core import wire
 from haguard.core.cluster import codec
 from haguard.core.cluster.coordinator import Coordinator, HostView
@@ -486,6 +492,22 @@ def planning(hosts: int, runs: int) -> dict[str, Any]:
     }
 
 
+# ---- broker outages and blips at N hosts --------------------------------------------------
+
+def broker_faults(sizes: list[int], outage_ms: int) -> list[dict[str, Any]]:
+    """bench/routine.py's blip and outage scenarios at each size: what they cost the hosts."""
+    rows = []
+    for n in sizes:
+        for kind in ("blip", "outage", "outage+dev"):
+            t0 = time.monotonic()
+            row = routine_scenario(kind, n, outage_ms)
+            row["outage_ms"] = 700 if kind == "blip" else outage_ms
+            row["wall_s"] = round(time.monotonic() - t0, 1)
+            log(f"brokers: {kind} at {n} hosts: {row}")
+            rows.append(row)
+    return rows
+
+
 # ---- main -------------------------------------------------------------------------------
 
 def main() -> int:
@@ -498,6 +520,8 @@ def main() -> int:
                                     "quick 3,30,1000)")
     ap.add_argument("--window-ms", type=int, default=1000, help="steady-state window (simulated time)")
     ap.add_argument("--skip-schedules", action="store_true", help="experiments only")
+    ap.add_argument("--broker-sizes", help="host counts for the broker outages (default 10,30,100,1000; "
+                                           "quick 10,30)")
     args = ap.parse_args()
     seeds = args.seeds or (300 if args.quick else 10_000)
     relayed_seeds = args.relayed_seeds or (60 if args.quick else 2_000)
@@ -513,6 +537,8 @@ def main() -> int:
         log(f"gossip: {n} hosts x {VMS_PER_HOST} VMs")
         scale.append(gossip_at(n, VMS_PER_HOST, args.window_ms, phases))
         log(f"  {scale[-1]}")
+    broker_sizes = args.broker_sizes or ("10,30" if args.quick else "10,30,100,1000")
+    brokers = broker_faults([int(n) for n in broker_sizes.split(",")], 30_000 if args.quick else 120_000)
     sched = schedules(seeds, args.first_seed, 2) if not args.skip_schedules else {}
     relayed = (schedules(relayed_seeds, args.first_seed, 2, RELAYED)
                if not args.skip_schedules else {})
@@ -537,6 +563,8 @@ def main() -> int:
         "plan_one_host_at_1000": plan["coordinator_plan_cpu_max_ms"] <= TARGET_PLAN_MS,
         "host_keys_cpu_within_2x": signatures["cpu_ratio"] <= 2.0,
         "host_keys_coordinator_under_25pct": signatures["host_key"]["total_cpu_pct_of_core"] <= 25.0,
+        "broker_faults_reset_nobody": all(r["stops"] == r["resets"] == r["fences"] == r["restarts"] == 0
+                                          for r in brokers),
     }
 
     titles = (f"Random schedules ({SimConfig.hosts} hosts, full mesh, fence devices, 2 workers)",
@@ -593,6 +621,13 @@ def main() -> int:
     print(f"  per envelope: HMAC sign {e['hmac_sign_us']} us, check {e['hmac_check_us']} us "
           f"({e['hmac_bytes']} B); host key sign {e['host_key_sign_us']} us, check "
           f"{e['host_key_check_us']} us ({e['host_key_bytes']} B); CPU ratio {signatures['cpu_ratio']}")
+    print("\nEvery broker gone (blip: 700 ms), VMs on half of the hosts; the hosts' stop-petting "
+          "decisions, watchdog resets, fences and VM restarts (+dev: every host has a fence device)")
+    print(f"  {'scenario':<12}{'hosts':>6}{'gone_ms':>9}{'stops':>7}{'resets':>8}{'fences':>8}"
+          f"{'restarts':>10}{'lost_ms':>9}{'wall_s':>8}")
+    for r in brokers:
+        print(f"  {r['scenario']:<12}{r['hosts']:>6}{r['outage_ms']:>9}{r['stops']:>7}{r['resets']:>8}"
+              f"{r['fences']:>8}{r['restarts']:>10}{r['lost_ms']:>9}{r['wall_s']:>8}")
     verdict = {True: "PASS", False: "FAIL", None: "NOT MEASURED"}
     print("\nTargets: " + ", ".join(f"{k} {verdict[v]}" for k, v in targets.items()))
     emit_result({"quick": args.quick, "schedules": sched, "schedules_relayed": relayed, "gossip": scale,
@@ -600,7 +635,8 @@ def main() -> int:
                  "coordinator_messages_s_at_1000": coordinator_1000,
                  "detection_largest_hosts": largest["hosts"] if largest else None,
                  "detection_not_slower_up_to_largest": detect_not_slower,
-                 "detector_cost": detector, "planning": plan, "signatures": signatures, "targets": targets})
+                 "detector_cost": detector, "planning": plan, "signatures": signatures,
+                 "broker_faults": brokers, "targets": targets})
     return 0 if all(v is True for v in targets.values()) else 1
 
 

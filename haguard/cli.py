@@ -11,6 +11,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--compression", choices=["none", "zstd", "zlib"], default="none",
                    help="multifd compression (needs multifd)")
     m.add_argument("--xbzrle", action="store_true", help="XBZRLE page delta compression")
+    m.add_argument("--tls-dir", type=Path, metavar="DIR",
+                   help="attach mode: move over TLS with the x509 credentials in DIR, both ends "
+                        "checking the other's certificate (docs/migration.md, TLS)")
+    m.add_argument("--tls-hostname", metavar="NAME",
+                   help="the name the destination's certificate must carry (default: the --uri host)")
     m.add_argument("--cap", action="append", default=[], metavar="CAPABILITY",
                    help="enable another migration capability on both sides (repeatable)")
     m.add_argument("--cancel", action="store_true",
@@ -262,10 +268,36 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                            "--source-qmp/--dest-qmp/--uri")
     if not attach and not args.to:
         raise HaguardError("--to HOST is required")
+    if args.tls_dir is not None:
+        _check_tls_args(args, attach)
     if not attach and not _is_this_host(args.to):
         return _cluster_move(args)
     policy = policy_from_args(args)
     return asyncio.run(_migrate(args, policy, attach))
+
+
+def _check_tls_args(args: argparse.Namespace, attach: bool) -> None:
+    from haguard.migration import tls
+    if not attach:
+        raise HaguardError("--tls-dir is for attach mode: a move by name uses the agents' "
+                           "ha.migration_tls_dir")
+    if (problems := tls.problems(args.tls_dir)):
+        raise HaguardError(f"--tls-dir: {problems[0]}")
+    if args.tls_hostname is None and not parse_uri(args.uri).host:
+        raise HaguardError("--tls-dir with a URI that names no host needs --tls-hostname")
+
+
+async def _tls_destination(args: argparse.Namespace) -> None:
+    """The destination's side of an attach-mode move over TLS (the engine sets the source's)."""
+    from haguard.adapters.qmp import Qmp
+    from haguard.errors import QmpCommandError
+    from haguard.migration import tls
+    async with Qmp.session(args.dest_qmp) as qmp:
+        try:
+            await tls.enable(qmp, args.tls_dir, "server")
+        except QmpCommandError as exc:      # never a silent fall-back to clear text
+            raise HaguardError(f"destination refused the TLS credentials in {args.tls_dir}: "
+                               f"{exc.desc}") from None
 
 
 async def _migrate(args: argparse.Namespace, policy: ConvergencePolicy, attach: bool) -> int:
@@ -281,7 +313,11 @@ async def _migrate(args: argparse.Namespace, policy: ConvergencePolicy, attach: 
         common: dict[str, Any] = {"on_progress": display.update, "on_alert": display.alert,
                                   "cancel": cancel}
         if attach:
-            opts = _options(args, policy, parse_uri(args.uri))
+            uri = parse_uri(args.uri)
+            opts = _options(args, policy, uri)
+            if args.tls_dir is not None:
+                await _tls_destination(args)
+                opts = replace(opts, tls_dir=args.tls_dir, tls_hostname=args.tls_hostname or uri.host)
             res = await run_migration(args.source_qmp, args.dest_qmp, opts, **common)
         else:
             if not _is_this_host(args.to):

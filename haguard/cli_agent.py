@@ -110,7 +110,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from haguard.core.hostkeys import private_text, public_text
+    from haguard.core.hostkeys import key_id, private_text, public_text
     key = Ed25519PrivateKey.generate()
     try:
         fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -119,7 +119,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     with os.fdopen(fd, "w") as f:
         f.write(private_text(key) + "\n")
-    print(f"public_keys: [\"{public_text(key)}\"]")
+    print(f"public_keys: [\"{public_text(key)}\"]   # id {key_id(key)}")
     return EXIT_OK
 
 

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from haguard.agent.reload import reloaded
+from haguard.config.cluster import ClusterConfig, load_cluster_config
+from haguard.core.hostkeys import key_id, private_text, public_text
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = [REPO / "config" / "cluster.example.yaml", REPO / "config" / "cluster.reference.yaml",
@@ -439,6 +444,38 @@ def test_host_keys_are_made_by_keygen_and_checked(tmp_path: Path) -> None:
     text = with_keys.replace(public, "bm90IGEga2V5")
     cfg, out = _check(tmp_path, text)
     _refused(out, cfg, _line(text, "public_keys"), "hosts[0].public_keys", "9 bytes")
+    # Keys listed for this host but none to sign with: the others would refuse all it says.
+    cfg, out = _check(tmp_path, with_keys)
+    _refused(out, cfg, _line(with_keys, "- name: a"), "hosts[0].public_keys", "no host_key_file")
+    assert made.stdout.rstrip().endswith(f"# id {key_id(public)}"), made.stdout
+
+
+@pytest.mark.timeout(30)
+def test_a_reload_applies_host_keys_and_holds_back_what_needs_a_restart(tmp_path: Path) -> None:
+    k1, k2 = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    (tmp_path / "k").write_text(private_text(k1))
+
+    def cfg(keys: list[Ed25519PrivateKey], address: str = "198.18.0.1", key_file: str = "k") -> ClusterConfig:
+        listed = ", ".join(f"'{public_text(k)}'" for k in keys)
+        text = (_base(tmp_path).replace("    weight: 2\n", f"    weight: 2\n    public_keys: [{listed}]\n")
+                .replace("198.18.0.1", address) + f"host_key_file: {tmp_path / key_file}\n")
+        (tmp_path / "c.yaml").write_text(text)
+        return load_cluster_config(tmp_path / "c.yaml")
+
+    running = cfg([k1])
+    # The new key added: taken at once, nothing waits for a restart.
+    step = reloaded(cfg([k1, k2]), running, cluster_mode=True, own_new=k1, own_old=k1)
+    assert step.needs_restart == [] and step.own_key is k1
+    assert step.cfg.this_host().public_keys == (public_text(k1), public_text(k2))
+    # The host switched to it.
+    step = reloaded(cfg([k1, k2], key_file="k2"), step.cfg, cluster_mode=True, own_new=k2, own_old=k1)
+    assert step.needs_restart == [] and step.own_key is k2 and step.cfg.host_key_file == tmp_path / "k2"
+    # A key change mixed with a membership change waits with it: the running keys stay.
+    held = reloaded(cfg([k2], address="198.18.0.9", key_file="k3"), running, cluster_mode=True,
+                    own_new=k2, own_old=k1)
+    assert held.needs_restart == ["hosts", "host_key_file"], held.needs_restart
+    assert held.own_key is k1 and held.cfg.hosts == running.hosts
+    assert held.cfg.host_key_file == running.host_key_file
 
 
 @pytest.mark.timeout(60)

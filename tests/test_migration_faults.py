@@ -10,11 +10,14 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from haguard.adapters.qmp import Qmp
+from haguard.migration import tls
 from tests.helpers.netns import HostPair, host_pair
+from tests.helpers.tlscerts import host_credentials, make_ca
 from tests.helpers.vms import VmLab, guest_status, guest_vm, run_state, wait_guest_ready
 
 PORT = 4444
@@ -102,13 +105,13 @@ def _pause_ms(stops, resumes) -> float:  # type: ignore[no-untyped-def]
 # destination keeps its first listener open and takes any connection to it as the
 # recovery stream, and QEMU 7.2 crashed when such a stream failed (docs/migration.md).
 async def _postcopy_fault(lab: VmLab, pair: HostPair, name: str, fault: str, rate: int,
-                          bandwidth: str = "8", mib: int = 64):  # type: ignore[no-untyped-def]
+                          bandwidth: str = "8", mib: int = 64, *extra: str):  # type: ignore[no-untyped-def]
     vm = guest_vm(name, memory_mib=128, mib=mib, rate=rate)
     src = lab.start(vm, netns=pair.a)
     dst = lab.start(vm, incoming=True, netns=pair.b)
     async with _run_state_events(src, dst) as (stops, resumes):
         proc = _migrate(lab, pair, src, dst, "--max-bandwidth", bandwidth, "--postcopy", "always",
-                        "--postcopy-stall", "2")
+                        "--postcopy-stall", "2", *extra)
         before = await wait_guest_ready(src.paths)
         try:
             await _wait_status(src.paths.ops, {"postcopy-active"}, 60)
@@ -141,10 +144,51 @@ async def _assert_recovered(lab: VmLab, res: dict, src, dst, before) -> None:  #
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-async def test_postcopy_connection_aborted_then_restored_recovers(lab: VmLab, pair: HostPair) -> None:
-    # The dirtying guest at full speed: many page faults in flight when the stream breaks.
-    res, src, dst, before = await _postcopy_fault(lab, pair, "pcab1", "abort", rate=100)
+async def test_postcopy_connection_aborted_then_restored_recovers(lab: VmLab, pair: HostPair,
+                                                                 tmp_path: Path) -> None:
+    # The dirtying guest at full speed: many page faults in flight when the stream breaks.  Over
+    # TLS: postcopy and its recovery run on the authenticated channel (both ends verify).
+    creds = _credentials(tmp_path, pair)
+    res, src, dst, before = await _postcopy_fault(lab, pair, "pcab1", "abort", 100, "8", 64,
+                                                  "--tls-dir", str(creds))
     await _assert_recovered(lab, res, src, dst, before)
+    async with Qmp.session(dst.paths.qmp) as qmp:
+        assert await tls.in_use(qmp), "the destination took the move over TLS"
+
+
+def _credentials(tmp_path: Path, pair: HostPair) -> Path:
+    """One directory for both ends: its certificate names the destination's address."""
+    return host_credentials(tmp_path, "b", pair.addr_b, make_ca(tmp_path / "ca"))
+
+
+@pytest.mark.timeout(120)
+async def test_multifd_over_tls_moves_a_vm_between_hosts_on_verified_channels(
+        lab: VmLab, pair: HostPair, tmp_path: Path) -> None:
+    creds = _credentials(tmp_path, pair)
+    vm = guest_vm("mtls1", memory_mib=128, mib=32, rate=20)
+    src = lab.start(vm, netns=pair.a)
+    dst = lab.start(vm, incoming=True, netns=pair.b)
+    before = await wait_guest_ready(src.paths)
+    res = _finish(_migrate(lab, pair, src, dst, "--postcopy", "never", "--multifd", "on",
+                           "--multifd-channels", "3", "--tls-dir", str(creds)))
+    assert res["status"] == "completed", res
+    async with Qmp.session(dst.paths.qmp) as qmp:
+        params = await qmp.cmd("query-migrate-parameters")
+        caps = {c["capability"]: c["state"] for c in await qmp.cmd("query-migrate-capabilities")}
+    assert params["tls-creds"] == tls.OBJECT_ID and params["multifd-channels"] == 3, params
+    assert caps["multifd"] is True
+    assert set(lab.live_qemus()) == {dst.paths.dir.name}
+    after = await guest_status(dst.paths)
+    assert after.errors == 0 and after.ms > before.ms
+    # A certificate that does not name the destination: refused, the source still runs.
+    vm2 = guest_vm("mtls2", memory_mib=128, mib=32, rate=20)
+    other = lab.start(vm2, netns=pair.a)
+    dst2 = lab.start(vm2, incoming=True, netns=pair.b)
+    await wait_guest_ready(other.paths)
+    bad = _finish(_migrate(lab, pair, other, dst2, "--postcopy", "never", "--tls-dir", str(creds),
+                           "--tls-hostname", "not-the-destination"))
+    assert bad["status"] != "completed", bad
+    assert await run_state(other.paths) == "running"
 
 
 @pytest.mark.slow

@@ -3,9 +3,9 @@ real QEMU guests, a real mosquitto, softdog stand-ins for the watchdogs (a devic
 for its timeout kills its host's QEMUs and agent, as a reset does).  Every host's QEMUs are
 sampled throughout; a VM seen on two hosts at once fails the test.
 
-- a rolling restart of every agent (what a package upgrade does), coordinator first, then
-  coordinator last, then the coordinator's agent killed, on 12 hosts without fence devices
-  (every watchdog armed: the worst case);
+- a rolling restart of every agent (what a package upgrade does), coordinator first, then the
+  new coordinator again (coordinator last), then the coordinator's agent killed, on 12 hosts
+  without fence devices (every watchdog armed: the worst case);
 - a switch reboot: every link of a 7-host cluster with fence devices down for 120 s;
 - busy hosts: guests spinning 3 vCPUs per core under 5 agents (HAGUARD_SOAK_S, default 60 s;
   `bench/detection.py --busy` runs the 10-minute soak and reports the heartbeat jitter).
@@ -57,19 +57,18 @@ def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
                    lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
         before = all_qemu_pids(c)
         assert len(before) == len(vms)
-        handovers = 0
         steps: list[tuple[float, str]] = []
-        for order in ("coordinator first", "coordinator last"):
-            coordinator = coordinator_of(c)
-            others = [h for h in hosts if h != coordinator]
-            for host in [coordinator, *others] if order == "coordinator first" else [*others, coordinator]:
-                steps.append((time.time(), f"stop {host}{' (coordinator)' * (host == coordinator)}"))
-                assert stop_agent(c, host) == 0, c.log_tail()
-                handovers += host == coordinator
-                c.start_agent(host)
-                c.wait_for(f"{host} back ({order})", lambda h=host: rejoined(c, h, armed=True), 60)
+        # One round, coordinator first; then the coordinator that took over (restarted
+        # already, as a follower) again, last: both orders in 13 restarts.
+        first = coordinator_of(c)
+        for host in [first, *(h for h in hosts if h != first), None]:
+            host = host or coordinator_of(c)
+            steps.append((time.time(), f"stop {host}"))
+            assert stop_agent(c, host) == 0, c.log_tail()
+            c.start_agent(host)
+            c.wait_for(f"{host} back", lambda h=host: rejoined(c, h, armed=True), 60)
         ended = [e for h in hosts for e in c.events(h, "handover-ended") if e.get("successor")]
-        assert len(ended) >= handovers == 2, ended
+        assert len(ended) >= 2, ended
         # A coordinator that dies (kill -9) costs the followers nothing either.
         coordinator = coordinator_of(c)
         steps.append((time.time(), f"kill -9 {coordinator} (coordinator)"))

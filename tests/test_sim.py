@@ -11,12 +11,14 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.core.cluster.coordinator import Coordinator
 from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import HostCandidate, VmSpec
 from haguard.core.cluster.relay import reported_by
 from haguard.core.cluster.types import ClusterOutput, Digest, HostSpec, MessageReceived, RelayEntry
+from haguard.core.hostkeys import signer_of
 from haguard.sim.checkers import Violation
 from haguard.sim.faults import Fault, Schedule
 from haguard.sim.runner import main, run, shrink
@@ -837,6 +839,41 @@ def _forge_a_relayed_heartbeat(host_keys: bool) -> World:
     assert agent.relay.refused_digests >= 20, "a digest from a host the layout does not send here"
     world.run(world.now + 10_000)
     return world
+
+
+def _rotate(switch_only: bool) -> tuple[World, str]:
+    """A relayed host's key rotated by reloads: the new key accepted everywhere, the host
+    switched, the old key removed (`switch_only`: the host switches, nobody else reloads)."""
+    world = World(3, Schedule(faults=(), heal_ms=10**9), replace(_large(8, fanout=2), host_keys=True))
+    world.run(8000)
+    (coordinator,) = world.coordinators()
+    agent = world.hosts[coordinator].agent
+    assert agent is not None
+    host = next(h for h in sorted(world.hosts) if h != coordinator and h not in agent.neighbours)
+    old, new = world.public_keys[host], Ed25519PrivateKey.generate()
+    steps = [({host: (new.public_key(),)}, {host: new})] if switch_only else [
+        ({host: (*old, new.public_key())}, {}), ({host: (*old, new.public_key())}, {host: new}),
+        ({host: (new.public_key(),)}, {})]
+    for accepted, own in steps:
+        if switch_only:                     # only the rotated host reloads
+            world.keys.update(own)
+            me = world.hosts[host].agent
+            assert me is not None
+            me.rekey(signer_of(new), dict(world.public_keys, **accepted))
+        else:
+            world.reload_keys(dict(world.public_keys, **accepted), own)
+        world.run(world.now + 4000)
+    return world, coordinator
+
+
+@pytest.mark.timeout(60)
+def test_a_host_key_rotated_by_reloads_keeps_the_hosts_relayed_heartbeats_believed() -> None:
+    world, coordinator = _rotate(switch_only=False)
+    assert all(h.agent is not None and h.agent.relay.proofs.refused == 0 for h in world.hosts.values())
+    assert set(world.coordinators()) == {coordinator} and world.checker.all_running()
+    # The check bites: a host that switches keys before the others know the new one is refused.
+    world, _ = _rotate(switch_only=True)
+    assert sum(h.agent.relay.proofs.refused for h in world.hosts.values() if h.agent is not None) > 0
 
 
 @pytest.mark.timeout(120)

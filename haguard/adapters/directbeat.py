@@ -79,6 +79,11 @@ class DirectBeats:
         self._guard = ReplayGuard()
         self._seq = 0
 
+    def rekey(self, signer: Signer | None, host_keys: HostKeys | None) -> None:
+        """A reloaded key set: the next beat is signed with `signer`, peers checked against
+        `host_keys`."""
+        self.signer, self.host_keys = signer, host_keys
+
     def set_targets(self, targets: set[str] | frozenset[str]) -> None:
         """The peers the core watches (its neighbours and coordinator, everyone while it
         coordinates).  Beats of any configured peer are still taken."""

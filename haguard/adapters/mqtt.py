@@ -111,12 +111,15 @@ class GossipTransport:
         self._running = False
         self._finished = asyncio.Event()
         # Signed once, in advance: a broker publishes it if this host's connection to it dies.
-        will = encode(Envelope(cluster=cluster, host=host, incarnation=incarnation, seq=0, kind=OFFLINE,
-                               body={"reason": "connection lost"}, sent_ms=self._clock_ms()),
-                      key, signer=signer)
+        will = self._will()
         self.links = [BrokerLink(self, cfg, url, i, will=will, backoff_max_s=backoff_max_s,
                                  max_message_bytes=max_message_bytes, outbox_size=outbox_size)
                       for i, url in enumerate(dict.fromkeys(cfg.urls))]
+
+    def _will(self) -> bytes:
+        return encode(Envelope(cluster=self.cluster, host=self.host, incarnation=self.incarnation, seq=0,
+                               kind=OFFLINE, body={"reason": "connection lost"}, sent_ms=self._clock_ms()),
+                      self._key, signer=self._signer)
 
     # ---- public API --------------------------------------------------------------
 
@@ -124,6 +127,16 @@ class GossipTransport:
     def connected(self) -> bool:
         """Some broker is connected."""
         return any(link.connected for link in self.links)
+
+    def rekey(self, signer: Signer | None, host_keys: HostKeys | None) -> None:
+        """A reloaded key set (core/hostkeys.py, rotation): sign with `signer` from now on and
+        check senders against `host_keys`.  The will is signed again for the next connection
+        of each link; one already handed to a broker keeps the old signature (a receiver that
+        no longer knows that key refuses it, and the host's silence tells the same)."""
+        self._signer, self._host_keys = signer, host_keys
+        will = self._will()
+        for link in self.links:
+            link.will = will
 
     def links_up(self) -> dict[str, bool]:
         """Each broker's url: whether its link is connected now."""

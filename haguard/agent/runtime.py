@@ -49,6 +49,7 @@ from haguard.agent.control import ControlServer, control_path
 from haguard.agent.derive import host_config, host_keys
 from haguard.agent.durable import write_durably
 from haguard.agent.executor import STATE_FILE, ClusterExecutor, load_persisted
+from haguard.agent.reload import reloaded
 from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
@@ -70,7 +71,7 @@ from haguard.core.host_types import (
     WatchdogDisarmAllowed,
     WatchdogDisarming,
 )
-from haguard.core.hostkeys import parse_private, public_text, signer_of
+from haguard.core.hostkeys import key_id, parse_private, public_text, signer_of
 from haguard.core.probes import HostHealthChanged
 from haguard.core.vmhealth import (
     ReportVmForRelocation,
@@ -102,11 +103,6 @@ VM_RESCAN_S = 3.0
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_CORE_BUG = 70                         # EX_SOFTWARE: an exception escaped the core
 UNDRAIN_AT_START = "undrain-at-start"      # left by a drain before stop
-# Configuration a reload cannot change (the running values are kept until a restart), and in
-# cluster mode also the membership and timings the cluster core was built with.
-RESTART_FIELDS = ("cluster", "mqtt", "key_file", "host_key_file", "require_host_keys", "run_dir", "state_dir",
-                  "alerts", "metrics", "scheduling", "ha")
-CLUSTER_RESTART_FIELDS = ("hosts", "timing")
 
 
 def monotonic_ms() -> int:
@@ -176,14 +172,19 @@ def read_key(cfg: ClusterConfig, path: Path) -> bytes:
 def read_host_key(cfg: ClusterConfig, path: Path) -> Ed25519PrivateKey | None:
     """This host's own signing key (None without `host_key_file`), checked against its
     `public_keys`: a key the others do not know would get every message refused."""
+    me = cfg.this_host()
     if cfg.host_key_file is None:
+        if me.public_keys and cfg.require_host_keys:
+            i = cfg.hosts.index(me)
+            raise ConfigError("this host has public_keys but no host_key_file: every other host would refuse "
+                              "its messages", file=str(path), line=line_of(path, ("hosts", i)),
+                              field=f"hosts[{i}].public_keys")
         return None
     try:
         key = parse_private(check_secret(cfg.host_key_file, "host_key_file", path).decode("ascii", "replace"))
     except ValueError as exc:
         raise ConfigError(f"{cfg.host_key_file}: {exc} (write one with `haguard keygen`)", file=str(path),
                           line=line_of(path, ("host_key_file",)), field="host_key_file") from None
-    me = cfg.this_host()
     if public_text(key) not in me.public_keys:
         i = cfg.hosts.index(me)
         raise ConfigError(f"the public key of {cfg.host_key_file} ({public_text(key)}) is not among "
@@ -233,6 +234,7 @@ class _Heartbeat:
 class _Apply:
     cfg: ClusterConfig
     vms: dict[str, VmDefinition]
+    own_key: Ed25519PrivateKey | None
 
 
 @dataclass(frozen=True)
@@ -259,8 +261,8 @@ class Agent:
         if cfg.ha.enabled and persisted is None:
             # A new host, or a lost state_dir: the core abstains from voting for a while.
             log.warning("cluster-state-missing", path=str(cfg.state_dir / STATE_FILE))
-        own = read_host_key(cfg, config_path)
-        self.signer = signer_of(own) if own is not None else None
+        self.own_key = read_host_key(cfg, config_path)
+        self.signer = signer_of(self.own_key) if self.own_key is not None else None
         self.core = HostCore(host_config(cfg, vms, health_policy=health_policy(cfg.vm_restart),
                                          signer=self.signer),
                              incarnation=incarnation, now_ms=self.started_ms, persisted=persisted)
@@ -402,7 +404,7 @@ class Agent:
                 self._heartbeat()
                 return []
             case _Apply():
-                self._apply(item.cfg, item.vms)
+                self._apply(item.cfg, item.vms, item.own_key)
                 return []
             case _InjectedFault():
                 raise RuntimeError("injected core fault (HAGUARD_FAULT_INJECTION)")
@@ -548,6 +550,7 @@ class Agent:
             data["node_heartbeats"] = not bounded
             data["brokers"] = self.transport.links_up()
             data["gossip_duplicates"] = self.transport.duplicates
+            data["host_key"] = key_id(self.own_key) if self.own_key is not None else None
             data.update(written_at=time.time(), incarnation=self.incarnation, pid=os.getpid(),
                         ready=self.ready, dropped=self.dropped, rejected=self.rejected,
                         config_needs_restart=self.needs_restart)
@@ -639,21 +642,21 @@ class Agent:
                 raise ConfigError(f"this host's name changed ({self.me} -> {me}): restart the agent",
                                   file=str(self.config_path), field="host")
             read_key(cfg, self.config_path)
+            own = read_host_key(cfg, self.config_path)
             vms = load_vms(cfg)
         except ConfigError as exc:
             log.error("config-reload-failed", error=str(exc), file=exc.file, line=exc.line,
                       field=exc.field)
             self.notifier.ready(f"reload failed, old configuration kept: {exc}")
             return
-        await self.queue.put(_Apply(cfg, vms))
+        await self.queue.put(_Apply(cfg, vms, own))
 
-    def _apply(self, cfg: ClusterConfig, vms: dict[str, VmDefinition]) -> None:
-        fields = RESTART_FIELDS + (CLUSTER_RESTART_FIELDS if self.cluster is not None else ())
-        needs_restart = [f for f in fields if getattr(cfg, f) != getattr(self.cfg, f)]
-        if needs_restart:
-            # What runs stays as it is, and so does what this agent compares the next reload with:
-            # a half-applied change would mislead both the operator and the next reload.
-            cfg = cfg.model_copy(update={f: getattr(self.cfg, f) for f in needs_restart})
+    def _apply(self, cfg: ClusterConfig, vms: dict[str, VmDefinition], own: Ed25519PrivateKey | None) -> None:
+        # What must wait for a restart keeps its running value (agent/reload.py).
+        change = reloaded(cfg, self.cfg, cluster_mode=self.cluster is not None, own_new=own,
+                          own_old=self.own_key)
+        cfg, needs_restart = change.cfg, change.needs_restart
+        self._rekey(cfg, change.own_key)
         if self.cluster is not None and vms != self.vms:
             # Every agent must plan with the same VMs: the cluster keeps its own until a restart.
             needs_restart.append("vm_dir (the cluster's VMs)")
@@ -683,6 +686,21 @@ class Agent:
         if needs_restart:
             log.warning("config-needs-restart", fields=needs_restart, kept="the running values")
         self.notifier.ready(self.summary(self.core.status(monotonic_ms())))
+
+    def _rekey(self, cfg: ClusterConfig, own: Ed25519PrivateKey | None) -> None:
+        """Sign with `own` and check peers against `cfg`'s public keys from now on (a rotation)."""
+        def spelled(c: ClusterConfig, k: Ed25519PrivateKey | None) -> tuple[object, ...]:
+            return (k and public_text(k), [(h.name, h.public_keys) for h in c.hosts])
+
+        if spelled(cfg, own) == spelled(self.cfg, self.own_key):
+            return
+        verified = host_keys(cfg)
+        self.own_key, self.signer = own, signer_of(own) if own is not None else None
+        self.transport.rekey(self.signer, verified)
+        if self.beats is not None:
+            self.beats.rekey(self.signer, verified)
+        log.info("host-keys-reloaded", own=key_id(own) if own is not None else None,
+                 keys={h: [key_id(k) for k in ks] for h, ks in verified.items()})
 
     # ---- life cycle --------------------------------------------------------------------------
 

@@ -428,8 +428,8 @@ class HostCore:
         return membership_status(self.member, now_ms)
 
     def reconfigure(self, cfg: HostConfig, now_ms: int) -> None:
-        """A reloaded configuration: peers, timing, policies and capacities; evidence is kept.
-        The cluster's own settings need a restart (the runtime says so)."""
+        """A reloaded configuration: peers, timing, policies, capacities and host keys; evidence
+        is kept.  The cluster's other settings need a restart (the runtime says so)."""
         if cfg.me != self.cfg.me:
             raise ValueError("a host cannot change its name")
         if self.member is None:
@@ -437,14 +437,12 @@ class HostCore:
         self.vms.policy = cfg.vm_policy
         self.probes.policy = cfg.probe_policy
         self.peers.reconfigure(cfg.peers, self.pings)
-        self.cfg = cfg if self.member is None else _keep_cluster(cfg, self.cfg)
+        if self.member is not None and cfg.cluster is not None:
+            self.member.rekey(cfg.cluster.signer, cfg.cluster.host_keys)      # a key rotation
+        self.cfg = cfg if self.member is None else replace(cfg, cluster=self.member.config)
 
     def peer_report(self, host: str) -> dict[str, Any] | None:
         return self.peers.heartbeat(host)
 
     def peer_state(self, host: str) -> dict[str, Any] | None:
         return self.peers.state(host)
-
-
-def _keep_cluster(new: HostConfig, old: HostConfig) -> HostConfig:
-    return replace(new, cluster=old.cluster)

@@ -6,8 +6,11 @@ message; any member can sign as any other.  With host keys, every envelope also 
 a receiver that knows the sender's public key (`hosts[].public_keys` in the cluster
 file) refuses a message without a valid one: a compromised member, or anyone holding the
 cluster key, can no longer speak as another host.  Several public keys per host let a
-key be rotated host by host: the new one is added everywhere first, the host switches,
-the old one is removed.
+key be rotated host by host without a restart: the new one is added everywhere first,
+the host switches, the old one is removed, each step picked up by a reload (SIGHUP).  A
+key is named by its id, `key_id()`: the first 16 characters of the base64 SHA-256 of its
+raw bytes (as OpenSSH's fingerprints), shown by `haguard keygen`, `check-config` and the
+status; the wire needs no id, since a receiver tries the few keys of one host.
 
 Keys travel as base64 of the raw 32 bytes, as WireGuard and OpenSSH's wire format do.
 The `cryptography` library (OpenSSL) does the arithmetic; nothing here touches a file.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 
@@ -55,6 +59,12 @@ def parse_private(text: str) -> Ed25519PrivateKey:
 def public_text(key: Ed25519PrivateKey | Ed25519PublicKey) -> str:
     public = key.public_key() if isinstance(key, Ed25519PrivateKey) else key
     return base64.b64encode(public.public_bytes(_RAW, serialization.PublicFormat.Raw)).decode()
+
+
+def key_id(key: Ed25519PrivateKey | Ed25519PublicKey | str) -> str:
+    """A short name for a public key (of a private key: of its public half)."""
+    text = key if isinstance(key, str) else public_text(key)
+    return "SHA256:" + base64.b64encode(hashlib.sha256(_raw(text, "public")).digest()).decode()[:16]
 
 
 def private_text(key: Ed25519PrivateKey) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from haguard.core import wire
 from haguard.core.alerts import RaiseAlert
@@ -156,7 +156,8 @@ class World:
         self.specs = specs
         self.keys = {n: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(f"{seed}/{n}".encode()).digest())
                      for n in specs} if self.sim.host_keys else {}
-        self.public_keys = {n: (k.public_key(),) for n, k in self.keys.items()}
+        self.public_keys: dict[str, tuple[Ed25519PublicKey, ...]] = {
+            n: (k.public_key(),) for n, k in self.keys.items()}
         self.vm_specs = {v.name: v for v in self.sim.vms}
         self.vm_names = sorted(self.vm_specs)
         self.hosts = {n: SimHost(name=n, spec=s, watchdog_ms=self.sim.watchdog_devices.get(
@@ -458,6 +459,17 @@ class World:
         host = self.hosts[name]
         if host.incarnation == incarnation:
             self._feed(host, WatchdogConfirmed(timeout_ms=host.watchdog_ms, now_ms=self.now))
+
+    def reload_keys(self, accepted: Mapping[str, tuple[Ed25519PublicKey, ...]],
+                    own: Mapping[str, Ed25519PrivateKey]) -> None:
+        """A reload of the key settings on every running agent (one step of a rotation, as
+        agent/reload.py applies it): hosts in `own` sign with their new key from now on."""
+        self.keys.update(own)
+        self.public_keys = dict(accepted)
+        for host in self.hosts.values():
+            if host.agent is not None:
+                host.agent.rekey(signer_of(self.keys[host.name]) if host.name in self.keys else None,
+                                 self.public_keys)
 
     def _boot_agent(self, host: SimHost) -> None:
         host.incarnation += 1

@@ -25,14 +25,14 @@ stable storage before any `Send` after it.  The rules kept here:
   timeout (`WatchdogConfirmed`); the confirmed value travels in its heartbeat.
 - isolation (no broker and no peer): keep, shut the VMs down, or stop petting at once.
 
-Size: about 480 lines because the order of a tick (retrack, stand, coordinate, beat,
+Size: about 550 lines because the order of a tick (retrack, stand, coordinate, beat,
 relay, watchdog, obey) and of a message's handling lives here in one place; each step is
 a call into its room, and splitting the ordering itself would scatter it.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.acks import NO_KEY
@@ -87,6 +87,7 @@ from haguard.core.detector import (
     PeerHeardRelayed,
     PingObserved,
 )
+from haguard.core.hostkeys import HostKeys, Signer
 
 MOVE_REQUEST_MS = 60_000            # an operator's move request not taken by then is dropped
 HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
@@ -144,6 +145,13 @@ class ClusterMember:
         self._persisted = self._durable()
 
     # ---- feeding --------------------------------------------------------------------
+
+    def rekey(self, signer: Signer | None, host_keys: HostKeys) -> None:
+        """Host keys reloaded (a rotation, core/hostkeys.py): this host signs its heartbeats with
+        `signer`, relayed heartbeats are checked against `host_keys`.  Keys are outside the
+        cluster definition's fingerprint, so nothing else changes."""
+        self.config = replace(self.config, signer=signer, host_keys=host_keys)
+        self.relay.proofs.keys = host_keys
 
     def step(self, event: ClusterInput) -> list[ClusterOutput]:
         out: list[ClusterOutput] = []

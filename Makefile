@@ -8,11 +8,12 @@ STAMP := $(VENV)/.haguard-setup
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml packaging/debian-packages.txt packaging/install-host-deps.sh
+$(STAMP): pyproject.toml packaging/debian-packages.txt packaging/install-host-deps.sh packaging/fetch-promtool.sh
 	bash packaging/install-host-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test,systemd]'
+	bash packaging/fetch-promtool.sh $(BIN)
 	$(BIN)/haguard guest-build --quiet
 	touch $(STAMP)
 

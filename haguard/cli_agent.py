@@ -32,6 +32,11 @@ def add_subcommands(sub: Any) -> None:
     p = sub.add_parser("status", help="the cluster as this host's agent sees it")
     _config_arg(p)
     p.add_argument("--json", action="store_true", help="print the status file's JSON")
+    p.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="S",
+                   help="redraw every S seconds (default 1) until interrupted")
+    p.add_argument("--check", action="store_true",
+                   help="one line and a monitoring exit code: 0 OK, 1 warning, 2 critical, "
+                        "3 unknown (no status, or a stale one)")
     p = sub.add_parser("check-config", help="validate the cluster configuration and VM inventory")
     _config_arg(p)
     p = sub.add_parser("keygen", help="write this host's Ed25519 key (host_key_file); print its public key")
@@ -81,13 +86,64 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from haguard.agent.status import read_status, render, status_path
     from haguard.config.cluster import load_cluster_config
+    if args.check:
+        return _check_status(args)
     cfg = load_cluster_config(args.config)
+    if args.watch is not None:
+        return _watch(status_path(cfg.run_dir), max(0.2, args.watch))
     data = read_status(status_path(cfg.run_dir))
     if args.json:
         print(json.dumps(data))
     else:
         render(data, Console())
     return EXIT_OK
+
+
+def _watch(path: Path, every_s: float) -> int:
+    """`status --watch`: the view redrawn in place; a missing or stale status is shown as
+    such (the agent restarting), never an exit."""
+    import time
+
+    from rich.console import Console
+
+    from haguard.agent.status import read_status, render
+    from haguard.errors import HaguardError
+    console = Console()
+    try:
+        while True:
+            with console.capture() as frame:
+                try:
+                    render(read_status(path), console)
+                except HaguardError as exc:
+                    console.print(f"[red]{exc}[/]")
+            console.clear()
+            console.file.write(frame.get())
+            console.file.flush()
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _check_status(args: argparse.Namespace) -> int:
+    """`status --check`: never a traceback nor a usage error, one line and its code."""
+    import time
+
+    from haguard.agent.check import UNKNOWN, check
+    from haguard.agent.status import read_status, status_path
+    from haguard.config.cluster import load_cluster_config
+    from haguard.errors import HaguardError
+    try:
+        cfg = load_cluster_config(args.config)
+    except HaguardError as exc:
+        print(f"HAGUARD UNKNOWN - {exc}")
+        return UNKNOWN
+    try:
+        found: dict[str, Any] | None = read_status(status_path(cfg.run_dir))
+    except HaguardError:
+        found = None
+    code, line = check(found, time.time())
+    print(line)
+    return code
 
 
 def cmd_admin(args: argparse.Namespace) -> int:

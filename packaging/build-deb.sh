@@ -26,6 +26,7 @@ mkdir -p "$src/packaging" "$src/wheelhouse"
 tar -C "$root" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.elf' \
     -cf - haguard pyproject.toml README.md docs config systemd | tar -C "$src" -xf -
 cp "$root/packaging/haguard-wrapper" "$src/packaging/"
+cp -r "$root/packaging/prometheus" "$root/packaging/grafana" "$src/packaging/"
 cp -r "$root/packaging/debian" "$src/debian"
 
 # The target's Python builds the wheelhouse, so compiled wheels (pydantic-core) match it.

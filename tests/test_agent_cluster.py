@@ -9,6 +9,7 @@ agent's status throughout and fail on any "dead", in a status file or a log line
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -74,6 +75,23 @@ def test_all_alive_and_status_command(cluster: Cluster) -> None:
     table = subprocess.run([sys.executable, "-m", "haguard", "status", "--config",
                             str(c.config_path("h2"))], capture_output=True, text=True, timeout=20, cwd=REPO)
     assert table.returncode == 0 and "h3" in table.stdout and "alive" in table.stdout
+    check = _check(c, "h1")
+    assert check.returncode == 0 and check.stdout.startswith("HAGUARD OK - "), check
+    # The live view redraws until interrupted (Ctrl-C), then exits 0.
+    watch = subprocess.Popen([sys.executable, "-m", "haguard", "status", "--watch", "0.3", "--config",
+                              str(c.config_path("h1"))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, cwd=REPO)
+    time.sleep(3)
+    watch.send_signal(signal.SIGINT)
+    out, err = watch.communicate(timeout=10)
+    assert watch.returncode == 0, err
+    assert out.count("h3") >= 3, "redrawn several times"
+
+
+def _check(c: Cluster, host: str) -> subprocess.CompletedProcess[str]:
+    """`haguard status --check`, as a monitoring system runs it."""
+    return subprocess.run([sys.executable, "-m", "haguard", "status", "--check", "--config",
+                           str(c.config_path(host))], capture_output=True, text=True, timeout=20, cwd=REPO)
 
 
 @pytest.mark.timeout(40)
@@ -100,6 +118,8 @@ def test_killed_agent_is_agent_down_never_dead_and_forgery_changes_nothing(clust
         assert pub.returncode == 0, pub.stderr
     _never(c, ("h1", "h2"), "h3", "dead", 2.0)
     assert all(c.state_of(o, "h3") == "agent-down" for o in ("h1", "h2")), c.states()
+    check = _check(c, "h1")
+    assert check.returncode == 1 and check.stdout.strip() == "HAGUARD WARNING - peers h3 agent-down", check
     assert (c.status("h1") or {}).get("rejected", 0) > before
     assert not [e for o in ("h1", "h2") for e in c.events(o, "peer-state")
                 if e["host"] == "h3" and e["new"] == "dead"]

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from prometheus_client.parser import text_string_to_metric_families
 
 from haguard.adapters.qmp import Qmp
 from haguard.agent.control import control_path, request
@@ -138,7 +139,25 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         assert done and float(done.group(1)) >= 1, "fence actions not in the metrics"
         assert all(("recovery-done", vm) in alerts for vm in lost), alerts
         assert not any((c.status(h) or {}).get("rejected") for h in c.hosts if h != victim)
+        # The cluster metrics say the same (cluster_metrics.py), scraped from the coordinator.
+        coordinator = c.cluster_view(fencer).get("coordinator")
+        assert coordinator is not None
+        c.wait_for("the coordinator's metrics show the fence", lambda: _samples(c.scrape(coordinator)).get(
+            ("haguard_hosts_fenced", ())) == 1, 10)
+        seen = _samples(c.scrape(coordinator))
+        assert seen[("haguard_coordinator", (("host", coordinator),))] == 1
+        assert seen[("haguard_quorum_held", ())] == 1 and seen[("haguard_vms_unplaced", ())] == 0
+        assert seen[("haguard_hosts", (("state", "dead"),))] == 1, seen
+        assert seen[("haguard_vms", (("desired", "running"),))] == len(vms)
+        assert ("haguard_vms_by_owner", (("owner", victim),)) not in seen
+        check = c.haguard(coordinator, "status", "--check")
+        assert check.returncode == 1 and f"peers {victim} dead" in check.stdout, check
         watch.check()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 @pytest.mark.timeout(150)

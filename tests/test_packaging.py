@@ -173,6 +173,13 @@ def test_deb_installs_into_clean_debian_root(deb: Path, tmp_path: Path) -> None:
         assert (root / "lib/systemd/system/haguard.service").read_text() == \
             (REPO / "systemd/haguard.service").read_text()
         assert (root / "etc/haguard/vms").is_dir() and not any((root / "etc/haguard/vms").iterdir())
+        # What monitoring needs, and the operations docs (compressed when large, as Debian does).
+        for path in ("prometheus/haguard-alerts.yml", "prometheus/haguard-alerts.test.yml",
+                     "grafana/haguard-dashboard.json"):
+            shipped = (root / "usr/share/haguard" / path).read_bytes()
+            assert shipped == (REPO / "packaging" / path).read_bytes(), path
+        for doc in ("operations.md", "security.md", "failure-modes.md"):
+            assert any((root / "usr/share/doc/haguard" / f"{doc}{gz}").is_file() for gz in ("", ".gz")), doc
 
         # Before the site's secrets exist: one clear line, exit 2.
         missing = check_config(root, "/etc/haguard/cluster.reference.yaml")

@@ -18,6 +18,9 @@ collide) with the process collector (CPU, RSS, open fds) added.
     haguard_alerts_total{kind,severity,status} alerts announced (firing / resolved)
     haguard_alert_webhook_posts_total{result}  ok | retried | failed
 
+The cluster as this host sees it (quorum, coordinator, hosts and VMs by state, moves,
+watchdog, build info) comes from cluster_metrics.py, registered in the same registry.
+
 The server binds only the configured address (prometheus-client's default is 0.0.0.0).
 `record_migration(result, ...)` and `record_fence(result)` at module level record on the
 agent's installed metrics (a no-op when there are none), for code that has no handle.

@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from haguard.adapters import metrics as metrics_mod
 from haguard.adapters.alerts import AlertNotifier
+from haguard.adapters.cluster_metrics import ClusterCollector
 from haguard.adapters.directbeat import DirectBeats
 from haguard.adapters.hostprobe import HostProber
 from haguard.adapters.icmp import PeerPinger
@@ -324,6 +325,7 @@ class Agent:
         self._last_status_s = 0.0
         self._status_changed = True
         self._status: dict[str, Any] | None = None  # what the status file last said
+        self.metrics.registry.register(ClusterCollector(lambda: self._status))
         self._last_sd_status_s = 0.0
 
     @staticmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from haguard.config.cluster import DEFAULT_CLUSTER_CONFIG
-from haguard.errors import ConfigError
+from haguard.errors import ConfigError, HaguardError
 from haguard.logs import LOG_FORMATS, LOG_LEVELS
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -41,6 +42,15 @@ def add_subcommands(sub: Any) -> None:
     _config_arg(p)
     p = sub.add_parser("keygen", help="write this host's Ed25519 key (host_key_file); print its public key")
     p.add_argument("path", type=Path, metavar="PATH", help="the private key file to create (mode 0600)")
+    p = sub.add_parser("confirm-off", help="declare HOST powered off (its fence device is broken): "
+                                           "its VMs are then recovered elsewhere")
+    _config_arg(p)
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("--yes-i-checked", metavar="HOST", required=True,
+                   help="HOST again: you made sure it is off (a VM of a host that still runs would "
+                        "then run twice)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="how long to wait for the cluster to take it (default 60)")
     for action, text in (("drain", "put HOST in maintenance: its VMs move away live"),
                          ("undrain", "take HOST out of maintenance")):
         p = sub.add_parser(action, help=text)
@@ -107,7 +117,6 @@ def _watch(path: Path, every_s: float) -> int:
     from rich.console import Console
 
     from haguard.agent.status import read_status, render
-    from haguard.errors import HaguardError
     console = Console()
     try:
         while True:
@@ -131,7 +140,6 @@ def _check_status(args: argparse.Namespace) -> int:
     from haguard.agent.check import UNKNOWN, check
     from haguard.agent.status import read_status, status_path
     from haguard.config.cluster import load_cluster_config
-    from haguard.errors import HaguardError
     try:
         cfg = load_cluster_config(args.config)
     except HaguardError as exc:
@@ -160,6 +168,33 @@ def cmd_admin(args: argparse.Namespace) -> int:
         else EXIT_FAILED
 
 
+def cmd_confirm_off(args: argparse.Namespace) -> int:
+    """`haguard confirm-off HOST --yes-i-checked HOST`: through the local agent to the
+    coordinator, which takes it only for a host it holds dead; waits until HOST is fenced in
+    the cluster state."""
+    import time
+
+    from haguard.agent.control import ask_agent
+    from haguard.agent.status import read_status, status_path
+    from haguard.config.cluster import load_cluster_config
+    if args.yes_i_checked != args.host:
+        raise ConfigError(f"--yes-i-checked names {args.yes_i_checked!r}, not {args.host!r}: type the host "
+                          "you checked is off", field="--yes-i-checked")
+    cfg = load_cluster_config(args.config)
+    ask_agent(cfg, {"action": "confirm-off", "host": args.host}, host_field="HOST")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(HaguardError):
+            hosts = (read_status(status_path(cfg.run_dir)).get("cluster") or {}).get("hosts") or {}
+            if (hosts.get(args.host) or {}).get("fenced"):
+                print(f"{args.host}: confirmed off; its VMs are recovered elsewhere")
+                return EXIT_OK
+        time.sleep(0.5)
+    print(f"haguard: error: {args.host} was not taken as off within {args.timeout:.0f} s: the coordinator "
+          "takes it only for a host it holds dead (see the confirm-off-refused alert)", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def cmd_keygen(args: argparse.Namespace) -> int:
     """A new private key in PATH (never over an existing file), its public key on stdout."""
     import os
@@ -181,4 +216,4 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config,
-    "drain": cmd_admin, "undrain": cmd_admin, "keygen": cmd_keygen}
+    "drain": cmd_admin, "undrain": cmd_admin, "keygen": cmd_keygen, "confirm-off": cmd_confirm_off}

@@ -190,6 +190,41 @@ def test_failed_fence_recovers_nothing_and_alerts_then_recovers_once_it_works() 
         watch.check()
 
 
+@pytest.mark.timeout(150)
+def test_a_broken_fence_device_then_an_operators_confirm_off_recovers_the_vms() -> None:
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        coordinator = c.cluster_view("h1").get("coordinator")
+        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+        other = next(h for h in c.hosts if h != victim)
+        lost = _owned_by(c, victim)
+        typo = c.haguard(other, "confirm-off", victim, "--yes-i-checked", "h9")
+        assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1, typo
+        # A host that runs is never taken as off, whatever the operator types.
+        early = c.haguard(other, "confirm-off", victim, "--yes-i-checked", victim, "--timeout", "3")
+        assert early.returncode == 1 and "not taken as off" in early.stderr, early
+        assert _owned_by(c, victim) == lost, "nothing moved"
+        # Its fence device breaks, then it loses power (link, QEMUs and agent gone).
+        (c.dir / "fence" / "mode").write_text("fail")
+        c.cut(victim)
+        c.kill_vms(victim)
+        c.kill9(victim)
+        c.wait_for("two failed fence attempts",
+                   lambda: sum(f" off {victim} 1" in line for line in fence_calls(c)) >= 2, 20)
+        assert not any(set(running_on(c).get(vm, [])) - {victim} for vm in lost), "recovered unfenced"
+        # The operator checked it is off: its VMs are recovered, and the alert says who decided.
+        asked = time.time()
+        done = c.haguard(other, "confirm-off", victim, "--yes-i-checked", victim)
+        assert done.returncode == 0 and "confirmed off" in done.stdout, done
+        wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
+        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        assert starts and all(_wall(e) >= asked for e in starts), (starts, asked)
+        kinds = {e.get("alert") for h in c.hosts if h != victim for e in c.events(h, "alert")}
+        assert {"confirm-off-refused", "fence-confirmed-by-operator"} <= kinds, kinds
+        watch.check()
+
+
 def _wall(event: dict[str, object]) -> float:
     from datetime import datetime
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()

@@ -495,6 +495,35 @@ def test_a_move_that_switches_over_during_a_broker_outage_is_kept_after_the_sour
     assert owners(world)[vm] == target and _committed_owner(world, vm) == (target, False)
 
 
+@pytest.mark.timeout(30)
+def test_an_operator_confirms_off_a_host_whose_fence_device_is_broken_and_its_vms_are_recovered() -> None:
+    world = World(7, Schedule(faults=(), heal_ms=10**9), SimConfig())
+    world.run(6000)
+    (coordinator,) = world.coordinators()
+    victim = next(h for h in sorted(world.hosts) if h != coordinator and h in owners(world).values())
+    lost = sorted(vm for vm, h in owners(world).items() if h == victim)
+    # Confirming off a host that runs: refused, said once, nothing moves.
+    world.admin("confirm-off", victim)
+    world.run(world.now + 3000)
+    refused = [a for _at, _h, a in world.alerts if a.kind == "confirm-off-refused" and a.host == victim]
+    assert len(refused) == 1 and "heard" in refused[0].reason, refused
+    assert all(owners(world)[vm] == victim for vm in lost)
+    # Its fence device breaks, then it loses power: nothing of it is recovered ...
+    for fault in (f"fence:{victim}:fail", f"crash:{victim}"):
+        world._on_fault(Fault.decode(f"{world.now}:{fault}"))
+    world.run(world.now + 15_000)
+    assert not set(lost) & set(owners(world)), "recovered without a fence"
+    assert any(a.kind == "fence-failed" and a.host == victim for _at, _h, a in world.alerts)
+    # ... until an operator who checked it is off says so.
+    confirmed_at = world.now
+    world._on_fault(Fault.decode(f"{world.now}:confirm-off:{victim}"))
+    world.run(world.now + 5000)
+    assert set(lost) <= set(owners(world)) and victim not in set(owners(world).values())
+    assert any(a.kind == "fence-confirmed-by-operator" and a.host == victim for _at, _h, a in world.alerts)
+    assert all(at >= confirmed_at for at, h, vm in world.starts if vm in lost and h != victim)
+    assert world.checker.all_running()
+
+
 # ---- a larger cluster: partial views -------------------------------------------------------
 
 def _large(hosts: int, fanout: int = 4) -> SimConfig:

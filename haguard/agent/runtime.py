@@ -467,13 +467,13 @@ class Agent:
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         """An operator's request on the control socket (`haguard drain|undrain HOST`,
-        `haguard migrate VM --to HOST`)."""
+        `haguard migrate VM --to HOST`, `haguard confirm-off HOST`)."""
         action, host, vm = request.get("action"), request.get("host"), request.get("vm", "")
         if action == "inject-core-fault" and self.fault_injection:
             log.warning("core-fault-injected")
             await self.queue.put(_InjectedFault())
             return {"ok": True}
-        if action not in ("drain", "undrain", "migrate"):
+        if action not in ("drain", "undrain", "migrate", "confirm-off"):
             return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
         if self.cluster is None:
             return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
@@ -482,6 +482,8 @@ class Agent:
         if action == "migrate" and (not isinstance(vm, str) or self.core.member is None
                                     or vm not in self.core.member.config.vms):
             return {"ok": False, "error": f"VM {str(vm)[:60]!r} is not in the cluster's inventory"}
+        if action == "confirm-off" and host == self.me:
+            return {"ok": False, "error": "a host cannot confirm itself off: run it on another host"}
         log.warning("admin-request", action=action, host=host, vm=vm or None)
         await self.queue.put(AdminRequested(action=action, host=host, vm=str(vm), now_ms=monotonic_ms()))
         return {"ok": True}

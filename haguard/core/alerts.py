@@ -54,6 +54,8 @@ class AlertKind(StrEnum):
     WATCHDOG_FAILED = "watchdog-failed"
     CONFIG_MISMATCH = "config-mismatch"
     BROKER_DOWN = "broker-down"
+    FENCE_CONFIRMED_BY_OPERATOR = "fence-confirmed-by-operator"
+    CONFIRM_OFF_REFUSED = "confirm-off-refused"
 
 
 # The severity each kind fires with (a resolve keeps it).
@@ -72,6 +74,9 @@ SEVERITY: dict[AlertKind, Severity] = {
     AlertKind.WATCHDOG_FAILED: Severity.CRITICAL,
     AlertKind.CONFIG_MISMATCH: Severity.WARNING,
     AlertKind.BROKER_DOWN: Severity.WARNING,
+    # A fence on an operator's word: whoever reads alerts must know, and it must have been true.
+    AlertKind.FENCE_CONFIRMED_BY_OPERATOR: Severity.CRITICAL,
+    AlertKind.CONFIRM_OFF_REFUSED: Severity.WARNING,
 }
 
 # Kinds the cluster coordinator raises (`RaiseAlert.kind`), by their names there.

@@ -33,6 +33,7 @@ KINDS = {
     "dup": 1,            # percent of messages delivered twice
     "drain": 1,
     "undrain": 1,
+    "confirm-off": 1,    # an operator confirms a host is off (only when it is: the operator checked)
 }
 
 

@@ -553,6 +553,10 @@ class World:
             case "drain" | "undrain":
                 action: Literal["drain", "undrain"] = "drain" if f.kind == "drain" else "undrain"
                 self.admin(action, f.args[0])
+            case "confirm-off":
+                assert a is not None
+                if not a.powered:               # the operator looked: a running host is not off
+                    self.admin("confirm-off", a.name)
 
     def _stop_cleanly(self, host: SimHost) -> None:
         """As the runtime stops: the cluster learns the watchdog is no fence, then the magic
@@ -579,7 +583,7 @@ class World:
             host.watchdog_armed = host.watchdog_armed and not disarm
             self._at(self.now + self.sim.agent_restart_ms, "agent_boot", host.name)
 
-    def admin(self, action: Literal["drain", "undrain"], host: str) -> None:
+    def admin(self, action: Literal["drain", "undrain", "confirm-off"], host: str) -> None:
         """An operator's request, given to the first agent that runs."""
         for h in self.hosts.values():
             if h.agent is not None:

@@ -9,7 +9,8 @@ cluster state, never the configuration file's value) plus its self-fence grace p
 `watchdog_margin_ms` after the declaration (by then the host, which lost quorum before
 others could declare it dead, has waited out its grace, stopped petting and been reset).
 A host with neither a device nor a confirmed watchdog cannot be fenced: its VMs stay
-down, and an alert says so once.  `plan_recovery` places a fenced host's VMs, highest
+down, and an alert says so once, until an operator confirms it is off
+(`confirm_by_operator`: a fence like a device's).  `plan_recovery` places a fenced host's VMs, highest
 priority first.
 """
 
@@ -74,6 +75,16 @@ class Fencing:
         fence = self._fences.get(host)
         if fence is not None and not fence.confirmed:
             del self._fences[host]
+
+    def confirm_by_operator(self, host: str, asked_ms: int) -> bool:
+        """An operator declared `host` off (`haguard confirm-off`): a fence, as a device's "off"
+        is.  Only when asked after the host was declared dead (the operator checked this
+        failure, not an earlier state) and not fenced yet (False otherwise)."""
+        fence = self._fences.get(host)
+        if fence is None or fence.confirmed or asked_ms <= fence.declared_ms:
+            return False
+        fence.confirmed, fence.command_id = True, None
+        return True
 
     def timeout_ms(self, host: str) -> int:
         return self.host_timeouts_ms.get(host, self.fence_timeout_ms)

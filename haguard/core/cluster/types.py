@@ -271,8 +271,10 @@ class CommandFinished:
 
 @dataclass(frozen=True, kw_only=True)
 class AdminRequested:
-    action: Literal["drain", "undrain", "migrate"]
-    host: str                                   # the host to drain/undrain, or the move's target
+    # confirm-off: an operator declares a host powered off (its fence device broken); taken
+    # only while the coordinator holds that host dead, and only for CONFIRM_OFF_MS.
+    action: Literal["drain", "undrain", "migrate", "confirm-off"]
+    host: str                                   # the host to drain/undrain/confirm, or the move's target
     now_ms: int
     vm: str = ""                                # for "migrate"
 

@@ -7,6 +7,7 @@ moves).  A deliberately broken core shows that the checks can fail.
 
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from typing import Any
 
@@ -20,7 +21,7 @@ from haguard.core.cluster.relay import reported_by
 from haguard.core.cluster.types import ClusterOutput, Digest, HostSpec, MessageReceived, RelayEntry
 from haguard.core.hostkeys import signer_of
 from haguard.sim.checkers import Violation
-from haguard.sim.faults import Fault, Schedule
+from haguard.sim.faults import Fault, Schedule, random_schedule
 from haguard.sim.runner import main, run, shrink
 from haguard.sim.world import SimConfig, World
 
@@ -522,6 +523,32 @@ def test_an_operator_confirms_off_a_host_whose_fence_device_is_broken_and_its_vm
     assert any(a.kind == "fence-confirmed-by-operator" and a.host == victim for _at, _h, a in world.alerts)
     assert all(at >= confirmed_at for at, h, vm in world.starts if vm in lost and h != victim)
     assert world.checker.all_running()
+
+
+@pytest.mark.timeout(60)
+def test_random_schedules_with_broken_fences_and_operators_confirming_hosts_off_keep_the_invariants() -> None:
+    # Random faults, plus a host whose fence device breaks before it loses power, and three
+    # confirm-offs of it at random instants (before its failure: refused; after: taken).
+    sim = SimConfig()
+    hosts = [f"h{i}" for i in range(1, sim.hosts + 1)]
+    failures, taken, refused = [], 0, 0
+    for seed in range(1, 61):
+        base = random_schedule(seed, hosts, [v.name for v in sim.vms], max_faults=6)
+        rng = random.Random(seed)
+        victim, lost_at = rng.choice(hosts), rng.randrange(2000, 9000)
+        broken = rng.choice(["fail", "hang"])
+        extra = [Fault(at_ms=rng.randrange(1000, lost_at), kind="fence", args=(victim, broken)),
+                 Fault(at_ms=lost_at, kind="crash", args=(victim,)),
+                 *(Fault(at_ms=rng.randrange(1000, base.heal_ms), kind="confirm-off", args=(victim,))
+                   for _ in range(3))]
+        schedule = replace(base, faults=tuple(sorted((*base.faults, *extra), key=lambda f: f.at_ms)))
+        result, _ = run(seed, schedule=schedule, sim=sim)
+        taken += sum("fence-confirmed-by-operator" in a for a in result.alerts)
+        refused += sum("confirm-off-refused" in a for a in result.alerts)
+        if result.failure:
+            failures.append((seed, result.failure, result.message[:200]))
+    assert not failures, failures
+    assert taken >= 10 and refused >= 10, (taken, refused)
 
 
 # ---- a larger cluster: partial views -------------------------------------------------------

@@ -21,27 +21,29 @@ def check_fence_devices(cfg: ClusterConfig, path: Path) -> list[ConfigError]:
     all.  Refused in cluster mode; without it nothing is ever fenced, so only warnings."""
     warnings = []
     for i, host in enumerate(cfg.hosts):
-        if host.fence is None:
-            continue
-        insecure = str(host.fence.options.get("ssl_insecure", "")).lower() in ("1", "on", "true", "yes")
-        if insecure:
-            # A fence that does not check the BMC's certificate believes whoever answers:
-            # a faked "off" lets the coordinator start the host's VMs while they still run.
-            warnings.append(ConfigError(
-                "ssl_insecure skips the BMC's certificate check, so a forged 'off' could make a VM "
-                "run twice: use ssl_secure with the BMC's CA trusted on every host",
-                file=str(path), line=line_of(path, ("hosts", i, "fence", "options", "ssl_insecure")),
-                field=f"hosts[{i}].fence.options.ssl_insecure"))
-        problem = _fence_problem(host.fence)
-        if problem is None:
-            continue
-        name, message = problem
-        line = line_of(path, ("hosts", i, "fence", name))
-        error = ConfigError(message, file=str(path), line=line, field=f"hosts[{i}].fence.{name}")
-        if cfg.ha.enabled:
-            raise error
-        warnings.append(ConfigError(f"{message} (unused while ha.enabled is false)", file=error.file,
-                                    line=error.line, field=error.field))
+        levelled = isinstance(host.fence, tuple)           # fencing levels: `fence` is a list
+        for j, device in enumerate(host.fence_devices):
+            where: tuple[str | int, ...] = ("hosts", i, "fence", j) if levelled else ("hosts", i, "fence")
+            field = f"hosts[{i}].fence[{j}]" if levelled else f"hosts[{i}].fence"
+            insecure = str(device.options.get("ssl_insecure", "")).lower() in ("1", "on", "true", "yes")
+            if insecure:
+                # A fence that does not check the BMC's certificate believes whoever answers:
+                # a faked "off" lets the coordinator start the host's VMs while they still run.
+                warnings.append(ConfigError(
+                    "ssl_insecure skips the BMC's certificate check, so a forged 'off' could make a VM "
+                    "run twice: use ssl_secure with the BMC's CA trusted on every host",
+                    file=str(path), line=line_of(path, (*where, "options", "ssl_insecure")),
+                    field=f"{field}.options.ssl_insecure"))
+            problem = _fence_problem(device)
+            if problem is None:
+                continue
+            name, message = problem
+            error = ConfigError(message, file=str(path), line=line_of(path, (*where, name)),
+                                field=f"{field}.{name}")
+            if cfg.ha.enabled:
+                raise error
+            warnings.append(ConfigError(f"{message} (unused while ha.enabled is false)", file=error.file,
+                                        line=error.line, field=error.field))
     return warnings
 
 

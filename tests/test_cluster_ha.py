@@ -225,6 +225,28 @@ def test_a_broken_fence_device_then_an_operators_confirm_off_recovers_the_vms() 
         watch.check()
 
 
+@pytest.mark.timeout(150)
+def test_fencing_levels_try_the_next_device_when_the_first_fails() -> None:
+    # Two devices per host (a BMC, then a switched PDU, as Pacemaker's fencing topology):
+    # the BMC does not answer, the PDU powers the host off; recovery follows at once.
+    vms = ha_vms(3)
+    with ha_cluster(vms, fence_levels=("fence-bmc", "fence")) as c, \
+            TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        (c.dir / "fence-bmc" / "mode").write_text("fail")
+        coordinator = c.cluster_view("h1").get("coordinator")
+        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+        _power_off_and_recover(c, victim, [v.name for v in vms], _owned_by(c, victim), within_s=12)
+        bmc = (c.dir / "fence-bmc" / "calls").read_text().splitlines()
+        pdu = fence_calls(c)
+        assert any(f" off {victim} 1" in line for line in bmc), bmc
+        assert float(next(ln for ln in pdu if f" off {victim} 0" in ln).split()[0]) >= \
+            float(next(ln for ln in bmc if f" off {victim} 1" in ln).split()[0]), "level 2 after level 1"
+        results = [e for h in c.hosts for e in c.events(h, "fence-result") if e.get("host") == victim]
+        assert [(e.get("fence_level"), e.get("ok")) for e in results][:2] == [(1, False), (2, True)], results
+        watch.check()
+
+
 def _wall(event: dict[str, object]) -> float:
     from datetime import datetime
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()

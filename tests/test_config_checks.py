@@ -285,6 +285,9 @@ def test_a_missing_fence_program_on_any_host_is_refused(tmp_path: Path) -> None:
     plain.write_text("#!/bin/sh\nexit 0\n")
     plain.chmod(0o644)
     cases.append(("fa", f"{{kind: command, agent: {plain}}}", "hosts[0].fence.agent"))
+    # Fencing levels: each device of the list is checked, and named by its place in it.
+    cases.append(("fb", "[{kind: command, agent: /bin/true}, {kind: command, agent: /nonexistent/pdu}]",
+                  "hosts[1].fence[1].agent"))
     for slot, fence, field in cases:
         text = _ha(tmp_path, **{slot: fence})
         cfg, out = _check(tmp_path, text)
@@ -293,6 +296,14 @@ def test_a_missing_fence_program_on_any_host_is_refused(tmp_path: Path) -> None:
     lab = f"{{kind: command, agent: '{sys.executable} -m haguard.lab.fence'}}"
     _, ok = _check(tmp_path, _ha(tmp_path, fc=lab))
     assert ok.returncode == 0, ok.stderr
+    _, ok = _check(tmp_path, _ha(tmp_path, fc=f"[{lab}, {{kind: command, agent: /bin/true}}]"))
+    assert ok.returncode == 0, ok.stderr
+    text = _ha(tmp_path, fc="[{kind: command, agent: /bin/true}, {kind: command, timeout_s: 5}]")
+    cfg, out = _check(tmp_path, text)
+    _refused(out, cfg, _line(text, "timeout_s: 5"), "hosts[2].fence[1].agent", "required field is missing")
+    text = _ha(tmp_path, fc="[]")
+    cfg, out = _check(tmp_path, text)
+    _refused(out, cfg, _line(text, "fence: []"), "hosts[2].fence", "empty list")
 
 
 @pytest.mark.timeout(60)
@@ -384,8 +395,10 @@ def test_the_shipped_configurations_still_pass(tmp_path: Path, shipped: Path) ->
     if "password_file" in cfg["mqtt"]:
         cfg["mqtt"]["password_file"] = str(password)
     for host in cfg["hosts"]:
-        if "password_file" in host.get("fence", {}):
-            host["fence"]["password_file"] = str(password)
+        fence = host.get("fence") or []
+        for device in fence if isinstance(fence, list) else [fence]:       # fencing levels: a list
+            if "password_file" in device:
+                device["password_file"] = str(password)
     path = tmp_path / shipped.name
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     out = _haguard("check-config", "--config", path)

@@ -44,11 +44,13 @@ def core_config(cfg: ClusterConfig, vms: dict[str, VmDefinition], signer: Signer
     for h in cfg.hosts:
         hosts[h.name] = HostSpec(
             name=h.name, weight=h.weight, priority=h.priority, witness=h.witness,
-            fence_device=h.fence is not None, memory_mib=h.memory_mib or default_memory,
+            fence_device=bool(h.fence_devices), memory_mib=h.memory_mib or default_memory,
             vcpus=h.vcpus or default_vcpus, groups=frozenset({h.group} if h.group else ()),
             group_priority=h.priority,
             # The device's own timeout, plus the time to start the agent program and read it.
-            fence_timeout_ms=int(h.fence.timeout_s * 1000) + 2000 if h.fence is not None else None)
+            # Every level may be tried in turn: their timeouts add up.
+            fence_timeout_ms=(int(sum(d.timeout_s for d in h.fence_devices) * 1000) + 2000
+                              if h.fence_devices else None))
     specs = {name: VmSpec(name=name, memory_mib=v.memory_mib, vcpus=v.vcpus, priority=v.priority,
                           affinity=v.affinity, anti_affinity=v.anti_affinity,
                           allowed_groups=frozenset(v.host_groups))

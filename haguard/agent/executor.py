@@ -302,22 +302,27 @@ class ClusterExecutor:
         return True, ""
 
     async def _fence(self, cmd: FenceHost) -> tuple[bool, str]:
+        """The host's fence devices in order (fencing levels) until one powers it off."""
         host = self.cfg.peer(cmd.host)
-        if host is None or host.fence is None:
+        if host is None or not host.fence_devices:
             return False, f"host {cmd.host} has no fence device"
-        log.warning("fence", host=cmd.host, term=cmd.term, agent=host.fence.agent)
-        result = await fence(host.fence, "off", host=cmd.host, confirm_off=True)
-        level = log.warning if result.ok else log.error
-        level("fence-result", host=cmd.host, ok=result.ok, detail=result.detail,
-              duration_s=round(result.duration_s, 3))
-        metrics.record_fence("done" if result.ok else "failed")
-        if result.ok:
-            self.alert(make_alert(AlertKind.FENCING_DONE, host=cmd.host,
-                                  summary=f"{cmd.host} fenced (powered off) by {self.me}",
-                                  description=f"{host.fence.agent}: {result.detail}"))
-            self.alert(make_alert(AlertKind.FENCING_FAILED, host=cmd.host, resolved=True,
-                                  summary=f"fencing {cmd.host} succeeded", description=result.detail))
-        return result.ok, result.detail
+        failed: list[str] = []
+        for level, device in enumerate(host.fence_devices, 1):
+            log.warning("fence", host=cmd.host, term=cmd.term, agent=device.agent, fence_level=level)
+            result = await fence(device, "off", host=cmd.host, confirm_off=True)
+            level_log = log.warning if result.ok else log.error
+            level_log("fence-result", host=cmd.host, ok=result.ok, detail=result.detail, fence_level=level,
+                      duration_s=round(result.duration_s, 3))
+            metrics.record_fence("done" if result.ok else "failed")
+            if result.ok:
+                self.alert(make_alert(AlertKind.FENCING_DONE, host=cmd.host,
+                                      summary=f"{cmd.host} fenced (powered off) by {self.me}",
+                                      description=f"level {level}, {device.agent}: {result.detail}"))
+                self.alert(make_alert(AlertKind.FENCING_FAILED, host=cmd.host, resolved=True,
+                                      summary=f"fencing {cmd.host} succeeded", description=result.detail))
+                return True, result.detail
+            failed.append(f"level {level} ({device.agent}): {result.detail}")
+        return False, "; ".join(failed)
 
     async def _migrate(self, cmd: MigrateVm) -> tuple[bool, str]:
         vm = self.vms.get(cmd.vm)

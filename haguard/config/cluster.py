@@ -14,9 +14,19 @@ from __future__ import annotations
 import ipaddress
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from haguard.config.yamlsrc import error_at, load_model
 from haguard.core.hostkeys import parse_public
@@ -40,10 +50,23 @@ class FenceDevice(_Strict):
     timeout_s: StrictFloat = Field(default=60.0, gt=0)
 
 
+def _fence_form(value: object) -> str:
+    return "Levels" if isinstance(value, list | tuple) else "Device"
+
+
+# One device or a list, told apart by the YAML's shape, so an error names the right one (the
+# tags are upper case: left out of the field path, config/yamlsrc.py).
+FenceLevels = Annotated[
+    Annotated[FenceDevice, Tag("Device")] | Annotated[tuple[FenceDevice, ...], Tag("Levels")],
+    Discriminator(_fence_form)]
+
+
 class HostConfig(_Strict):
     name: str = Field(pattern=NAME_RE)
     address: str                            # for ping and migration traffic
-    fence: FenceDevice | None = None
+    # One device, or several tried in order until one powers the host off (fencing levels,
+    # as Pacemaker's fencing topology: e.g. the BMC, then a switched PDU).
+    fence: FenceLevels | None = None
     memory_mib: StrictInt | None = Field(default=None, gt=0)   # capacity override
     vcpus: StrictInt | None = Field(default=None, gt=0)
     group: str | None = None
@@ -53,6 +76,20 @@ class HostConfig(_Strict):
     # Its Ed25519 public keys (base64, `haguard keygen`): its messages must be signed with one
     # (core/hostkeys.py).  Several while its key is rotated.
     public_keys: tuple[str, ...] = ()
+
+    @field_validator("fence")
+    @classmethod
+    def _fence_levels(cls, v: FenceLevels | None) -> FenceLevels | None:
+        if isinstance(v, tuple) and not v:
+            raise ValueError("an empty list of fence devices: leave `fence` out instead")
+        return v
+
+    @property
+    def fence_devices(self) -> tuple[FenceDevice, ...]:
+        """The host's fence devices, in the order they are tried."""
+        if self.fence is None:
+            return ()
+        return self.fence if isinstance(self.fence, tuple) else (self.fence,)
 
     @field_validator("public_keys")
     @classmethod

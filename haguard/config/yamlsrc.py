@@ -163,7 +163,9 @@ def validate(model: type[M], data: Any, node: yaml.Node | None, source: str,
         return model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = tuple(err["loc"])
+        # A union's member appears in the path by its type's name (`FenceDevice`, `tuple[...]`):
+        # not a field of the file, so left out (haguard's fields are lower case).
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
         msg = err["msg"]
         if err["type"] == _AT:
             loc += tuple((err.get("ctx") or {}).get("loc", ()))

@@ -62,10 +62,12 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
                prepare: Callable[[Cluster], None] | None = None,
                hosts: tuple[str, ...] = ("h1", "h2", "h3"),
                shipped_timing: bool = False, brokers_on: tuple[str, ...] = (),
-               host_keys: bool = False) -> Iterator[Cluster]:
+               host_keys: bool = False, fence_levels: tuple[str, ...] = ("fence",)) -> Iterator[Cluster]:
     """Agents (three by default) with `ha.enabled`; every host gets the fence stand-in when
     `fence`, and `host_extra` (more fields of its `hosts:` entry, e.g. "memory_mib: 200").
-    `shipped_timing`: the defaults an operator gets (no `timing:` section)."""
+    `shipped_timing`: the defaults an operator gets (no `timing:` section).  `fence_levels`:
+    the stand-ins' state directories under the cluster's, tried in this order (several: a
+    list of devices, fencing levels; `fence_calls` reads the one named "fence")."""
     cluster_dir_hint: dict[str, str] = {}
     c = Cluster(hosts=hosts, timing=dict(HA_TIMING, **(timing or {})), vms=vms,
                 extra=extra + "ha:\n  enabled: true\n" + ha, host_fields=cluster_dir_hint,
@@ -73,11 +75,14 @@ def ha_cluster(vms: tuple[VmDefinition, ...], *, fence: bool = True, ha: str = "
     for h in c.hosts:
         fields = [host_extra] if host_extra else []
         if fence:
-            state = c.dir / "fence"
-            state.mkdir(exist_ok=True)
-            fields.append(f"fence: {{kind: command, agent: '{sys.executable} -m haguard.lab.fence', "
-                          f"timeout_s: 10, options: {{plug: {h}, state_dir: '{state}', "
-                          f"run_dir: '{c.run_dir(h)}'}}}}")
+            devices = []
+            for name in fence_levels:
+                state = c.dir / name
+                state.mkdir(exist_ok=True)
+                devices.append(f"{{kind: command, agent: '{sys.executable} -m haguard.lab.fence', "
+                               f"timeout_s: 10, options: {{plug: {h}, state_dir: '{state}', "
+                               f"run_dir: '{c.run_dir(h)}'}}}}")
+            fields.append(f"fence: {devices[0] if len(devices) == 1 else '[' + ', '.join(devices) + ']'}")
         if fields:
             cluster_dir_hint[h] = ", ".join(fields)
     try:

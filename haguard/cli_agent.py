@@ -42,6 +42,14 @@ def add_subcommands(sub: Any) -> None:
     _config_arg(p)
     p = sub.add_parser("keygen", help="write this host's Ed25519 key (host_key_file); print its public key")
     p.add_argument("path", type=Path, metavar="PATH", help="the private key file to create (mode 0600)")
+    p = sub.add_parser("fence", help="power HOST off now with its fence device, through the coordinator; "
+                                     "its VMs are recovered elsewhere")
+    _config_arg(p)
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("--yes", action="store_true", required=True,
+                   help="required: HOST is powered off, whatever it runs")
+    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
+                   help="how long to wait for the fence (default 120)")
     p = sub.add_parser("confirm-off", help="declare HOST powered off (its fence device is broken): "
                                            "its VMs are then recovered elsewhere")
     _config_arg(p)
@@ -168,30 +176,44 @@ def cmd_admin(args: argparse.Namespace) -> int:
         else EXIT_FAILED
 
 
-def cmd_confirm_off(args: argparse.Namespace) -> int:
-    """`haguard confirm-off HOST --yes-i-checked HOST`: through the local agent to the
-    coordinator, which takes it only for a host it holds dead; waits until HOST is fenced in
-    the cluster state."""
+def cmd_fencing(args: argparse.Namespace) -> int:
+    """`haguard fence HOST --yes` and `haguard confirm-off HOST --yes-i-checked HOST`: through
+    the local agent to the coordinator; waits until HOST is fenced in the cluster state."""
     import time
 
     from haguard.agent.control import ask_agent
     from haguard.agent.status import read_status, status_path
     from haguard.config.cluster import load_cluster_config
-    if args.yes_i_checked != args.host:
+    confirm = args.command == "confirm-off"
+    if confirm and args.yes_i_checked != args.host:
         raise ConfigError(f"--yes-i-checked names {args.yes_i_checked!r}, not {args.host!r}: type the host "
                           "you checked is off", field="--yes-i-checked")
     cfg = load_cluster_config(args.config)
-    ask_agent(cfg, {"action": "confirm-off", "host": args.host}, host_field="HOST")
+
+    def view() -> dict[str, Any]:
+        return dict(read_status(status_path(cfg.run_dir)).get("cluster") or {})
+
+    def owned(cluster: dict[str, Any]) -> set[str]:
+        return {vm for vm, rec in (cluster.get("vms") or {}).items() if rec.get("owner") == args.host}
+
+    before: set[str] = set()
+    with contextlib.suppress(HaguardError):
+        before = owned(view())
+    ask_agent(cfg, {"action": args.command, "host": args.host}, host_field="HOST")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(HaguardError):
-            hosts = (read_status(status_path(cfg.run_dir)).get("cluster") or {}).get("hosts") or {}
-            if (hosts.get(args.host) or {}).get("fenced"):
-                print(f"{args.host}: confirmed off; its VMs are recovered elsewhere")
+            cluster = view()
+            # Fenced, or its VMs released (a host powered on again at once is soon unfenced).
+            if ((cluster.get("hosts") or {}).get(args.host) or {}).get("fenced") or \
+                    (before and not before & owned(cluster)):
+                done = "confirmed off" if confirm else "fenced"
+                print(f"{args.host}: {done}; its VMs are recovered elsewhere")
                 return EXIT_OK
         time.sleep(0.5)
-    print(f"haguard: error: {args.host} was not taken as off within {args.timeout:.0f} s: the coordinator "
-          "takes it only for a host it holds dead (see the confirm-off-refused alert)", file=sys.stderr)
+    why = ("the coordinator takes it only for a host it holds dead (see the confirm-off-refused alert)"
+           if confirm else "see the fence-refused and fencing-failed alerts")
+    print(f"haguard: error: {args.host} was not fenced within {args.timeout:.0f} s: {why}", file=sys.stderr)
     return EXIT_FAILED
 
 
@@ -216,4 +238,5 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config,
-    "drain": cmd_admin, "undrain": cmd_admin, "keygen": cmd_keygen, "confirm-off": cmd_confirm_off}
+    "drain": cmd_admin, "undrain": cmd_admin, "keygen": cmd_keygen,
+    "confirm-off": cmd_fencing, "fence": cmd_fencing}

@@ -203,7 +203,7 @@ def test_a_broken_fence_device_then_an_operators_confirm_off_recovers_the_vms() 
         assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1, typo
         # A host that runs is never taken as off, whatever the operator types.
         early = c.haguard(other, "confirm-off", victim, "--yes-i-checked", victim, "--timeout", "3")
-        assert early.returncode == 1 and "not taken as off" in early.stderr, early
+        assert early.returncode == 1 and "not fenced within" in early.stderr, early
         assert _owned_by(c, victim) == lost, "nothing moved"
         # Its fence device breaks, then it loses power (link, QEMUs and agent gone).
         (c.dir / "fence" / "mode").write_text("fail")
@@ -222,6 +222,29 @@ def test_a_broken_fence_device_then_an_operators_confirm_off_recovers_the_vms() 
         assert starts and all(_wall(e) >= asked for e in starts), (starts, asked)
         kinds = {e.get("alert") for h in c.hosts if h != victim for e in c.events(h, "alert")}
         assert {"confirm-off-refused", "fence-confirmed-by-operator"} <= kinds, kinds
+        watch.check()
+
+
+@pytest.mark.timeout(150)
+def test_an_operator_fences_a_running_host_through_the_coordinator() -> None:
+    # `haguard fence HOST --yes`: its device now, although it runs; its VMs recovered elsewhere.
+    vms = ha_vms(3)
+    with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
+        wait_placed(c, [v.name for v in vms], timeout_s=60)
+        coordinator = c.cluster_view("h1").get("coordinator")
+        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+        lost = _owned_by(c, victim)
+        asked = time.time()
+        out = c.haguard(coordinator, "fence", victim, "--yes")
+        assert out.returncode == 0 and f"{victim}: fenced" in out.stdout, out
+        assert c.procs[victim].wait(timeout=10) is not None, "the power-off took its agent too"
+        wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
+        assert any(f" off {victim} 0" in line for line in fence_calls(c))
+        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        assert starts and all(_wall(e) >= asked for e in starts), (starts, asked)
+        refused = c.haguard(coordinator, "fence", coordinator, "--yes", "--timeout", "3")
+        assert refused.returncode == 1, refused
+        assert any(e.get("alert") == "fence-refused" for e in c.events(coordinator, "alert"))
         watch.check()
 
 

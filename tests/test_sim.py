@@ -525,6 +525,33 @@ def test_an_operator_confirms_off_a_host_whose_fence_device_is_broken_and_its_vm
     assert world.checker.all_running()
 
 
+@pytest.mark.timeout(30)
+def test_an_operator_fences_a_running_host_and_its_vms_are_recovered_never_twice() -> None:
+    world = World(7, Schedule(faults=(), heal_ms=10**9), SimConfig())
+    world.run(6000)
+    (coordinator,) = world.coordinators()
+    victim = next(h for h in sorted(world.hosts) if h != coordinator and h in owners(world).values())
+    lost = sorted(vm for vm, h in owners(world).items() if h == victim)
+    world.admin("fence", coordinator)              # refused: it would power itself off mid-plan
+    asked = world.now
+    world.admin("fence", victim)
+    world.run(world.now + 5000)
+    assert [(h, why) for _at, h, why in world.power_offs] == [(victim, "fenced")]
+    assert set(lost) <= set(owners(world)) and victim not in set(owners(world).values())
+    assert all(at >= asked for at, h, vm in world.starts if vm in lost and h != victim)
+    refused = [a for _at, _h, a in world.alerts if a.kind == "fence-refused"]
+    assert [a.host for a in refused] == [coordinator], refused
+    assert world.checker.all_running() and set(world.coordinators()) == {coordinator}
+    # A host without a fence device: refused, nothing happens.
+    world = World(7, Schedule(faults=(), heal_ms=10**9), NO_DEVICES)
+    world.run(6000)
+    other = next(h for h in sorted(world.hosts) if h not in world.coordinators())
+    world.admin("fence", other)
+    world.run(world.now + 3000)
+    assert not world.power_offs and not world.fences
+    assert any(a.kind == "fence-refused" and "no fence device" in a.reason for _at, _h, a in world.alerts)
+
+
 @pytest.mark.timeout(60)
 def test_random_schedules_with_broken_fences_and_operators_confirming_hosts_off_keep_the_invariants() -> None:
     # Random faults, plus a host whose fence device breaks before it loses power, and three

@@ -467,13 +467,13 @@ class Agent:
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         """An operator's request on the control socket (`haguard drain|undrain HOST`,
-        `haguard migrate VM --to HOST`, `haguard confirm-off HOST`)."""
+        `haguard migrate VM --to HOST`, `haguard confirm-off HOST`, `haguard fence HOST`)."""
         action, host, vm = request.get("action"), request.get("host"), request.get("vm", "")
         if action == "inject-core-fault" and self.fault_injection:
             log.warning("core-fault-injected")
             await self.queue.put(_InjectedFault())
             return {"ok": True}
-        if action not in ("drain", "undrain", "migrate", "confirm-off"):
+        if action not in ("drain", "undrain", "migrate", "confirm-off", "fence"):
             return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
         if self.cluster is None:
             return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}

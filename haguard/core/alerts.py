@@ -56,6 +56,7 @@ class AlertKind(StrEnum):
     BROKER_DOWN = "broker-down"
     FENCE_CONFIRMED_BY_OPERATOR = "fence-confirmed-by-operator"
     CONFIRM_OFF_REFUSED = "confirm-off-refused"
+    FENCE_REFUSED = "fence-refused"
 
 
 # The severity each kind fires with (a resolve keeps it).
@@ -77,6 +78,7 @@ SEVERITY: dict[AlertKind, Severity] = {
     # A fence on an operator's word: whoever reads alerts must know, and it must have been true.
     AlertKind.FENCE_CONFIRMED_BY_OPERATOR: Severity.CRITICAL,
     AlertKind.CONFIRM_OFF_REFUSED: Severity.WARNING,
+    AlertKind.FENCE_REFUSED: Severity.WARNING,
 }
 
 # Kinds the cluster coordinator raises (`RaiseAlert.kind`), by their names there.

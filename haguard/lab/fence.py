@@ -3,7 +3,8 @@
 It reads `key=value` lines on stdin as fence agents do (fence_ipmilan, fence_redfish, ...).
 Options: `action` (off, on, reboot, status, monitor), `plug` (the host), `state_dir` (its
 power states and its call log), `run_dir` (the host's VM runtime directory: `off` and
-`reboot` SIGKILL every QEMU whose command line names it, as cutting the power would).
+`reboot` SIGKILL every QEMU whose command line names it and the host's agent, as cutting
+the power would).
 Every call is appended to `STATE_DIR/calls` as "<unix time> <action> <plug> <exit code>".
 `STATE_DIR/mode` containing "fail" makes every call fail (a device that does not answer).
 Exit codes as fence agents: 0 success (or power on), 1 failure, 2 power off (`status`).
@@ -12,6 +13,7 @@ Exit codes as fence agents: 0 success (or power on), 1 failure, 2 power off (`st
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -33,7 +35,14 @@ def qemus_naming(marker: str) -> list[int]:
 
 
 def power_off(run_dir: str) -> None:
-    for pid in qemus_naming(run_dir):
+    """What cutting the power does to the host: its QEMUs die, and so does its agent (named
+    by the status file next to the run directory), which must not restart them."""
+    pids = qemus_naming(run_dir)
+    with contextlib.suppress(OSError, ValueError):
+        agent = int(json.loads((Path(run_dir).parent / "agent-status.json").read_text())["pid"])
+        if b"haguard" in Path(f"/proc/{agent}/cmdline").read_bytes():
+            pids.insert(0, agent)
+    for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 

@@ -583,7 +583,7 @@ class World:
             host.watchdog_armed = host.watchdog_armed and not disarm
             self._at(self.now + self.sim.agent_restart_ms, "agent_boot", host.name)
 
-    def admin(self, action: Literal["drain", "undrain", "confirm-off"], host: str) -> None:
+    def admin(self, action: Literal["drain", "undrain", "confirm-off", "fence"], host: str) -> None:
         """An operator's request, given to the first agent that runs."""
         for h in self.hosts.values():
             if h.agent is not None:

@@ -143,10 +143,10 @@ class WatchdogHardware:
 
 def running_on(c: Cluster) -> dict[str, list[str]]:
     """vm -> hosts whose agent reports its QEMU running (from the status files of the agents
-    still running: a killed agent's file is stale)."""
+    still running: a killed agent's file is stale, and so is one a fence powered off)."""
     out: dict[str, list[str]] = {}
     for h in c.hosts:
-        if h not in c.procs:
+        if h not in c.procs or c.procs[h].poll() is not None:
             continue
         for v in (c.status(h) or {}).get("vms", []):
             if v.get("host") == h and v.get("state") == "running":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from haguard.core.alerts import RaiseAlert
+from haguard.core.cluster.operator import OperatorFencing
 from haguard.core.cluster.placement import HostCandidate, Placement, VmSpec, place
 from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery
 from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
@@ -56,7 +57,6 @@ class _Draft:
     kills: dict[str, str]
     beats: dict[str, Heartbeat]          # the latest reports of the hosts heard lately
     out: list[PlanOutput] = field(default_factory=list)
-    confirmed_off: set[tuple[str, str]] = field(default_factory=set)   # (request, host): "it is off"
 
     def reassign(self, vm: str, owner: str | None) -> None:
         """`vm` gets a new owner (None: to be placed anew), under a new generation."""
@@ -79,7 +79,7 @@ class Coordinator:
         self.failed_targets: dict[str, dict[str, int]] = {}
         self._refused: set[tuple[str, str, int]] = set()  # (vm, target, generation) moves said no to
         self._since: dict[tuple[str, str], int] = {}      # (vm, condition) -> held since
-        self._off_seen: dict[tuple[str, str], int] = {}    # confirm-off request -> first seen at
+        self.operator = OperatorFencing(config.me, config.hosts, self.fencing, new_id)
 
     def _held(self, key: tuple[str, str], now_ms: int, wait_ms: int, held: set[tuple[str, str]]) -> bool:
         """True once the condition `key` has held in every plan for longer than `wait_ms`."""
@@ -138,40 +138,21 @@ class Coordinator:
                 d.hosts[host] = replace(rec, watchdog_ms=new)
 
     def _admin_requests(self, d: _Draft) -> None:
-        """Operators' drain and undrain requests, as reported, set hosts' maintenance; a
-        confirm-off fences a host declared dead (its VMs are then recovered), and is refused,
-        with an alert, for any other host: one heard is not off, whatever the operator says."""
+        """Operators' drain and undrain requests, as reported, set hosts' maintenance; their
+        fence and confirm-off requests go to `operator` (operator.py)."""
+        confirm_offs: set[tuple[str, str]] = set()
+        fences: set[tuple[str, str]] = set()
         for reporter in d.beats.values():
             for action, host in sorted(reporter.requests):
                 if host not in d.hosts:
                     continue
                 if action.startswith("confirm-off"):    # one per operator's command (member.py)
-                    d.confirmed_off.add((action, host))     # taken or refused in _dead_hosts
-                    self._off_seen.setdefault((action, host), d.now_ms)
+                    confirm_offs.add((action, host))
+                elif action.startswith("fence"):
+                    fences.add((action, host))
                 else:
                     d.hosts[host] = replace(d.hosts[host], maintenance=action == "drain")
-
-    def _operator_confirmed(self, d: _Draft, host: str) -> None:
-        """A confirm-off of a host declared dead before this coordinator first saw it: its
-        fence, with an alert.  One seen first in the plan that declared the host (or by a
-        coordinator elected since) was not asked about this failure: the operator asks again."""
-        for key in sorted(k for k in d.confirmed_off if k[1] == host):
-            if self.fencing.confirm_by_operator(host, self._off_seen[key]):
-                d.out.append(RaiseAlert(id=self.new_id(), kind="fence-confirmed-by-operator", host=host,
-                                        reason=f"an operator confirmed {host} is off: its VMs are recovered"))
-
-    def _refuse_confirm_off(self, d: _Draft) -> None:
-        """A confirm-off not taken when first seen is refused, said once, and never taken later."""
-        self._off_seen = {k: at for k, at in self._off_seen.items() if k in d.confirmed_off}
-        for key in sorted(d.confirmed_off):
-            host = key[1]
-            if self._off_seen[key] != d.now_ms or d.hosts[host].fenced or self.fenced(host, d.now_ms):
-                continue
-            view = d.views.get(host)
-            why = ("it is heard" if view is not None and view.alive
-                   else "it was not declared dead before the request: check it, then ask again")
-            d.out.append(RaiseAlert(id=self.new_id(), kind="confirm-off-refused", host=host,
-                                    reason=f"confirm-off of {host} refused: {why}; nothing moved"))
+        self.operator.asked(confirm_offs, fences, d.now_ms)
 
     def _fenced_rejoined(self, d: _Draft) -> None:
         """A fenced host that reports again without VMs is back: no longer fenced."""
@@ -244,23 +225,28 @@ class Coordinator:
 
     def _dead_hosts(self, d: _Draft) -> None:
         """Hosts declared dead that hold VMs or receive a move are fenced first; once confirmed
-        off their VMs are released.  A host heard again before that is not fenced."""
+        off their VMs are released.  A host heard again before that is not fenced, unless an
+        operator asked for its fence (operator.py)."""
+        d.out += self.operator.fence_now(lambda h: d.hosts[h].fenced, d.now_ms)
         for host, view in sorted(d.views.items()):
             if host == self.config.me or d.hosts[host].fenced:
                 continue
-            if not view.dead:
+            manual = self.fencing.manual(host)
+            if not view.dead and not manual:
                 self.fencing.cancel(host)
                 continue
-            if not d.state.owned_by(host) and not any(m.target == host for m in d.migrations.values()):
-                continue                                              # nothing of it to move
-            spec = self.config.hosts[host]
-            self.fencing.declare(host, device=spec.fence_device, now_ms=d.now_ms,
-                                 watchdog_ms=d.hosts[host].watchdog_ms)
-            self._operator_confirmed(d, host)
+            if not manual:
+                if not d.state.owned_by(host) and not any(m.target == host for m in d.migrations.values()):
+                    continue                                          # nothing of it to move
+                spec = self.config.hosts[host]
+                self.fencing.declare(host, device=spec.fence_device, now_ms=d.now_ms,
+                                     watchdog_ms=d.hosts[host].watchdog_ms)
+            d.out += self.operator.confirmed(host)
             if self.fenced(host, d.now_ms):
                 d.hosts[host] = replace(d.hosts[host], fenced=True)
                 self._release(host, d)
-        self._refuse_confirm_off(d)
+        d.out += self.operator.refusals(lambda h: d.hosts[h].fenced or self.fenced(h, d.now_ms),
+                                        lambda h: h in d.views and d.views[h].alive, d.now_ms)
         commands, alerts = self.fencing.poll(d.now_ms, self.new_id)
         d.out += [FenceHost(id=c.id, host=c.host, term=self.term) for c in commands]
         d.out += [RaiseAlert(id=self.new_id(), kind="fence-failed", reason=a.reason, host=a.host)

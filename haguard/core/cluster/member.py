@@ -90,7 +90,7 @@ from haguard.core.detector import (
 from haguard.core.hostkeys import HostKeys, Signer
 
 MOVE_REQUEST_MS = 60_000            # an operator's move request not taken by then is dropped
-CONFIRM_OFF_MS = 30_000             # an operator's confirm-off not taken by then is dropped
+CONFIRM_OFF_MS = 30_000             # an operator's confirm-off or fence not taken by then is dropped
 HEARTBEAT_FIELDS = tuple(f.name for f in fields(Heartbeat) if f.name != "to")
 
 __all__ = ["ClusterMember", "heard_by", "ring_neighbours"]
@@ -130,9 +130,9 @@ class ClusterMember:
         self.follower = Follower(self)
         self.campaign = Campaign(self)
         self.requests: set[tuple[str, str]] = set()
-        # host -> when an operator confirmed it off: asked for CONFIRM_OFF_MS, never kept
-        # for a later failure of that host (the operator checked this one).
-        self.confirm_offs: dict[str, int] = {}
+        # (confirm-off | fence, host) -> when an operator asked: asked for CONFIRM_OFF_MS, each
+        # command its own request (a confirm-off is never kept for a later failure of the host).
+        self.fencing_asked: dict[tuple[str, str], int] = {}
         self.moves: dict[tuple[str, str], int] = {}             # (vm, target) -> asked at
         self.degraded = False
         self.self_fence = SelfFence(config)
@@ -173,9 +173,9 @@ class ClusterMember:
                 if host in self.config.hosts and vm in self.config.vms:
                     self.moves[(vm, host)] = self.now_ms
                     self._last_beat_ms = -10**9     # to the coordinator at the next tick
-            case AdminRequested(action="confirm-off", host=host):
-                if host in self.config.hosts and host != self.me:
-                    self.confirm_offs[host] = self.now_ms
+            case AdminRequested(action="confirm-off" | "fence", host=host):
+                if host in self.config.hosts and not (event.action == "confirm-off" and host == self.me):
+                    self.fencing_asked[(event.action, host)] = self.now_ms
                     self._last_beat_ms = -10**9
             case AdminRequested(action=action, host=host):
                 if host in self.config.hosts:
@@ -451,9 +451,9 @@ class ClusterMember:
         pending = {(a, h) for a, h in self.requests
                    if self.committed.host(h).maintenance != (a == "drain")}
         self.requests = pending
-        self.confirm_offs = {h: at for h, at in self.confirm_offs.items()
-                             if now - at <= CONFIRM_OFF_MS and not self.committed.host(h).fenced}
-        pending = pending | {(f"confirm-off:{at}", h) for h, at in self.confirm_offs.items()}
+        self.fencing_asked = {(a, h): at for (a, h), at in self.fencing_asked.items()
+                              if now - at <= CONFIRM_OFF_MS and not self.committed.host(h).fenced}
+        pending = pending | {(f"{a}:{at}", h) for (a, h), at in self.fencing_asked.items()}
         self.moves = {(vm, target): at for (vm, target), at in self.moves.items()
                       if now - at <= MOVE_REQUEST_MS and self.committed.vms.get(vm) is not None
                       and self.committed.vms[vm].owner != target}

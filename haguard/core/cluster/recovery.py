@@ -54,6 +54,7 @@ class _Fence:
     sent_ms: int = 0
     next_try_ms: int = 0
     confirmed: bool = False
+    manual: bool = False            # an operator's `haguard fence`: of a host that may be alive
 
 
 class Fencing:
@@ -70,10 +71,31 @@ class Fencing:
         self._fences.setdefault(host, _Fence(declared_ms=now_ms, device=device, next_try_ms=now_ms,
                                              watchdog_ms=watchdog_ms))
 
-    def cancel(self, host: str) -> None:
-        """The host was heard again before it was fenced: nothing of it may move."""
+    def fence_now(self, host: str, now_ms: int) -> None:
+        """An operator's `haguard fence HOST`: its device's "off" now, dead or not (only the
+        device's answer fences it, never a watchdog deadline)."""
         fence = self._fences.get(host)
-        if fence is not None and not fence.confirmed:
+        if fence is None:
+            self._fences[host] = _Fence(declared_ms=now_ms, device=True, next_try_ms=now_ms, manual=True)
+        else:
+            fence.manual = True
+
+    def manual(self, host: str) -> bool:
+        fence = self._fences.get(host)
+        return fence is not None and fence.manual
+
+    def lapse(self, host: str) -> None:
+        """The operator's request is gone (done, or it lapsed): an ordinary fence from now on,
+        cancelled when the host is heard."""
+        fence = self._fences.get(host)
+        if fence is not None:
+            fence.manual = False
+
+    def cancel(self, host: str) -> None:
+        """The host was heard again before it was fenced: nothing of it may move (an
+        operator's fence goes on: it is asked of a host that may well be heard)."""
+        fence = self._fences.get(host)
+        if fence is not None and not fence.confirmed and not fence.manual:
             del self._fences[host]
 
     def confirm_by_operator(self, host: str, asked_ms: int) -> bool:

@@ -273,7 +273,8 @@ class CommandFinished:
 class AdminRequested:
     # confirm-off: an operator declares a host powered off (its fence device broken); taken
     # only while the coordinator holds that host dead, and only for CONFIRM_OFF_MS.
-    action: Literal["drain", "undrain", "migrate", "confirm-off"]
+    # fence: an operator has the coordinator run the host's fence device now.
+    action: Literal["drain", "undrain", "migrate", "confirm-off", "fence"]
     host: str                                   # the host to drain/undrain/confirm, or the move's target
     now_ms: int
     vm: str = ""                                # for "migrate"

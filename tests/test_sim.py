@@ -496,13 +496,18 @@ def test_a_move_that_switches_over_during_a_broker_outage_is_kept_after_the_sour
     assert owners(world)[vm] == target and _committed_owner(world, vm) == (target, False)
 
 
-@pytest.mark.timeout(30)
-def test_an_operator_confirms_off_a_host_whose_fence_device_is_broken_and_its_vms_are_recovered() -> None:
+def _formed_with_an_owner() -> tuple[World, str, str, list[str]]:
+    """A formed 4-host cluster, its coordinator, a host other than it that runs VMs, and those VMs."""
     world = World(7, Schedule(faults=(), heal_ms=10**9), SimConfig())
     world.run(6000)
     (coordinator,) = world.coordinators()
     victim = next(h for h in sorted(world.hosts) if h != coordinator and h in owners(world).values())
-    lost = sorted(vm for vm, h in owners(world).items() if h == victim)
+    return world, coordinator, victim, sorted(vm for vm, h in owners(world).items() if h == victim)
+
+
+@pytest.mark.timeout(30)
+def test_an_operator_confirms_off_a_host_whose_fence_device_is_broken_and_its_vms_are_recovered() -> None:
+    world, _, victim, lost = _formed_with_an_owner()
     # Confirming off a host that runs: refused, said once, nothing moves.
     world.admin("confirm-off", victim)
     world.run(world.now + 3000)
@@ -527,11 +532,7 @@ def test_an_operator_confirms_off_a_host_whose_fence_device_is_broken_and_its_vm
 
 @pytest.mark.timeout(30)
 def test_an_operator_fences_a_running_host_and_its_vms_are_recovered_never_twice() -> None:
-    world = World(7, Schedule(faults=(), heal_ms=10**9), SimConfig())
-    world.run(6000)
-    (coordinator,) = world.coordinators()
-    victim = next(h for h in sorted(world.hosts) if h != coordinator and h in owners(world).values())
-    lost = sorted(vm for vm, h in owners(world).items() if h == victim)
+    world, coordinator, victim, lost = _formed_with_an_owner()
     world.admin("fence", coordinator)              # refused: it would power itself off mid-plan
     asked = world.now
     world.admin("fence", victim)

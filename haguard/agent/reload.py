@@ -54,4 +54,3 @@ def reloaded(new: ClusterConfig, old: ClusterConfig, *, cluster_mode: bool,
         needs_restart.append("host_key_file")
     cfg = cfg.model_copy(update={"host_key_file": new.host_key_file if own is own_new else old.host_key_file})
     return Reloaded(cfg=cfg, own_key=own, needs_restart=needs_restart)
-

@@ -357,6 +357,15 @@ COMMANDS = {"vm": cmd_vm, "migrate": cmd_migrate, "guest-build": cmd_guest_build
             "demo": cmd_demo, **cli_agent.COMMANDS}
 
 
+def _error(args: argparse.Namespace, exc: HaguardError) -> None:
+    """One line on stderr; with --json also one object on stdout, for scripts."""
+    print(f"haguard: error: {exc}", file=sys.stderr)
+    if getattr(args, "json", False):
+        where = ({"file": exc.file, "line": exc.line, "field": exc.field}
+                 if isinstance(exc, ConfigError) else {})
+        print(json.dumps({"ok": False, "error": str(exc), **where}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -366,10 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
-        print(f"haguard: error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return EXIT_USAGE
     except HaguardError as exc:
-        print(f"haguard: error: {exc}", file=sys.stderr)
+        _error(args, exc)
         return EXIT_FAILED
     except KeyboardInterrupt:
         with contextlib.suppress(Exception):

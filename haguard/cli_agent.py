@@ -40,8 +40,10 @@ def add_subcommands(sub: Any) -> None:
                         "3 unknown (no status, or a stale one)")
     p = sub.add_parser("check-config", help="validate the cluster configuration and VM inventory")
     _config_arg(p)
+    _json_arg(p)
     p = sub.add_parser("keygen", help="write this host's Ed25519 key (host_key_file); print its public key")
     p.add_argument("path", type=Path, metavar="PATH", help="the private key file to create (mode 0600)")
+    _json_arg(p)
     p = sub.add_parser("fence", help="power HOST off now with its fence device, through the coordinator; "
                                      "its VMs are recovered elsewhere")
     _config_arg(p)
@@ -50,6 +52,7 @@ def add_subcommands(sub: Any) -> None:
                    help="required: HOST is powered off, whatever it runs")
     p.add_argument("--timeout", type=float, default=120.0, metavar="S",
                    help="how long to wait for the fence (default 120)")
+    _json_arg(p)
     p = sub.add_parser("confirm-off", help="declare HOST powered off (its fence device is broken): "
                                            "its VMs are then recovered elsewhere")
     _config_arg(p)
@@ -59,6 +62,7 @@ def add_subcommands(sub: Any) -> None:
                         "then run twice)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="how long to wait for the cluster to take it (default 60)")
+    _json_arg(p)
     for action, text in (("drain", "put HOST in maintenance: its VMs move away live"),
                          ("undrain", "take HOST out of maintenance")):
         p = sub.add_parser(action, help=text)
@@ -67,6 +71,23 @@ def add_subcommands(sub: Any) -> None:
         p.add_argument("--no-wait", action="store_true", help="return once the request is accepted")
         p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
                        help="give up waiting after S seconds (default 1800; the drain goes on)")
+        _json_arg(p)
+
+
+def _json_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object with the result (errors too, with file, line and field)")
+
+
+def _done(args: argparse.Namespace, ok: bool, text: str, **fields: Any) -> int:
+    """A command's result: `text` for people, or one JSON object with --json."""
+    if args.json:
+        print(json.dumps({"ok": ok, **fields}))
+    elif ok:
+        print(text)
+    else:
+        print(f"haguard: error: {text}", file=sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -92,11 +113,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
                     + check_watchdog_device(cfg, args.config))
     except ConfigError as exc:
         print(f"haguard: error: {exc}", file=sys.stderr)
+        if args.json:
+            print(json.dumps({"ok": False, "error": str(exc), "file": exc.file, "line": exc.line,
+                              "field": exc.field}))
         return EXIT_CONFIG
     for warning in warnings:
         print(f"haguard: warning: {warning}", file=sys.stderr)
-    print(f"ok: cluster {cfg.cluster}, {len(cfg.hosts)} hosts, {len(vms)} VMs")
-    return EXIT_OK
+    return _done(args, True, f"ok: cluster {cfg.cluster}, {len(cfg.hosts)} hosts, {len(vms)} VMs",
+                 cluster=cfg.cluster, hosts=len(cfg.hosts), vms=len(vms),
+                 warnings=[{"warning": str(w), "file": w.file, "line": w.line, "field": w.field}
+                           for w in warnings])
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -169,11 +195,13 @@ def cmd_admin(args: argparse.Namespace) -> int:
     cfg = load_cluster_config(args.config)
     ask_agent(cfg, {"action": args.command, "host": args.host}, host_field="HOST")
     if args.no_wait:
-        print(f"{args.command} {args.host}: requested")
-        return EXIT_OK
+        return _done(args, True, f"{args.command} {args.host}: requested", action=args.command,
+                     host=args.host, done=False)
     from haguard.ui.drain import follow
-    return EXIT_OK if follow(cfg, args.host, drain=args.command == "drain", timeout_s=args.timeout) \
-        else EXIT_FAILED
+    done = follow(cfg, args.host, drain=args.command == "drain", timeout_s=args.timeout)
+    if args.json:
+        return _done(args, done, "", action=args.command, host=args.host, done=done)
+    return EXIT_OK if done else EXIT_FAILED
 
 
 def cmd_fencing(args: argparse.Namespace) -> int:
@@ -208,13 +236,14 @@ def cmd_fencing(args: argparse.Namespace) -> int:
             if ((cluster.get("hosts") or {}).get(args.host) or {}).get("fenced") or \
                     (before and not before & owned(cluster)):
                 done = "confirmed off" if confirm else "fenced"
-                print(f"{args.host}: {done}; its VMs are recovered elsewhere")
-                return EXIT_OK
+                return _done(args, True, f"{args.host}: {done}; its VMs are recovered elsewhere",
+                             action=args.command, host=args.host, fenced=True)
         time.sleep(0.5)
     why = ("the coordinator takes it only for a host it holds dead (see the confirm-off-refused alert)"
            if confirm else "see the fence-refused and fencing-failed alerts")
-    print(f"haguard: error: {args.host} was not fenced within {args.timeout:.0f} s: {why}", file=sys.stderr)
-    return EXIT_FAILED
+    return _done(args, False, f"{args.host} was not fenced within {args.timeout:.0f} s: {why}",
+                 action=args.command, host=args.host, fenced=False,
+                 error=f"not fenced within {args.timeout:.0f} s: {why}")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -228,12 +257,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     try:
         fd = os.open(args.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
-        print(f"haguard: error: {args.path}: {exc.strerror}", file=sys.stderr)
-        return EXIT_CONFIG
+        raise ConfigError(f"{args.path}: {exc.strerror}", field="PATH") from None
     with os.fdopen(fd, "w") as f:
         f.write(private_text(key) + "\n")
-    print(f"public_keys: [\"{public_text(key)}\"]   # id {key_id(key)}")
-    return EXIT_OK
+    return _done(args, True, f"public_keys: [\"{public_text(key)}\"]   # id {key_id(key)}",
+                 path=str(args.path), public_key=public_text(key), key_id=key_id(key))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

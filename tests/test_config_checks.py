@@ -5,6 +5,7 @@ programs and secret files.  The shipped configurations still pass."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -461,6 +462,25 @@ def test_host_keys_are_made_by_keygen_and_checked(tmp_path: Path) -> None:
     cfg, out = _check(tmp_path, with_keys)
     _refused(out, cfg, _line(with_keys, "- name: a"), "hosts[0].public_keys", "no host_key_file")
     assert made.stdout.rstrip().endswith(f"# id {key_id(public)}"), made.stdout
+
+
+@pytest.mark.timeout(60)
+def test_json_results_and_errors_for_scripts(tmp_path: Path) -> None:
+    made = _haguard("keygen", tmp_path / "k", "--json")
+    key = json.loads(made.stdout)
+    assert made.returncode == 0 and key["ok"] and key["key_id"] == key_id(key["public_key"]), made
+    again = _haguard("keygen", tmp_path / "k", "--json")
+    assert again.returncode == 2 and json.loads(again.stdout)["ok"] is False
+    cfg, _ = _check(tmp_path, _base(tmp_path))
+    assert json.loads(_haguard("check-config", "--config", cfg, "--json").stdout) == {
+        "ok": True, "cluster": "c1", "hosts": 2, "vms": 0, "warnings": []}
+    text = _base(tmp_path).replace("heartbeat_interval_ms: 300", "heartbeat_interval_ms: true")
+    cfg, _ = _check(tmp_path, text)
+    bad = _haguard("check-config", "--config", cfg, "--json")
+    assert bad.returncode == 2
+    assert {k: v for k, v in json.loads(bad.stdout).items() if k != "error"} == {
+        "ok": False, "file": str(cfg), "line": _line(text, "heartbeat_interval_ms"),
+        "field": "timing.heartbeat_interval_ms"}
 
 
 @pytest.mark.timeout(30)

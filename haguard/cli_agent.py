@@ -44,34 +44,30 @@ def add_subcommands(sub: Any) -> None:
     p = sub.add_parser("keygen", help="write this host's Ed25519 key (host_key_file); print its public key")
     p.add_argument("path", type=Path, metavar="PATH", help="the private key file to create (mode 0600)")
     _json_arg(p)
-    p = sub.add_parser("fence", help="power HOST off now with its fence device, through the coordinator; "
-                                     "its VMs are recovered elsewhere")
-    _config_arg(p)
-    p.add_argument("host", metavar="HOST")
+    p = _host_request(sub, "fence", "power HOST off now with its fence device, through the coordinator; "
+                      "its VMs are recovered elsewhere", 120.0, "how long to wait for the fence")
     p.add_argument("--yes", action="store_true", required=True,
                    help="required: HOST is powered off, whatever it runs")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="S",
-                   help="how long to wait for the fence (default 120)")
-    _json_arg(p)
-    p = sub.add_parser("confirm-off", help="declare HOST powered off (its fence device is broken): "
-                                           "its VMs are then recovered elsewhere")
-    _config_arg(p)
-    p.add_argument("host", metavar="HOST")
+    p = _host_request(sub, "confirm-off", "declare HOST powered off (its fence device is broken): its VMs "
+                      "are then recovered elsewhere", 60.0, "how long to wait for the cluster to take it")
     p.add_argument("--yes-i-checked", metavar="HOST", required=True,
                    help="HOST again: you made sure it is off (a VM of a host that still runs would "
                         "then run twice)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
-                   help="how long to wait for the cluster to take it (default 60)")
-    _json_arg(p)
     for action, text in (("drain", "put HOST in maintenance: its VMs move away live"),
                          ("undrain", "take HOST out of maintenance")):
-        p = sub.add_parser(action, help=text)
-        _config_arg(p)
-        p.add_argument("host", metavar="HOST")
+        p = _host_request(sub, action, text, 1800.0, "give up waiting after S seconds (the drain goes on)")
         p.add_argument("--no-wait", action="store_true", help="return once the request is accepted")
-        p.add_argument("--timeout", type=float, default=1800.0, metavar="S",
-                       help="give up waiting after S seconds (default 1800; the drain goes on)")
-        _json_arg(p)
+
+
+def _host_request(sub: Any, name: str, text: str, timeout_s: float, waits: str) -> argparse.ArgumentParser:
+    """A command asking the cluster something about HOST, then waiting for it."""
+    p: argparse.ArgumentParser = sub.add_parser(name, help=text)
+    _config_arg(p)
+    p.add_argument("host", metavar="HOST")
+    p.add_argument("--timeout", type=float, default=timeout_s, metavar="S",
+                   help=f"{waits} (default {timeout_s:.0f})")
+    _json_arg(p)
+    return p
 
 
 def _json_arg(p: argparse.ArgumentParser) -> None:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from prometheus_client.parser import text_string_to_metric_families
 
 from haguard.adapters.qmp import Qmp
 from haguard.agent.control import control_path, request
@@ -29,6 +28,7 @@ from tests.helpers.cluster import HUB_ADDR, Cluster
 from tests.helpers.ha import (
     TwiceWatch,
     WatchdogHardware,
+    coordinator_of,
     fence_calls,
     ha_cluster,
     ha_vms,
@@ -37,6 +37,7 @@ from tests.helpers.ha import (
     running_on,
     wait_placed,
 )
+from tests.helpers.prom import samples
 from tests.helpers.tlscerts import host_credentials, make_ca
 from tests.helpers.vms import guest_vm
 
@@ -103,6 +104,31 @@ def _owned_by(c, host: str) -> list[str]:  # type: ignore[no-untyped-def]
     return sorted(vm for vm, hs in running_on(c).items() if host in hs)
 
 
+def _victim(c: Cluster) -> tuple[str, list[str]]:
+    """A host other than the coordinator that runs VMs, and its VMs."""
+    coordinator = c.cluster_view("h1").get("coordinator")
+    victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+    return victim, _owned_by(c, victim)
+
+
+def _restarts(c: Cluster, victim: str, lost: list[str]) -> list[dict[str, object]]:
+    """The starts of `victim`'s VMs on the other hosts."""
+    return [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+
+
+def _fence_fails_twice(c: Cluster, victim: str, lost: list[str], *, agent_too: bool) -> None:
+    """The fence device stops answering, then `victim` loses its link and its QEMUs (and its
+    agent): two fence attempts fail and none of its VMs runs elsewhere."""
+    (c.dir / "fence" / "mode").write_text("fail")
+    c.cut(victim)
+    c.kill_vms(victim)
+    if agent_too:
+        c.kill9(victim)
+    c.wait_for("two failed fence attempts",
+               lambda: sum(f" off {victim} 1" in line for line in fence_calls(c)) >= 2, 20)
+    assert not any(set(running_on(c).get(vm, [])) - {victim} for vm in lost), "recovered unfenced"
+
+
 def _power_off_and_recover(c: Cluster, victim: str, names: list[str], lost: list[str],
                            within_s: float) -> None:
     """`victim` loses power (no link, its QEMUs and agent gone): it is fenced, and its VMs run
@@ -118,7 +144,7 @@ def _power_off_and_recover(c: Cluster, victim: str, names: list[str], lost: list
     calls = fence_calls(c)
     assert any(f" off {victim} 0" in line for line in calls), calls
     fenced_at = min(float(line.split()[0]) for line in calls if f" off {victim} 0" in line)
-    starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+    starts = _restarts(c, victim, lost)
     assert starts and all(_wall(e) >= fenced_at for e in starts), (starts, fenced_at)
 
 
@@ -128,9 +154,7 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
     # Every host signs with its own key (host_key_file, public_keys): the cluster works the same.
     with ha_cluster(vms, host_keys=True) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        coordinator = c.cluster_view("h1").get("coordinator")
-        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
-        lost = _owned_by(c, victim)
+        victim, lost = _victim(c)
         _power_off_and_recover(c, victim, [v.name for v in vms], lost, within_s=10)
         alerts = {(e.get("alert"), e.get("vm")) for h in c.hosts if h != victim for e in c.events(h, "alert")}
         assert ("fencing-done", None) in alerts, alerts
@@ -142,9 +166,9 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         # The cluster metrics say the same (cluster_metrics.py), scraped from the coordinator.
         coordinator = c.cluster_view(fencer).get("coordinator")
         assert coordinator is not None
-        c.wait_for("the coordinator's metrics show the fence", lambda: _samples(c.scrape(coordinator)).get(
+        c.wait_for("the coordinator's metrics show the fence", lambda: samples(c.scrape(coordinator)).get(
             ("haguard_hosts_fenced", ())) == 1, 10)
-        seen = _samples(c.scrape(coordinator))
+        seen = samples(c.scrape(coordinator))
         assert seen[("haguard_coordinator", (("host", coordinator),))] == 1
         assert seen[("haguard_quorum_held", ())] == 1 and seen[("haguard_vms_unplaced", ())] == 0
         assert seen[("haguard_hosts", (("state", "dead"),))] == 1, seen
@@ -155,24 +179,13 @@ def test_hard_host_failure_is_fenced_then_recovered_elsewhere() -> None:
         watch.check()
 
 
-def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
 @pytest.mark.timeout(150)
 def test_failed_fence_recovers_nothing_and_alerts_then_recovers_once_it_works() -> None:
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        coordinator = c.cluster_view("h1").get("coordinator")
-        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
-        lost = _owned_by(c, victim)
-        (c.dir / "fence" / "mode").write_text("fail")
-        c.cut(victim)
-        c.kill_vms(victim)
-        c.wait_for("two failed fence attempts",
-                   lambda: sum(f" off {victim} 1" in line for line in fence_calls(c)) >= 2, 20)
+        victim, lost = _victim(c)
+        _fence_fails_twice(c, victim, lost, agent_too=False)
         time.sleep(2)
         where = running_on(c)
         assert not any(set(where.get(vm, [])) - {victim} for vm in lost), f"recovered unfenced: {where}"
@@ -182,7 +195,7 @@ def test_failed_fence_recovers_nothing_and_alerts_then_recovers_once_it_works() 
         (c.dir / "fence" / "mode").write_text("ok")
         wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
         ok_at = min(float(line.split()[0]) for line in fence_calls(c) if f" off {victim} 0" in line)
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        starts = _restarts(c, victim, lost)
         assert starts and all(_wall(e) >= ok_at for e in starts), (starts, ok_at)
         resolved = [e for h in c.hosts for e in c.events(h, "alert")
                     if e.get("alert") == "fencing-failed" and e.get("status") == "resolved"]
@@ -195,10 +208,8 @@ def test_a_broken_fence_device_then_an_operators_confirm_off_recovers_the_vms() 
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        coordinator = c.cluster_view("h1").get("coordinator")
-        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
+        victim, lost = _victim(c)
         other = next(h for h in c.hosts if h != victim)
-        lost = _owned_by(c, victim)
         typo = c.haguard(other, "confirm-off", victim, "--yes-i-checked", "h9")
         assert typo.returncode == 2 and len(typo.stderr.strip().splitlines()) == 1, typo
         # A host that runs is never taken as off, whatever the operator types.
@@ -206,19 +217,13 @@ def test_a_broken_fence_device_then_an_operators_confirm_off_recovers_the_vms() 
         assert early.returncode == 1 and "not fenced within" in early.stderr, early
         assert _owned_by(c, victim) == lost, "nothing moved"
         # Its fence device breaks, then it loses power (link, QEMUs and agent gone).
-        (c.dir / "fence" / "mode").write_text("fail")
-        c.cut(victim)
-        c.kill_vms(victim)
-        c.kill9(victim)
-        c.wait_for("two failed fence attempts",
-                   lambda: sum(f" off {victim} 1" in line for line in fence_calls(c)) >= 2, 20)
-        assert not any(set(running_on(c).get(vm, [])) - {victim} for vm in lost), "recovered unfenced"
+        _fence_fails_twice(c, victim, lost, agent_too=True)
         # The operator checked it is off: its VMs are recovered, and the alert says who decided.
         asked = time.time()
         done = c.haguard(other, "confirm-off", victim, "--yes-i-checked", victim)
         assert done.returncode == 0 and "confirmed off" in done.stdout, done
         wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        starts = _restarts(c, victim, lost)
         assert starts and all(_wall(e) >= asked for e in starts), (starts, asked)
         kinds = {e.get("alert") for h in c.hosts if h != victim for e in c.events(h, "alert")}
         assert {"confirm-off-refused", "fence-confirmed-by-operator"} <= kinds, kinds
@@ -231,16 +236,15 @@ def test_an_operator_fences_a_running_host_through_the_coordinator() -> None:
     vms = ha_vms(3)
     with ha_cluster(vms) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        coordinator = c.cluster_view("h1").get("coordinator")
-        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
-        lost = _owned_by(c, victim)
+        coordinator = coordinator_of(c)
+        victim, lost = _victim(c)
         asked = time.time()
         out = c.haguard(coordinator, "fence", victim, "--yes")
         assert out.returncode == 0 and f"{victim}: fenced" in out.stdout, out
         assert c.procs[victim].wait(timeout=10) is not None, "the power-off took its agent too"
         wait_placed(c, [v.name for v in vms], timeout_s=30, avoid=(victim,))
         assert any(f" off {victim} 0" in line for line in fence_calls(c))
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        starts = _restarts(c, victim, lost)
         assert starts and all(_wall(e) >= asked for e in starts), (starts, asked)
         refused = c.haguard(coordinator, "fence", coordinator, "--yes", "--timeout", "3")
         assert refused.returncode == 1, refused
@@ -257,9 +261,8 @@ def test_fencing_levels_try_the_next_device_when_the_first_fails() -> None:
             TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         wait_placed(c, [v.name for v in vms], timeout_s=60)
         (c.dir / "fence-bmc" / "mode").write_text("fail")
-        coordinator = c.cluster_view("h1").get("coordinator")
-        victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
-        _power_off_and_recover(c, victim, [v.name for v in vms], _owned_by(c, victim), within_s=12)
+        victim, lost = _victim(c)
+        _power_off_and_recover(c, victim, [v.name for v in vms], lost, within_s=12)
         bmc = (c.dir / "fence-bmc" / "calls").read_text().splitlines()
         pdu = fence_calls(c)
         assert any(f" off {victim} 1" in line for line in bmc), bmc
@@ -340,14 +343,8 @@ def _watchdog_cluster(vms: tuple[VmDefinition, ...], *, faults: dict[str, Faults
 
 def _first_start_elsewhere(c: Cluster, victim: str, lost: list[str]) -> float:
     """When the first of `victim`'s VMs was started on another host (wall clock)."""
-    starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+    starts = _restarts(c, victim, lost)
     return min(_wall(e) for e in starts)
-
-
-def _partition_victim(c) -> tuple[str, list[str]]:  # type: ignore[no-untyped-def]
-    coordinator = c.cluster_view("h1").get("coordinator")
-    victim = next(h for h in ("h3", "h2", "h1") if h != coordinator and _owned_by(c, h))
-    return victim, _owned_by(c, victim)
 
 
 @pytest.mark.timeout(150)
@@ -360,7 +357,7 @@ def test_partitioned_owner_applies_its_isolation_response_and_never_runs_twice()
             timing={"isolation_timeout_ms": 2500}) as c, TwiceWatch([c.run_dir(h) for h in c.hosts]) as watch:
         hw.attach(c)
         wait_placed(c, [v.name for v in vms], timeout_s=60)
-        victim, lost = _partition_victim(c)
+        victim, lost = _victim(c)
         cut_at = time.time()
         c.cut(victim)                  # the host lives on, its VMs still run
         wait_placed(c, [v.name for v in vms], timeout_s=40, avoid=(victim,))
@@ -368,7 +365,7 @@ def test_partitioned_owner_applies_its_isolation_response_and_never_runs_twice()
         assert isolated and "policy shutdown" in isolated[0]["reason"], c.log_tail()
         stops = [e for e in c.events(victim, "vm-stop") if e.get("reason") == "isolated"]
         assert {e["vm"] for e in stops} == set(lost), stops
-        starts = [e for h in c.hosts if h != victim for e in c.events(h, "vm-start") if e.get("vm") in lost]
+        starts = _restarts(c, victim, lost)
         assert starts and min(_wall(e) for e in starts) > max(_wall(e) for e in stops), (starts, stops)
         assert min(_wall(e) for e in starts) - cut_at >= 8
         watch.check()
@@ -384,7 +381,7 @@ def test_an_owner_whose_pings_go_one_way_never_runs_its_vms_twice() -> None:
     # hosts, which show a path only when it works both ways.
     vms = ha_vms(3)
     with _watchdog_cluster(vms) as (hw, c, watch):
-        victim, lost = _partition_victim(c)
+        victim, lost = _victim(c)
         before = qemu_pids(c, victim)
         ns = c.ns[victim]
         c.faults += 1
@@ -413,7 +410,7 @@ def test_isolated_owner_stops_petting_and_others_wait_its_watchdog_timeout() -> 
     vms = ha_vms(3)
     with _watchdog_cluster(vms) as (hw, c, watch):
         assert all(h in hw.last_pet for h in c.hosts), hw.last_pet
-        victim, lost = _partition_victim(c)
+        victim, lost = _victim(c)
         c.cut(victim)                  # keeps its VMs running: only its watchdog can stop them
         wait_placed(c, [v.name for v in vms], timeout_s=40, avoid=(victim,))
         assert victim in hw.reset_at, "the isolated owner kept petting its watchdog"
@@ -446,7 +443,7 @@ def test_a_quorum_loss_that_heals_before_the_deadline_resumes_petting_and_resets
     # a 5 s cut stops the petting, which resumes before the device (4 s) expires.
     vms = ha_vms(3)
     with _watchdog_cluster(vms) as (hw, c, watch):
-        victim, lost = _partition_victim(c)
+        victim, lost = _victim(c)
         before = qemu_pids(c, victim)
         c.cut(victim)
         time.sleep(1.2)
@@ -489,7 +486,7 @@ def test_the_coordinator_waits_the_timeout_the_owners_device_confirmed() -> None
     vms = ha_vms(3)
     device_s = 12
     with _watchdog_cluster(vms) as (hw, c, watch):
-        victim, lost = _partition_victim(c)
+        victim, lost = _victim(c)
         hw.farm.set_faults(victim, clamp_s=device_s)
         c.kill9(victim)
         c.start_agent(victim)

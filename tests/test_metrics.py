@@ -10,23 +10,19 @@ from pathlib import Path
 
 import pydantic
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from haguard.adapters import metrics as metrics_mod
 from haguard.adapters.metrics import AgentMetrics
 from haguard.config.cluster import MetricsConfig
 from tests.helpers.cluster import LocalAgent
 from tests.helpers.mosquitto import Mosquitto, free_port
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+from tests.helpers.prom import Samples, samples
 
 
 def scrape(port: int) -> Samples:
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
             f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+        return samples(resp.read().decode())
 
 
 def value(data: Samples, name: str, **labels: str) -> float | None:

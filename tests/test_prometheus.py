@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from haguard.adapters.cluster_metrics import ClusterCollector
 from haguard.adapters.metrics import AgentMetrics
+from tests.helpers.prom import samples
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "packaging" / "prometheus" / "haguard-alerts.yml"
@@ -62,7 +62,7 @@ def _exported() -> set[str]:
                "migrations": [], "peers": {"h2": "alive"}}
     metrics.registry.register(ClusterCollector(lambda: {"cluster": cluster}))
     text = generate_latest(metrics.registry).decode()
-    return {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {name for name, _labels in samples(text)}
 
 
 def _queried(exprs: list[str]) -> set[str]:

@@ -19,7 +19,6 @@ from haguard.core.cluster.member import ClusterMember
 from haguard.core.cluster.placement import HostCandidate, VmSpec
 from haguard.core.cluster.relay import reported_by
 from haguard.core.cluster.types import ClusterOutput, Digest, HostSpec, MessageReceived, RelayEntry
-from haguard.core.hostkeys import signer_of
 from haguard.sim.checkers import Violation
 from haguard.sim.faults import Fault, Schedule, random_schedule
 from haguard.sim.runner import main, run, shrink
@@ -939,13 +938,7 @@ def _rotate(switch_only: bool) -> tuple[World, str]:
         ({host: (*old, new.public_key())}, {}), ({host: (*old, new.public_key())}, {host: new}),
         ({host: (new.public_key(),)}, {})]
     for accepted, own in steps:
-        if switch_only:                     # only the rotated host reloads
-            world.keys.update(own)
-            me = world.hosts[host].agent
-            assert me is not None
-            me.rekey(signer_of(new), dict(world.public_keys, **accepted))
-        else:
-            world.reload_keys(dict(world.public_keys, **accepted), own)
+        world.reload_keys(dict(world.public_keys, **accepted), own, on=[host] if switch_only else None)
         world.run(world.now + 4000)
     return world, coordinator
 

@@ -19,7 +19,7 @@ import hashlib
 import heapq
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -461,15 +461,17 @@ class World:
             self._feed(host, WatchdogConfirmed(timeout_ms=host.watchdog_ms, now_ms=self.now))
 
     def reload_keys(self, accepted: Mapping[str, tuple[Ed25519PublicKey, ...]],
-                    own: Mapping[str, Ed25519PrivateKey]) -> None:
-        """A reload of the key settings on every running agent (one step of a rotation, as
-        agent/reload.py applies it): hosts in `own` sign with their new key from now on."""
+                    own: Mapping[str, Ed25519PrivateKey], on: Collection[str] | None = None) -> None:
+        """A reload of the key settings on every running agent, or only those `on` (one step of
+        a rotation, as agent/reload.py applies it): they accept `accepted`, and hosts in `own`
+        sign with their new key from now on.  The others keep what they had."""
         self.keys.update(own)
-        self.public_keys = dict(accepted)
+        if on is None:
+            self.public_keys = dict(accepted)
         for host in self.hosts.values():
-            if host.agent is not None:
+            if host.agent is not None and (on is None or host.name in on):
                 host.agent.rekey(signer_of(self.keys[host.name]) if host.name in self.keys else None,
-                                 self.public_keys)
+                                 dict(accepted))
 
     def _boot_agent(self, host: SimHost) -> None:
         host.incarnation += 1

@@ -859,12 +859,13 @@ def test_a_switch_reboot_without_fence_devices_resets_the_hosts_with_vms_and_rec
 
 
 @pytest.mark.timeout(120)
-def test_a_hundred_cluster_starts_never_stop_petting() -> None:
+def test_forty_cluster_starts_never_stop_petting() -> None:
     # Initial placement starts VMs while the cluster forms: a quorum that wavers for a moment
     # then must not stop any watchdog (every host armed: no fence devices).  A slow bus (up to
-    # 400 ms a message, as on a saturated host) made 15 of these 100 starts stop petting before.
+    # 400 ms a message, as on a saturated host) made 15 of 100 such starts stop petting before;
+    # at that rate 40 starts miss it with a chance of 0.85^40, under 0.2 %.
     sim = replace(_half_full(12, devices=False), delay_ms=(1, 400))
-    for seed in range(100):
+    for seed in range(40):
         world = World(seed, Schedule(faults=(), heal_ms=10**9), sim)
         world.run(8000)
         assert world.checker.all_running(), seed

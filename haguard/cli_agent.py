@@ -1,5 +1,6 @@
 """The agent's subcommands: `haguard run`, `haguard status`, `haguard check-config`,
-`haguard drain|undrain`, `haguard keygen`."""
+`haguard drain|undrain`, `haguard maintenance`, `haguard fence`, `haguard confirm-off`,
+`haguard keygen`."""
 
 from __future__ import annotations
 
@@ -53,6 +54,14 @@ def add_subcommands(sub: Any) -> None:
     p.add_argument("--yes-i-checked", metavar="HOST", required=True,
                    help="HOST again: you made sure it is off (a VM of a host that still runs would "
                         "then run twice)")
+    p = sub.add_parser("maintenance", help="cluster-wide maintenance (for broker or switch work): while on, "
+                       "nothing is started, stopped, moved or fenced, and armed watchdogs are petted "
+                       "whatever the quorum")
+    _config_arg(p)
+    p.add_argument("state", choices=("on", "off"))
+    p.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                   help="how long to wait for the cluster to commit it (default 30)")
+    _json_arg(p)
     for action, text in (("drain", "put HOST in maintenance: its VMs move away live"),
                          ("undrain", "take HOST out of maintenance")):
         p = _host_request(sub, action, text, 1800.0, "give up waiting after S seconds (the drain goes on)")
@@ -200,6 +209,37 @@ def cmd_admin(args: argparse.Namespace) -> int:
     return EXIT_OK if done else EXIT_FAILED
 
 
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    """`haguard maintenance on|off`: through the local agent to the coordinator; waits until
+    this host holds the committed state that says it."""
+    import time
+
+    from haguard.agent.control import control_path, request
+    from haguard.agent.status import read_status, status_path
+    from haguard.config.cluster import load_cluster_config
+    cfg = load_cluster_config(args.config)
+    on = args.state == "on"
+    path = control_path(cfg.run_dir)
+    try:
+        reply = asyncio.run(request(path, {"action": f"maintenance-{args.state}"}))
+    except (OSError, TimeoutError) as exc:
+        raise HaguardError(f"cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
+                           "(is haguard run active on this host?)") from None
+    if not reply.get("ok"):
+        raise HaguardError(str(reply.get("error", "refused")))
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(HaguardError):
+            cluster = read_status(status_path(cfg.run_dir)).get("cluster") or {}
+            if bool(cluster.get("maintenance")) == on:
+                text = ("cluster maintenance on: nothing is started, stopped, moved or fenced until "
+                        "`haguard maintenance off`" if on else "cluster maintenance off")
+                return _done(args, True, text, action="maintenance", maintenance=on)
+        time.sleep(0.3)
+    why = f"the cluster did not commit it within {args.timeout:.0f} s (no quorum, or no coordinator?)"
+    return _done(args, False, why, action="maintenance", maintenance=not on, error=why)
+
+
 def cmd_fencing(args: argparse.Namespace) -> int:
     """`haguard fence HOST --yes` and `haguard confirm-off HOST --yes-i-checked HOST`: through
     the local agent to the coordinator; waits until HOST is fenced in the cluster state."""
@@ -263,4 +303,4 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": cmd_run, "status": cmd_status, "check-config": cmd_check_config,
     "drain": cmd_admin, "undrain": cmd_admin, "keygen": cmd_keygen,
-    "confirm-off": cmd_fencing, "fence": cmd_fencing}
+    "confirm-off": cmd_fencing, "fence": cmd_fencing, "maintenance": cmd_maintenance}

@@ -4,8 +4,9 @@ for its timeout kills its host's QEMUs and agent, as a reset does).  Every host'
 sampled throughout; a VM seen on two hosts at once fails the test.
 
 - a rolling restart of every agent (what a package upgrade does), coordinator first, then the
-  new coordinator again (coordinator last), then the coordinator's agent killed, on 12 hosts
-  without fence devices (every watchdog armed: the worst case);
+  new coordinator again (coordinator last), then the coordinator's agent killed, then a
+  switch reboot in cluster maintenance (`haguard maintenance on`), on 12 hosts without fence
+  devices (every watchdog armed: the worst case);
 - a switch reboot: every link of a 7-host cluster with fence devices down for 120 s;
 - busy hosts: guests spinning 3 vCPUs per core under 5 agents (HAGUARD_SOAK_S, default 30 s;
   `bench/detection.py --busy` runs the 10-minute soak and reports the heartbeat jitter).
@@ -13,6 +14,7 @@ sampled throughout; a VM seen on two hosts at once fails the test.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -45,7 +47,7 @@ def _hosts(n: int) -> tuple[str, ...]:
 
 
 @pytest.mark.timeout(900)
-def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
+def test_a_rolling_restart_and_a_switch_reboot_in_maintenance_reset_nothing() -> None:
     hosts = _hosts(12)
     vms = ha_vms(6)                     # on half of the hosts
     with WatchdogHardware(hosts) as hw, \
@@ -78,6 +80,28 @@ def test_a_rolling_restart_of_every_agent_resets_nothing() -> None:
         c.start_agent(coordinator)
         c.wait_for(f"{coordinator} back", lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
         no_harm(c, hw, before, steps=steps)
+        assert sorted(running_on(c)) == sorted(v.name for v in vms)
+
+        # Cluster maintenance, then every link down for longer than the self-fence grace plus
+        # the watchdog's timeout (what a switch upgrade does): without maintenance every host
+        # with VMs is reset (test_sim_maintenance.py shows it); with it, nobody.
+        done = c.haguard("h2", "maintenance", "on", "--json")
+        assert done.returncode == 0 and json.loads(done.stdout)["maintenance"] is True, done
+        c.wait_for("every host holds the paused state",
+                   lambda: all((c.cluster_view(h) or {}).get("maintenance") for h in hosts), 30)
+        for h in hosts:
+            c.cut(h)
+        time.sleep(WATCHDOG_S + 4.3 + 10)       # past the grace (4.3 s) and the timeout, with room
+        for h in hosts:
+            c.mend(h)
+        c.wait_for("the cluster formed again", lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
+        no_harm(c, hw, before, quorum_kept=False)
+        done = c.haguard("h3", "maintenance", "off")
+        assert done.returncode == 0, done
+        c.wait_for("maintenance off everywhere", lambda: not any(
+            (c.cluster_view(h) or {}).get("maintenance") or any(
+                r.get("paused") for r in ((c.cluster_view(h) or {}).get("hosts") or {}).values())
+            for h in hosts), 30)
         assert sorted(running_on(c)) == sorted(v.name for v in vms)
         watch.check()
 

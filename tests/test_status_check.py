@@ -40,6 +40,8 @@ def test_each_state_gets_its_code_and_one_line() -> None:
     lost = _cluster(vms={"vm1": {"owner": None, "desired": "running"}}, peers={"h2": "dead"})
     assert check(lost, NOW) == (CRITICAL, "HAGUARD CRITICAL - 1 VM should run and run nowhere: vm1; "
                                           "peers h2 dead")
+    assert check(_cluster(maintenance=True), NOW) == (
+        WARNING, "HAGUARD WARNING - cluster maintenance on: nothing is recovered (haguard maintenance off)")
     assert check(_cluster(), NOW + 30)[0] == UNKNOWN, "a stale status tells nothing"
     assert check(None, NOW) == (UNKNOWN, "HAGUARD UNKNOWN - no status file: is the agent running?")
 

@@ -15,6 +15,7 @@ the figures agree with `haguard status`.
     haguard_role{role}                             1 for this host's role
     haguard_hosts{state}                           peers by this host's detector state, itself alive
     haguard_hosts_fenced, haguard_hosts_in_maintenance
+    haguard_cluster_maintenance                    1 while `haguard maintenance on` holds
     haguard_vms{desired}                           committed VMs by desired state
     haguard_vms_by_owner{owner}                    committed VMs per owner ("" : none)
     haguard_vms_unplaced                           desired running, no owner: down
@@ -93,6 +94,8 @@ def _cluster(c: dict[str, Any]) -> Iterator[GaugeMetricFamily]:
                  sum(bool(h.get("fenced")) for h in hosts))
     yield _gauge("haguard_hosts_in_maintenance", "Hosts drained or draining",
                  sum(bool(h.get("maintenance")) for h in hosts))
+    yield _gauge("haguard_cluster_maintenance", "1 while the cluster is in maintenance (nothing recovered)",
+                 1 if c.get("maintenance") else 0)
     vms = list((c.get("vms") or {}).values())
     yield _labelled("haguard_vms", "Committed VMs by desired state", "desired",
                     dict(Counter(str(v.get("desired")) for v in vms)))

@@ -71,6 +71,8 @@ def _cluster(c: dict[str, Any], critical: list[str], warning: list[str]) -> None
     peers = {h: s for h, s in (c.get("peers") or {}).items() if s != "alive"}
     if peers:
         warning.append("peers " + ", ".join(f"{h} {s}" for h, s in sorted(peers.items())))
+    if c.get("maintenance"):
+        warning.append("cluster maintenance on: nothing is recovered (haguard maintenance off)")
     if c.get("definition_differs"):
         warning.append(f"another cluster definition heard from {', '.join(c['definition_differs'])}")
 

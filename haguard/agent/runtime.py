@@ -55,6 +55,7 @@ from haguard.agent.status import status_path, write_status
 from haguard.config.cluster import ClusterConfig, load_cluster_config
 from haguard.config.yamlsrc import line_of
 from haguard.core.alerts import Alert, BrokerLinksWatch, BrokerWatch, alerts_for
+from haguard.core.cluster import paused
 from haguard.core.cluster.campaign import HANDOVER_WAIT_MS
 from haguard.core.cluster.selffence import DISARM_WAIT_MS
 from haguard.core.cluster.types import AdminRequested, PersistState, StopRequested
@@ -467,17 +468,20 @@ class Agent:
 
     async def _control(self, request: dict[str, Any]) -> dict[str, Any]:
         """An operator's request on the control socket (`haguard drain|undrain HOST`,
-        `haguard migrate VM --to HOST`, `haguard confirm-off HOST`, `haguard fence HOST`)."""
+        `haguard migrate VM --to HOST`, `haguard confirm-off HOST`, `haguard fence HOST`,
+        `haguard maintenance on|off`)."""
         action, host, vm = request.get("action"), request.get("host"), request.get("vm", "")
         if action == "inject-core-fault" and self.fault_injection:
             log.warning("core-fault-injected")
             await self.queue.put(_InjectedFault())
             return {"ok": True}
-        if action not in ("drain", "undrain", "migrate", "confirm-off", "fence"):
+        if action not in ("drain", "undrain", "migrate", "confirm-off", "fence", paused.ON, paused.OFF):
             return {"ok": False, "error": f"unknown action {str(action)[:40]!r}"}
         if self.cluster is None:
             return {"ok": False, "error": "this agent does not run in cluster mode (ha.enabled)"}
-        if not isinstance(host, str) or self.cfg.peer(host) is None:
+        if action in (paused.ON, paused.OFF):
+            host = paused.CLUSTER                       # cluster-wide
+        elif not isinstance(host, str) or self.cfg.peer(host) is None:
             return {"ok": False, "error": f"unknown host {str(host)[:60]!r}"}
         if action == "migrate" and (not isinstance(vm, str) or self.core.member is None
                                     or vm not in self.core.member.config.vms):

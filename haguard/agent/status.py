@@ -119,6 +119,9 @@ def render_cluster(cluster: dict[str, Any], console: Console) -> None:
     quorum = "quorate" if cluster.get("quorate") else "[bold red]no quorum[/]"
     console.print(f"Cluster: term {cluster.get('term')}, coordinator [bold]{coordinator}[/], this agent "
                   f"{cluster.get('role')}, {quorum}, watchdog {cluster.get('watchdog')}")
+    if cluster.get("maintenance"):
+        console.print("[bold yellow]Cluster maintenance on[/]: nothing is started, stopped, moved or fenced "
+                      "(haguard maintenance off)")
     hosts = cluster.get("hosts") or {}
     flags = [f"{h} ({', '.join(k for k in ('maintenance', 'fenced') if v.get(k))})"
              for h, v in sorted(hosts.items())

@@ -57,6 +57,7 @@ class AlertKind(StrEnum):
     FENCE_CONFIRMED_BY_OPERATOR = "fence-confirmed-by-operator"
     CONFIRM_OFF_REFUSED = "confirm-off-refused"
     FENCE_REFUSED = "fence-refused"
+    MAINTENANCE = "maintenance"
 
 
 # The severity each kind fires with (a resolve keeps it).
@@ -79,6 +80,8 @@ SEVERITY: dict[AlertKind, Severity] = {
     AlertKind.FENCE_CONFIRMED_BY_OPERATOR: Severity.CRITICAL,
     AlertKind.CONFIRM_OFF_REFUSED: Severity.WARNING,
     AlertKind.FENCE_REFUSED: Severity.WARNING,
+    # Nothing is recovered while it lasts: firing until `haguard maintenance off`.
+    AlertKind.MAINTENANCE: Severity.WARNING,
 }
 
 # Kinds the cluster coordinator raises (`RaiseAlert.kind`), by their names there.

@@ -34,6 +34,8 @@ KINDS = {
     "drain": 1,
     "undrain": 1,
     "confirm-off": 1,    # an operator confirms a host is off (only when it is: the operator checked)
+    "pause": 0,          # `haguard maintenance on` (not in the default mix; heal turns it off)
+    "resume": 0,         # `haguard maintenance off`
 }
 
 

@@ -555,6 +555,8 @@ class World:
             case "drain" | "undrain":
                 action: Literal["drain", "undrain"] = "drain" if f.kind == "drain" else "undrain"
                 self.admin(action, f.args[0])
+            case "pause" | "resume":
+                self.admin("maintenance-on" if f.kind == "pause" else "maintenance-off", "*")
             case "confirm-off":
                 assert a is not None
                 if not a.powered:               # the operator looked: a running host is not off
@@ -585,7 +587,12 @@ class World:
             host.watchdog_armed = host.watchdog_armed and not disarm
             self._at(self.now + self.sim.agent_restart_ms, "agent_boot", host.name)
 
-    def admin(self, action: Literal["drain", "undrain", "confirm-off", "fence"], host: str) -> None:
+    def inject(self, kind: str, *args: str) -> None:
+        """A fault now, outside the schedule (a test's step by step scenario)."""
+        self._on_fault(Fault(at_ms=self.now, kind=kind, args=args))
+
+    def admin(self, action: Literal["drain", "undrain", "confirm-off", "fence", "maintenance-on",
+                                    "maintenance-off"], host: str) -> None:
         """An operator's request, given to the first agent that runs."""
         for h in self.hosts.values():
             if h.agent is not None:
@@ -594,6 +601,8 @@ class World:
 
     def _on_heal(self, _: None) -> None:
         self.healed = True
+        if any(f.kind == "pause" for f in self.schedule.faults):
+            self.admin("maintenance-off", "*")     # the operators' work is done too
         self.cuts.clear()
         self.broker_up, self.loss_pct, self.dup_pct, self.migration_mode = True, 0, 0, "ok"
         for host in self.hosts.values():

@@ -5,7 +5,8 @@ and the fence commands and alerts to emit.  It copies the committed state into a
 `_Draft` and runs one method per phase on it, in this order, each phase seeing the
 ones before:
 
-- `_admin_requests`: drain and undrain requests set hosts' maintenance;
+- `_admin_requests`: drain and undrain requests set hosts' maintenance, maintenance on and
+  off the cluster's (paused.py: while it is on, the phases after `_moves_finished` are skipped);
 - `_fenced_rejoined`: fenced hosts that report again, empty, are no longer fenced;
 - `_strays_gone`: kills whose stray copy is gone (or whose host was fenced) end;
 - `_moves_finished`: migrations that completed, failed or lost a side end;
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from haguard.core.alerts import RaiseAlert
+from haguard.core.cluster import paused
 from haguard.core.cluster.operator import OperatorFencing
 from haguard.core.cluster.placement import HostCandidate, Placement, VmSpec, place
 from haguard.core.cluster.recovery import Fencing, by_priority, plan_recovery
-from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, VmRecord
+from haguard.core.cluster.state import ClusterRecord, ClusterState, HostRecord, MigrationRecord, VmRecord
 from haguard.core.cluster.types import CoreConfig, FenceHost, Heartbeat, PlacementDecided
 
 PlanOutput = FenceHost | RaiseAlert | PlacementDecided
@@ -56,6 +58,7 @@ class _Draft:
     migrations: dict[str, MigrationRecord]
     kills: dict[str, str]
     beats: dict[str, Heartbeat]          # the latest reports of the hosts heard lately
+    cluster: ClusterRecord
     out: list[PlanOutput] = field(default_factory=list)
 
     def reassign(self, vm: str, owner: str | None) -> None:
@@ -94,13 +97,17 @@ class Coordinator:
              now_ms: int) -> tuple[ClusterState | None, list[PlanOutput]]:
         d = _Draft(state=state, views=views, now_ms=now_ms, vms=dict(state.vms),
                    hosts={h: state.host(h) for h in self.config.hosts},
-                   migrations=dict(state.migrations), kills=dict(state.kills),
+                   migrations=dict(state.migrations), kills=dict(state.kills), cluster=state.cluster,
                    beats={h: v.beat for h, v in views.items() if v.alive and v.beat is not None})
         self._admin_requests(d)
         self._watchdogs(d)
         self._fenced_rejoined(d)
         self._strays_gone(d)
         self._moves_finished(d)
+        paused.clear_marks(d.cluster, d.hosts, d.beats)
+        if d.cluster.paused:
+            d.out += self.operator.refuse_all("the cluster is in maintenance (haguard maintenance off)")
+            return self._proposal(d), d.out
         self._moved_to_fenced(d)
         self._dead_hosts(d)
         self._vm_failures(d)
@@ -114,9 +121,10 @@ class Coordinator:
         """The draft as the next state; None when it is the committed one, of this term."""
         state = d.state
         new = ClusterState(term=self.term, version=state.version + 1, vms=d.vms, hosts=d.hosts,
-                           migrations=d.migrations, kills=d.kills)
+                           migrations=d.migrations, kills=d.kills, cluster=d.cluster)
         same = (new.vms == state.vms and dict(new.hosts) == {h: state.host(h) for h in d.hosts}
-                and new.migrations == state.migrations and new.kills == state.kills)
+                and new.migrations == state.migrations and new.kills == state.kills
+                and new.cluster == state.cluster)
         return None if same and state.term == self.term else new
 
     # ---- the phases, in plan order ---------------------------------------------------------
@@ -138,8 +146,17 @@ class Coordinator:
                 d.hosts[host] = replace(rec, watchdog_ms=new)
 
     def _admin_requests(self, d: _Draft) -> None:
-        """Operators' drain and undrain requests, as reported, set hosts' maintenance; their
-        fence and confirm-off requests go to `operator` (operator.py)."""
+        """Operators' drain and undrain requests, as reported, set hosts' maintenance, and their
+        maintenance on and off the cluster's; their fence and confirm-off requests go to
+        `operator` (operator.py)."""
+        pause = paused.asked(r for beat in d.beats.values() for r in beat.requests)
+        if pause is not None and pause != d.cluster.paused:
+            d.cluster = paused.switched(d.cluster, d.hosts, pause, (self.term, d.state.version + 1))
+            if pause:
+                self._pause_fences(d)
+            what = "on: nothing is started, stopped, moved or fenced" if pause else "off"
+            d.out.append(RaiseAlert(id=self.new_id(), kind="maintenance", host=self.config.me,
+                                    resolved=not pause, reason=f"cluster maintenance {what}"))
         confirm_offs: set[tuple[str, str]] = set()
         fences: set[tuple[str, str]] = set()
         for reporter in d.beats.values():
@@ -153,6 +170,15 @@ class Coordinator:
                 else:
                     d.hosts[host] = replace(d.hosts[host], maintenance=action == "drain")
         self.operator.asked(confirm_offs, fences, d.now_ms)
+
+    def _pause_fences(self, d: _Draft) -> None:
+        """Maintenance starts: fences under way stop; one already confirmed is applied (that host
+        is off: its VMs are placed anew once maintenance ends)."""
+        for host in self.fencing.pending():
+            if self.fenced(host, d.now_ms) and not d.hosts[host].fenced:
+                d.hosts[host] = replace(d.hosts[host], fenced=True)
+                self._release(host, d)
+            self.fencing.forget(host)
 
     def _fenced_rejoined(self, d: _Draft) -> None:
         """A fenced host that reports again without VMs is back: no longer fenced."""
@@ -218,8 +244,8 @@ class Coordinator:
     def _moved_to_fenced(self, d: _Draft) -> None:
         """A guest that left its owner (paused there after a switchover) without a move in
         flight went to a destination fenced since: nobody runs it; it is placed anew."""
-        for host, paused in sorted(d.beats.items()):
-            for vm in sorted(v for v, qemu in paused.vms.items() if qemu == "postmigrate"):
+        for host, beat in sorted(d.beats.items()):
+            for vm in sorted(v for v, qemu in beat.vms.items() if qemu == "postmigrate"):
                 if vm in d.vms and d.vms[vm].owner == host and vm not in d.migrations:
                     d.reassign(vm, None)
 
@@ -239,8 +265,9 @@ class Coordinator:
                 if not d.state.owned_by(host) and not any(m.target == host for m in d.migrations.values()):
                     continue                                          # nothing of it to move
                 spec = self.config.hosts[host]
+                rec = d.hosts[host]         # a host that may still pet as paused has no deadline
                 self.fencing.declare(host, device=spec.fence_device, now_ms=d.now_ms,
-                                     watchdog_ms=d.hosts[host].watchdog_ms)
+                                     watchdog_ms=0 if rec.paused else rec.watchdog_ms)
             d.out += self.operator.confirmed(host)
             if self.fenced(host, d.now_ms):
                 d.hosts[host] = replace(d.hosts[host], fenced=True)

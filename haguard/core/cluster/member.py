@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 
 from haguard.core.alerts import RaiseAlert
+from haguard.core.cluster import paused
 from haguard.core.cluster.acks import NO_KEY
 from haguard.core.cluster.campaign import Campaign
 from haguard.core.cluster.coordinator import Coordinator
@@ -178,8 +179,10 @@ class ClusterMember:
                     self.fencing_asked[(event.action, host)] = self.now_ms
                     self._last_beat_ms = -10**9
             case AdminRequested(action=action, host=host):
-                if host in self.config.hosts:
-                    self.requests.add((action, host))
+                cluster_wide = host == paused.CLUSTER and action in (paused.ON, paused.OFF)
+                if host in self.config.hosts or cluster_wide:
+                    # The newest request about a host (or the cluster) replaces an opposite one.
+                    self.requests = {(a, h) for a, h in self.requests if h != host} | {(action, host)}
                     self._last_beat_ms = -10**9
             case WatchdogConfirmed(timeout_ms=timeout_ms):
                 if timeout_ms != self.watchdog_ms:
@@ -337,7 +340,7 @@ class ClusterMember:
             if isinstance(event, IsolationChanged) and event.isolated:
                 out.append(RaiseAlert(id=self.new_id(), kind="isolated",
                                       reason=f"{event.reason}; policy {self.config.isolation}"))
-                if self.config.isolation == "shutdown":
+                if self.config.isolation == "shutdown" and not self.committed.cluster.paused:
                     out += self.local.stop_all(self.election.term, "isolated", self.new_id, self.now_ms)
                 elif self.config.isolation == "self-fence":
                     self.self_fenced = True
@@ -420,7 +423,8 @@ class ClusterMember:
     def _watchdog(self, now: int) -> list[ClusterOutput]:
         """Pet an armed device unless quorum has been lost for longer than a blip (selffence.py)."""
         self.self_fence.observe(now, self.connected_quorate(now))
-        pet = self.self_fence.pet(now, has_vms=bool(self.local.vms), self_fenced=self.self_fenced)
+        pet = self.self_fence.pet(now, has_vms=bool(self.local.vms), self_fenced=self.self_fenced,
+                                  paused=self.committed.cluster.paused)
         was, self.petting = self.petting, pet
         if pet:
             return [PetWatchdog(id=self.new_id())]
@@ -448,8 +452,10 @@ class ClusterMember:
         return [self.send(Heartbeat(**kwargs, to=host)) for host in sorted(to)]
 
     def heartbeat(self, now: int, quorate: bool) -> Heartbeat:
+        committed = self.committed
         pending = {(a, h) for a, h in self.requests
-                   if self.committed.host(h).maintenance != (a == "drain")}
+                   if (committed.cluster.paused != (a == paused.ON) if h == paused.CLUSTER
+                       else committed.host(h).maintenance != (a == "drain"))}
         self.requests = pending
         self.fencing_asked = {(a, h): at for (a, h), at in self.fencing_asked.items()
                               if now - at <= CONFIRM_OFF_MS and not self.committed.host(h).fenced}
@@ -493,8 +499,8 @@ class ClusterMember:
         # Orders only from a live coordinator of our term, and only once it has committed a state in
         # its own term: that state holds every decision committed before (a new coordinator's first
         # proposal is built on what it accepted), an older committed snapshot may not.
-        if self.election.following(now) is None or state.term != self.election.term:
-            return []
+        if self.election.following(now) is None or state.term != self.election.term or state.cluster.paused:
+            return []                   # in maintenance (paused.py): nothing started, stopped or moved
         mine = self._owned(state)
         self.local.forget_moved(state, mine)
         synced = self.follower.synced()

@@ -10,7 +10,8 @@
   pending request first in its own first plan, so the operator asks again after checking.
 
 Each command is its own request (`member.py` names it by when it was made) and lapses
-after CONFIRM_OFF_MS; a refusal is said once per request.
+after CONFIRM_OFF_MS; a refusal is said once per request.  While the cluster is in
+maintenance (paused.py) every request is refused, and never taken later.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class OperatorFencing:
         self.fences: set[Request] = set()
         self._off_seen: dict[Request, int] = {}        # confirm-off -> first seen at
         self._fence_refused: set[Request] = set()
+        self._all_refused: set[Request] = set()        # refused by refuse_all, said once
 
     def asked(self, confirm_offs: set[Request], fences: set[Request], now_ms: int) -> None:
         """The requests the hosts report in this plan."""
@@ -40,6 +42,18 @@ class OperatorFencing:
         for key in confirm_offs:
             self._off_seen.setdefault(key, now_ms)
         self._fence_refused &= fences
+        self._all_refused &= fences | confirm_offs
+
+    def refuse_all(self, why: str) -> list[RaiseAlert]:
+        """Every request of this plan refused (the cluster is in maintenance), each said once."""
+        out = []
+        asked = self.fences | self.confirm_offs
+        for key in sorted(asked - self._all_refused):
+            kind = "fence-refused" if key[0].startswith("fence") else "confirm-off-refused"
+            out.append(RaiseAlert(id=self.new_id(), kind=kind, host=key[1],
+                                  reason=f"{key[0].split(':')[0]} of {key[1]} refused: {why}; nothing moved"))
+        self._all_refused |= asked         # never taken later, when maintenance is off
+        return out
 
     def fence_now(self, fenced: Callable[[str], bool], now_ms: int) -> list[RaiseAlert]:
         hosts_asked = {host for _, host in self.fences}
@@ -47,7 +61,7 @@ class OperatorFencing:
             if self.fencing.manual(host) and host not in hosts_asked:
                 self.fencing.lapse(host)
         out = []
-        for key in sorted(self.fences):
+        for key in sorted(self.fences - self._all_refused):
             host = key[1]
             why = ("it is the coordinator: drain it or stop its agent first" if host == self.me
                    else None if self.hosts[host].fence_device else "it has no fence device")
@@ -63,7 +77,7 @@ class OperatorFencing:
     def confirmed(self, host: str) -> list[RaiseAlert]:
         """A confirm-off of `host`, declared dead and being fenced, taken if it may be."""
         out = []
-        for key in sorted(k for k in self.confirm_offs if k[1] == host):
+        for key in sorted(k for k in self.confirm_offs - self._all_refused if k[1] == host):
             if self.fencing.confirm_by_operator(host, self._off_seen[key]):
                 out.append(RaiseAlert(id=self.new_id(), kind="fence-confirmed-by-operator", host=host,
                                       reason=f"an operator confirmed {host} is off: its VMs are recovered"))
@@ -73,7 +87,7 @@ class OperatorFencing:
                  now_ms: int) -> list[RaiseAlert]:
         """Confirm-offs not taken in the plan that first saw them: refused, said once."""
         out = []
-        for key in sorted(self.confirm_offs):
+        for key in sorted(self.confirm_offs - self._all_refused):
             host = key[1]
             if self._off_seen[key] != now_ms or fenced(host):
                 continue

@@ -93,6 +93,7 @@ def split(*, sender: str, term: int, base: ClusterState | None, state: ClusterSt
         parts.append(StatePart(sender=sender, term=term, key=state.key, base=key_base, part=i,
                                parts=len(chunks), committed=committed, to=to,
                                confirmed=dict(confirmed or {}) if i == 0 else {},
+                               cluster=state.cluster if i == 0 else None,
                                **tables))  # type: ignore[arg-type]
     return parts
 
@@ -115,7 +116,8 @@ def apply(base: ClusterState, parts: list[StatePart]) -> ClusterState:
                    vms=_merged(base.vms, *(p.vms for p in parts)),
                    hosts=_merged(base.hosts, *(p.hosts for p in parts)),
                    migrations=_merged(base.migrations, *(p.migrations for p in parts)),
-                   kills=_merged(base.kills, *(p.kills for p in parts)))
+                   kills=_merged(base.kills, *(p.kills for p in parts)),
+                   cluster=parts[0].cluster or base.cluster)
 
 
 class PartsInbox:

@@ -12,6 +12,7 @@ scheduler is shorter, and costs nothing.  It pets again as soon as quorum is bac
 before its device expires.  The coordinator adds the same grace to its watchdog wait
 (recovery.py), so a host that lost quorum is reset before anything of it runs elsewhere.
 Isolation with the self-fence policy stops petting at once (its own timeout has passed).
+While the cluster is in maintenance (paused.py) an armed host pets whatever its quorum.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class SelfFence:
         """Quorum lost for longer than a blip."""
         return self.lost_since is not None and self.lost_for(now_ms) >= self.grace_ms
 
-    def pet(self, now_ms: int, *, has_vms: bool, self_fenced: bool) -> bool:
-        """Whether the armed device is petted now."""
-        return self.armed and not self_fenced and (not has_vms or not self.lost(now_ms))
+    def pet(self, now_ms: int, *, has_vms: bool, self_fenced: bool, paused: bool = False) -> bool:
+        """Whether the armed device is petted now: whatever the quorum while the cluster is in
+        maintenance (paused.py: nobody recovers this host's VMs meanwhile, nor by its deadline
+        until it has reported the end of maintenance)."""
+        return self.armed and (paused or (not self_fenced and (not has_vms or not self.lost(now_ms))))

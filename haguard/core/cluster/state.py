@@ -34,6 +34,17 @@ class HostRecord:
     # The watchdog timeout the host's device confirmed (WDIOC_SETTIMEOUT, read back), in ms;
     # 0: none confirmed, so a deadline is no fence for it.  Never lowered while it holds VMs.
     watchdog_ms: int = 0
+    # It may still hold a state of the cluster in maintenance, and so pet its watchdog whatever
+    # its quorum: its deadline is no fence (paused.py).  Cleared once it reports a later state.
+    paused: bool = False
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterRecord:
+    """Cluster-wide settings the operators change at run time."""
+
+    paused: bool = False            # `haguard maintenance on`: nothing started, stopped, moved or fenced
+    resumed_at: tuple[int, int] = (0, 0)    # the key of the state that last turned maintenance off
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +62,7 @@ class ClusterState:
     hosts: Mapping[str, HostRecord] = field(default_factory=dict)
     migrations: Mapping[str, MigrationRecord] = field(default_factory=dict)
     kills: Mapping[str, str] = field(default_factory=dict)   # vm -> host whose stray copy must go
+    cluster: ClusterRecord = ClusterRecord()
 
     @cached_property
     def key(self) -> StateKey:          # read on every step: computed once (not a field)

@@ -23,8 +23,11 @@ def membership_status(member: ClusterMember, now_ms: int) -> dict[str, Any]:
         "definition_differs": sorted(member.definition.differing),
         "vms": {vm: {"owner": rec.owner, "generation": rec.generation, "desired": rec.desired}
                 for vm, rec in sorted(state.vms.items())},
+        # `haguard maintenance on`: nothing started, stopped, moved or fenced (paused.py).
+        "maintenance": state.cluster.paused,
         "hosts": {h: {"maintenance": state.host(h).maintenance, "fenced": state.host(h).fenced,
-                      "watchdog_ms": state.host(h).watchdog_ms} for h in sorted(member.config.hosts)},
+                      "watchdog_ms": state.host(h).watchdog_ms, "paused": state.host(h).paused}
+                  for h in sorted(member.config.hosts)},
         "migrations": [{"vm": vm, "source": mig.source, "target": mig.target}
                        for vm, mig in sorted(state.migrations.items())],
         "peers": {h: str(member.detector.state(h)) for h in sorted(member.config.hosts) if h != me},

@@ -13,7 +13,14 @@ from typing import Literal
 
 from haguard.core.alerts import RaiseAlert
 from haguard.core.cluster.placement import PlacementLimits, VmSpec
-from haguard.core.cluster.state import ClusterState, HostRecord, MigrationRecord, StateKey, VmRecord
+from haguard.core.cluster.state import (
+    ClusterRecord,
+    ClusterState,
+    HostRecord,
+    MigrationRecord,
+    StateKey,
+    VmRecord,
+)
 from haguard.core.detector import BrokerConnectionChanged, DetectorOutput, DetectorTiming, PingObserved
 from haguard.core.hostkeys import HostKeys, Signer
 
@@ -115,7 +122,7 @@ class Heartbeat:
     vms: Mapping[str, QemuState]                # local QEMU processes
     failed_vms: frozenset[str] = frozenset()    # gave up restarting in place: QEMU gone
     migrations: tuple[MigrationReport, ...] = ()
-    requests: frozenset[tuple[str, str]] = frozenset()   # (drain|undrain, host) not yet committed
+    requests: frozenset[tuple[str, str]] = frozenset()   # (drain, host), (maintenance-on, "*"): pending
     moves: frozenset[tuple[str, str]] = frozenset()      # (vm, target) asked by an operator, pending
     degraded: bool = False                      # a health probe fails: gets no VM, is evacuated
     to: str | None = None
@@ -202,6 +209,7 @@ class StatePart:
     kills: Mapping[str, str | None] = field(default_factory=dict)
     confirmed: Mapping[str, tuple[int, int]] = field(default_factory=dict)
     to: str | None = None
+    cluster: ClusterRecord | None = None        # in the first part; None: the base's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -274,7 +282,9 @@ class AdminRequested:
     # confirm-off: an operator declares a host powered off (its fence device broken); taken
     # only while the coordinator holds that host dead, and only for CONFIRM_OFF_MS.
     # fence: an operator has the coordinator run the host's fence device now.
-    action: Literal["drain", "undrain", "migrate", "confirm-off", "fence"]
+    # maintenance-on|off: the whole cluster's (paused.py), with host "*".
+    action: Literal["drain", "undrain", "migrate", "confirm-off", "fence",
+                    "maintenance-on", "maintenance-off"]
     host: str                                   # the host to drain/undrain/confirm, or the move's target
     now_ms: int
     vm: str = ""                                # for "migrate"

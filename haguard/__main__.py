@@ -1,3 +1,3 @@
-from haguard.cli import main
+from haguard.entry import main
 
 raise SystemExit(main())

@@ -71,14 +71,18 @@ def test_a_rolling_restart_and_a_switch_reboot_in_maintenance_reset_nothing() ->
             c.wait_for(f"{host} back", lambda h=host: rejoined(c, h, armed=True), 60)
         ended = [e for h in hosts for e in c.events(h, "handover-ended") if e.get("successor")]
         assert len(ended) >= 2, ended
-        # A coordinator that dies (kill -9) costs the followers nothing either.
+        # A coordinator that dies (kill -9) costs the followers nothing either.  systemd starts
+        # it again after RestartSec (2 s); waiting for the election first, as this test once
+        # did, could leave its armed watchdog unpetted past its timeout: a reset of the test's
+        # making, not the agent's.
         coordinator = coordinator_of(c)
+        term = c.cluster_view(coordinator).get("term") or 0
         steps.append((time.time(), f"kill -9 {coordinator} (coordinator)"))
         c.kill9(coordinator)
-        c.wait_for("a new coordinator", lambda: {c.cluster_view(h).get("coordinator") for h in c.procs}
-                   - {None, coordinator}, 30)
+        time.sleep(2)
         c.start_agent(coordinator)
         c.wait_for(f"{coordinator} back", lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
+        assert (c.cluster_view(coordinator).get("term") or 0) > term, "a new coordinator was elected"
         no_harm(c, hw, before, steps=steps)
         assert sorted(running_on(c)) == sorted(v.name for v in vms)
 
@@ -88,19 +92,21 @@ def test_a_rolling_restart_and_a_switch_reboot_in_maintenance_reset_nothing() ->
         done = c.haguard("h2", "maintenance", "on", "--json")
         assert done.returncode == 0 and json.loads(done.stdout)["maintenance"] is True, done
         c.wait_for("every host holds the paused state",
-                   lambda: all((c.cluster_view(h) or {}).get("maintenance") for h in hosts), 30)
+                   lambda: all(c.cluster_view(h).get("maintenance") for h in hosts), 30)
         for h in hosts:
             c.cut(h)
-        time.sleep(WATCHDOG_S + 4.3 + 10)       # past the grace (4.3 s) and the timeout, with room
+        # Past the self-fence grace (4.3 s): without maintenance each host with VMs would stop
+        # petting here (no_harm looks for that) and reset 10 s later.
+        time.sleep(10)
         for h in hosts:
             c.mend(h)
         c.wait_for("the cluster formed again", lambda: all(rejoined(c, h, armed=True) for h in hosts), 60)
         no_harm(c, hw, before, quorum_kept=False)
         done = c.haguard("h3", "maintenance", "off")
         assert done.returncode == 0, done
-        c.wait_for("maintenance off everywhere", lambda: not any(
-            (c.cluster_view(h) or {}).get("maintenance") or any(
-                r.get("paused") for r in ((c.cluster_view(h) or {}).get("hosts") or {}).values())
+        c.wait_for("maintenance off everywhere, no host marked paused", lambda: not any(
+            c.cluster_view(h).get("maintenance") or any(
+                r.get("paused") for r in (c.cluster_view(h).get("hosts") or {}).values())
             for h in hosts), 30)
         assert sorted(running_on(c)) == sorted(v.name for v in vms)
         watch.check()

@@ -102,7 +102,7 @@ def test_random_schedules_with_maintenance_keep_the_invariants(devices: bool) ->
     sim = replace(SimConfig(), fence_devices=devices)
     hosts = [f"h{i}" for i in range(1, sim.hosts + 1)]
     failures, paused_runs = [], 0
-    for seed in range(1, 31):
+    for seed in range(1, 21):
         base = random_schedule(seed, hosts, [v.name for v in sim.vms], max_faults=6)
         rng = random.Random(f"maintenance/{seed}")
         extra = [Fault(at_ms=rng.randrange(1000, base.heal_ms), kind=k, args=())
@@ -113,4 +113,4 @@ def test_random_schedules_with_maintenance_keep_the_invariants(devices: bool) ->
             failures.append((seed, result.failure, result.message[:200], result.command()))
         paused_runs += bool(world and any("maintenance" in a for a in result.alerts))
     assert not failures, failures
-    assert paused_runs >= 20, paused_runs
+    assert paused_runs >= 15, paused_runs

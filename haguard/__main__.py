@@ -1,3 +1,3 @@
-from haguard.entry import main
+from haguard.cli import main
 
 raise SystemExit(main())

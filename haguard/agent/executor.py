@@ -34,7 +34,6 @@ import structlog
 from haguard.adapters import metrics
 from haguard.adapters.fence import fence
 from haguard.adapters.watchdog import Watchdog, WatchdogError
-from haguard.agent import earlypet
 from haguard.agent.derive import watchdog_armed_here
 from haguard.agent.durable import write_durably
 from haguard.agent.migrate_rpc import PREPARE_TIMEOUT_S, DestinationServer, RemoteQmp, RpcClient, RpcError
@@ -385,7 +384,6 @@ class ClusterExecutor:
         try:
             if not self.watchdog.is_open:
                 self.watchdog.open()
-                earlypet.mark(self.cfg.run_dir, self.watchdog.path)   # for the next agent, if we die
                 self._confirmed(self.watchdog.confirmed_timeout_s)
             self.watchdog.pet()
         except WatchdogError as exc:
@@ -466,7 +464,6 @@ class ClusterExecutor:
             if disarm:
                 with contextlib.suppress(WatchdogError):
                     self.watchdog.disarm()
-                    earlypet.unmark(self.cfg.run_dir)
             else:
                 log.critical("watchdog-left-armed", device=str(self.watchdog.path),
                              reason="the cluster could not be told; VMs run here",

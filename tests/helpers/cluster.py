@@ -153,8 +153,13 @@ class Cluster:
     def start_agent(self, host: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.status_file(host).unlink(missing_ok=True)
         with open(self.log_file(host), "ab") as log:
+            # Real-time from exec, as the unit starts it (CPUSchedulingPolicy=rr, priority 10,
+            # reset on fork): started at normal priority, a restarted agent waited behind its
+            # real-time peers and, on 12 busy hosts, did not even finish its imports within the
+            # 10 s watchdog timeout the agent it replaced had left armed (a kill -9).
             proc = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns[host], sys.executable, "-m", "haguard", "run",
+                ["ip", "netns", "exec", self.ns[host], "chrt", "--rr", "--reset-on-fork", "10",
+                 sys.executable, "-m", "haguard", "run",
                  "--config", str(self.config_path(host)), "--log-format", "json"],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                 start_new_session=True, env={**os.environ, **(env or {})})

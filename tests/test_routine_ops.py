@@ -75,6 +75,8 @@ def test_a_rolling_restart_and_a_switch_reboot_in_maintenance_reset_nothing() ->
         # it again after RestartSec (2 s); waiting for the election first, as this test once
         # did, could leave its armed watchdog unpetted past its timeout: a reset of the test's
         # making, not the agent's.
+        c.wait_for("every agent following one coordinator", lambda: len(
+            {c.cluster_view(h).get("coordinator") for h in c.procs} - {None}) == 1, 30)
         coordinator = coordinator_of(c)
         term = c.cluster_view(coordinator).get("term") or 0
         steps.append((time.time(), f"kill -9 {coordinator} (coordinator)"))

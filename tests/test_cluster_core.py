@@ -365,7 +365,10 @@ def test_a_host_with_a_fence_device_never_arms_its_watchdog_by_default() -> None
 
 def test_without_vms_the_watchdog_is_petted_even_alone() -> None:
     agent = ClusterMember(ARMED, incarnation=1, now_ms=0)
-    assert any(isinstance(o, PetWatchdog) for o in agent.tick(5000))
+    # Not before it has seen its QEMUs: a restarted agent may have VMs it has not seen yet.
+    assert not any(isinstance(o, PetWatchdog) for o in agent.tick(5000))
+    agent.step(LocalVmsObserved(vms={}, now_ms=5000))
+    assert any(isinstance(o, PetWatchdog) for o in agent.tick(5100))
 
 
 # ---- the coordinator: fence first ---------------------------------------------------

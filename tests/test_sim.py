@@ -962,3 +962,22 @@ def test_a_member_cannot_relay_a_forged_heartbeat_of_another_host_with_host_keys
     assert world.checker.all_running()
     agent = world.hosts[next(iter(world.coordinators()))].agent
     assert agent is not None and agent.relay.proofs.refused > 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("restart_at", [9000, 12000])
+def test_an_agent_restarted_on_a_cut_off_host_never_pets_before_it_holds_quorum(restart_at: int) -> None:
+    # The host is cut off at 7 s, declared dead, and its agent restarts (a crash, an upgrade)
+    # after it stopped petting: a new agent used to pet for the self-fence grace without any
+    # quorum, pushing the reset past the coordinator's wait ("invariant 1: vm2 started on h3
+    # while running on h2" with a restart at 12 s).
+    sim = _half_full(5, devices=False)
+    world = World(4, Schedule(faults=(), heal_ms=10**9), sim)
+    world.run(6900)
+    victim = next(h for h, host in sorted(world.hosts.items()) if host.vms and h not in world.coordinators())
+    world.inject("isolate", victim)
+    world.run(restart_at)
+    world.inject("agent-restart", victim)
+    world.run(30000)
+    assert [h for _at, h, why in world.power_offs if why == "watchdog"] == [victim]
+    settle(world, 30000 + sim.liveness_bound_ms)

@@ -39,10 +39,10 @@ class SelfFence:
         self.grace_ms = config.timing.self_fence_grace_ms
         self.lost_since: int | None = None      # connected quorum lost since (None: held)
         # A new agent with VMs (or not yet sure it has none) pets only once it has held quorum:
-        # its host may have lost quorum, stopped
-        # petting and been declared dead before the agent restarted, and a pet then would push
-        # the reset past the deadline the coordinator waits for (a VM run twice, in the
-        # simulator).  The device its predecessor armed gives it a timeout to join.
+        # its host may have lost quorum, stopped petting and been declared dead before the
+        # agent restarted, and a pet then would push the reset past the deadline the
+        # coordinator waits for (a VM run twice, in the simulator).  The device its
+        # predecessor armed gives it a timeout to join.
         self.held = False
 
     def observe(self, now_ms: int, quorate: bool) -> None:

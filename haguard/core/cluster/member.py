@@ -138,7 +138,6 @@ class ClusterMember:
         self.degraded = False
         self.self_fence = SelfFence(config)
         self.petting = False                                    # the armed device is petted
-        self.scanned = False            # this host's QEMUs seen once: until then it may hold VMs
         self.watchdog_ms = 0                                    # what this host's device confirmed
         self.self_fenced = False
         self.now_ms = now_ms
@@ -169,7 +168,6 @@ class ClusterMember:
                 out += self._receive(message)
             case LocalVmsObserved(vms=vms, crashed=crashed):
                 self.local.observe(dict(vms), crashed, self.now_ms)
-                self.scanned = True
             case CommandFinished():
                 out += self._finished(event)
             case AdminRequested(action="migrate", host=host, vm=vm):
@@ -425,8 +423,8 @@ class ClusterMember:
     def _watchdog(self, now: int) -> list[ClusterOutput]:
         """Pet an armed device unless quorum has been lost for longer than a blip (selffence.py)."""
         self.self_fence.observe(now, self.connected_quorate(now))
-        pet = self.self_fence.pet(now, has_vms=not self.scanned or bool(self.local.vms),
-                                  self_fenced=self.self_fenced, paused=self.committed.cluster.paused)
+        pet = self.self_fence.pet(now, has_vms=bool(self.local.vms), self_fenced=self.self_fenced,
+                                  paused=self.committed.cluster.paused)
         was, self.petting = self.petting, pet
         if pet:
             return [PetWatchdog(id=self.new_id())]

@@ -12,7 +12,7 @@ scheduler is shorter, and costs nothing.  It pets again as soon as quorum is bac
 before its device expires.  The coordinator adds the same grace to its watchdog wait
 (recovery.py), so a host that lost quorum is reset before anything of it runs elsewhere.
 Isolation with the self-fence policy stops petting at once (its own timeout has passed).
-A newly started agent with VMs pets only once it has held quorum.  While the cluster is in
+A newly started agent pets only once it has held quorum.  While the cluster is in
 maintenance (paused.py) an armed host pets whatever its quorum.
 """
 
@@ -38,7 +38,7 @@ class SelfFence:
         self.armed = arms_watchdog(config, config.me)
         self.grace_ms = config.timing.self_fence_grace_ms
         self.lost_since: int | None = None      # connected quorum lost since (None: held)
-        # A new agent with VMs (or not yet sure it has none) pets only once it has held quorum:
+        # A new agent pets only once it has held quorum (its first scan may not show its VMs yet):
         # its host may have lost quorum, stopped petting and been declared dead before the
         # agent restarted, and a pet then would push the reset past the deadline the
         # coordinator waits for (a VM run twice, in the simulator).  The device its
@@ -63,5 +63,5 @@ class SelfFence:
         """Whether the armed device is petted now: whatever the quorum while the cluster is in
         maintenance (paused.py: nobody recovers this host's VMs meanwhile, nor by its deadline
         until it has reported the end of maintenance)."""
-        return self.armed and (paused or (not self_fenced
-                                          and (not has_vms or (self.held and not self.lost(now_ms)))))
+        return self.armed and (paused or (self.held and not self_fenced
+                                          and (not has_vms or not self.lost(now_ms))))

@@ -214,19 +214,12 @@ def cmd_maintenance(args: argparse.Namespace) -> int:
     this host holds the committed state that says it."""
     import time
 
-    from haguard.agent.control import control_path, request
+    from haguard.agent.control import ask_agent
     from haguard.agent.status import read_status, status_path
     from haguard.config.cluster import load_cluster_config
     cfg = load_cluster_config(args.config)
     on = args.state == "on"
-    path = control_path(cfg.run_dir)
-    try:
-        reply = asyncio.run(request(path, {"action": f"maintenance-{args.state}"}))
-    except (OSError, TimeoutError) as exc:
-        raise HaguardError(f"cannot reach the agent at {path}: {getattr(exc, 'strerror', None) or exc} "
-                           "(is haguard run active on this host?)") from None
-    if not reply.get("ok"):
-        raise HaguardError(str(reply.get("error", "refused")))
+    ask_agent(cfg, {"action": f"maintenance-{args.state}"}, host_field=None)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(HaguardError):

@@ -99,11 +99,11 @@ async def request(path: Path, body: dict[str, Any], timeout_s: float = 10.0) -> 
     return reply if isinstance(reply, dict) else {"ok": False, "error": "malformed reply"}
 
 
-def ask_agent(cfg: ClusterConfig, body: dict[str, Any], *, host_field: str) -> None:
-    """An operator's request to this host's agent about cluster host `body["host"]`:
-    ConfigError for a host not in the cluster, HaguardError when the agent cannot be
-    reached or refuses."""
-    if cfg.peer(str(body.get("host"))) is None:
+def ask_agent(cfg: ClusterConfig, body: dict[str, Any], *, host_field: str | None) -> None:
+    """An operator's request to this host's agent about cluster host `body["host"]` (none
+    for a cluster-wide one, `host_field` None): ConfigError for a host not in the cluster,
+    HaguardError when the agent cannot be reached or refuses."""
+    if host_field is not None and cfg.peer(str(body.get("host"))) is None:
         raise ConfigError(f"{body.get('host')!r} is not a host of cluster {cfg.cluster} "
                           f"({', '.join(h.name for h in cfg.hosts)})", field=host_field)
     path = control_path(cfg.run_dir)
